@@ -1,0 +1,3 @@
+def main():
+    import crossvit.model, crossvit.export, crossvit.runtime
+    print("ok", crossvit.model.__file__)

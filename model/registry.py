@@ -1,0 +1,138 @@
+"""The name -> spec table behind `create_model` (one table, no copied entry functions)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from crossvit.errors import ConfigError
+
+from . import seed
+from .spec import ModelSpec, Preprocessing
+
+ASSETS = Path(__file__).resolve().parent.parent / "crossvit" / "assets"
+
+
+def _identity_filter(state_dict: dict) -> dict:
+    return dict(state_dict)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model family: its config class, model class and foreign-checkpoint filter."""
+
+    name: str
+    config_cls: type
+    model_cls: type
+    filter_state_dict: Callable[[dict], dict]  # pure: foreign key names -> ours
+    config_keys: tuple[str, ...]  # keys that identify a user's config JSON as this family
+
+    def build(self, config: dict) -> nn.Module:
+        return self.model_cls.from_config(self.config_cls.from_dict(dict(config)))
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "seed": Architecture("seed", seed.SeedConfig, seed.CrossViT, _identity_filter,
+                         ("sm_dim", "lg_dim")),
+}
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.architecture not in ARCHITECTURES:
+        raise ConfigError(f"model {spec.name!r}: unknown architecture {spec.architecture!r}")
+    MODELS[spec.name] = spec
+    return spec
+
+
+# The embedded default model: trained by scripts/train_default.py on scikit-learn's digits.
+DEFAULT_MODEL = "crossvit_digits"
+register(ModelSpec(
+    name=DEFAULT_MODEL,
+    architecture="seed",
+    config=dict(
+        image_size=32, num_classes=10, channels=3,
+        sm_dim=64, sm_patch_size=4, sm_enc_depth=1, sm_enc_heads=4, sm_enc_dim_head=16, sm_enc_mlp_dim=128,
+        lg_dim=96, lg_patch_size=8, lg_enc_depth=2, lg_enc_heads=4, lg_enc_dim_head=24, lg_enc_mlp_dim=192,
+        cross_attn_depth=1, cross_attn_heads=4, cross_attn_dim_head=16, depth=2,
+        dropout=0.1, emb_dropout=0.1,
+    ),
+    preprocessing=Preprocessing(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bicubic",
+                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    labels="digits",
+    weights="crossvit_digits.safetensors",
+    description="seed CrossViT trained on scikit-learn's 8x8 digits, upscaled to 32x32 (embedded)",
+))
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
+        raise ConfigError(f"unknown model name {name!r}{hint}") from None
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+
+
+def guess_architecture(config: dict) -> str:
+    """Tell the family of a user's config dict by its key names (vit-pytorch's vs timm's)."""
+    for arch in ARCHITECTURES.values():
+        if all(k in config for k in arch.config_keys):
+            return arch.name
+    raise ConfigError("cannot tell the architecture of this config: expected vit-pytorch keys "
+                      "(sm_dim, lg_dim, ...) or timm keys (img_size, embed_dim, ...), "
+                      "or an explicit \"architecture\" entry")
+
+
+def resolve_labels(labels: str | tuple[str, ...] | list[str], num_classes: int) -> list[str]:
+    """Turn a shipped label-set name into class names; check the count against the model."""
+    if isinstance(labels, str):
+        path = ASSETS / f"{labels}_labels.txt"
+        if not path.is_file():
+            raise ConfigError(f"unknown label set {labels!r} (no {path.name} in crossvit/assets)")
+        names = path.read_text(encoding="utf-8").splitlines()
+    else:
+        names = [str(n) for n in labels]
+    if len(names) != num_classes:
+        raise ConfigError(f"{len(names)} labels given for a model with {num_classes} classes")
+    return names
+
+
+def build_model(architecture: str, config: dict) -> nn.Module:
+    """A randomly initialized model of one family from a config dict in that family's names."""
+    return get_architecture(architecture).build(config)
+
+
+def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained: bool = False,
+                 **overrides) -> nn.Module:
+    """Build a named model; load weights from `checkpoint` (any supported format) if given.
+
+    `pretrained=True` loads the weights shipped with the package (only models that ship some).
+    `overrides` replace config fields, e.g. `num_classes=10`.
+    """
+    spec = get_spec(name)
+    if checkpoint is not None or pretrained:
+        from .checkpoint import load_checkpoint
+
+        if checkpoint is None:
+            if spec.weights is None:
+                raise ConfigError(f"model {name!r} ships no weights; pass checkpoint=PATH")
+            checkpoint = ASSETS / spec.weights
+        return load_checkpoint(checkpoint, name=name, overrides=overrides).model
+    return build_model(spec.architecture, {**spec.config, **overrides})
