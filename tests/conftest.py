@@ -1,0 +1,57 @@
+"""Shared fixtures; a `gpu` marker for tests that need CUDA (skipped without a device)."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "crossvit" / "assets"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vit_pytorch_cross_vit():
+    """The real vit-pytorch `cross_vit.py`, loaded from its file.
+
+    `import vit_pytorch` would import torchvision (absent with the CPU torch build); the
+    cross_vit module itself needs only torch and einops.
+    """
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("vit-pytorch is not installed: `pip install --no-deps vit-pytorch einops` "
+                    "(make test does this)")
+    path = os.path.join(spec.submodule_search_locations[0], "cross_vit.py")
+    mod_spec = importlib.util.spec_from_file_location("vit_pytorch_cross_vit", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    sys.modules.setdefault("vit_pytorch_cross_vit", module)
+    return module
+
+
+@pytest.fixture
+def tiny_seed_kwargs():
+    """A small seed config with unequal branches, fast enough for every test."""
+    return dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
+                sm_enc_depth=1, sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64,
+                lg_enc_depth=2, lg_enc_heads=3, lg_enc_dim_head=8, lg_enc_mlp_dim=96,
+                cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=16, depth=2)
