@@ -1,3 +1,240 @@
-def main():
-    import crossvit.model, crossvit.export, crossvit.runtime
-    print("ok", crossvit.model.__file__)
+"""The `crossvit` command. Each subcommand imports what it needs when it runs.
+
+Errors raised on purpose (`CrossViTError`) are caught once here, printed as one line and
+mapped to an exit code; anything else is an internal error, printed as one line too
+(set CROSSVIT_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from crossvit import __version__
+from crossvit.errors import ConfigError, CrossViTError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+
+
+def _say(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("checkpoint", nargs="?", type=Path,
+                       help="checkpoint: our .safetensors, or a foreign .pt/.pth/.bin/.safetensors "
+                            "state dict (then also give --model or --config)")
+    p.add_argument("--model", metavar="NAME", help="registered model name (see `crossvit models`)")
+    p.add_argument("--config", metavar="FILE.json", type=Path,
+                   help="config of a foreign checkpoint: vit-pytorch's or timm's constructor arguments")
+
+
+def _load(args):
+    from crossvit.model import DEFAULT_MODEL, load_model
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None and args.model is None:
+        args.model = DEFAULT_MODEL
+    return load_model(checkpoint, name=args.model, config=args.config)
+
+
+def _batch_sizes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes must be integers >= 1, got {text!r}")
+    return sizes
+
+
+# -- subcommands -----------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from crossvit.model import build_model, get_spec, list_models
+    import torch
+
+    print(f"{'name':<26} {'family':<9} {'params':>8} {'input':>11}  description")
+    for name in list_models():
+        spec = get_spec(name)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(spec.architecture, spec.config).parameters())
+        c, h, w = spec.preprocessing.input_size
+        shipped = " [weights shipped]" if spec.weights else ""
+        print(f"{name:<26} {spec.architecture:<9} {n / 1e6:7.2f}M {f'{c}x{h}x{w}':>11}  "
+              f"{spec.description}{shipped}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    path: Path = args.artifact
+    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+        from crossvit.runtime.artifact import read_artifact
+
+        info = read_artifact(path)
+        d = {"kind": info.kind, "precision": info.precision, "batch": [info.batch_min, info.batch_max],
+             "input": [info.input_name, list(info.input_shape)], "output": info.output_name,
+             "classes": info.num_classes, "architecture": info.model.get("architecture"),
+             "name": info.model.get("name"), "preprocessing": info.preprocessing,
+             "source": info.raw.get("source"), "exporter": info.raw.get("exporter")}
+    else:
+        from crossvit.model.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, name=args.model, config=args.config)
+        d = loaded.info.to_dict()
+        d["labels"] = d["labels"][:10] + (["..."] if len(d["labels"]) > 10 else [])
+        d["parameters"] = sum(p.numel() for p in loaded.model.parameters())
+        d["sha256"] = loaded.sha256
+    print(json.dumps(d, indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from crossvit.model import save_checkpoint
+
+    loaded = _load(args)
+    out = save_checkpoint(loaded.model, args.output, labels=loaded.info.labels,
+                          preprocessing=loaded.info.preprocessing, name=loaded.info.name,
+                          provenance={**loaded.info.provenance, "source_sha256": loaded.sha256})
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from crossvit.errors import ExportError
+    from crossvit.export.onnx import SUPPORTED_OPSETS, BatchRange, export_onnx
+
+    batch = BatchRange.parse(args.batch)
+    if args.opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {args.opset} is not supported by the exporter (supported: "
+                          f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    if args.output.suffix != ".onnx":
+        raise ExportError(f"output file must end in .onnx, got {args.output.name}")
+    if args.precision != "fp32" and args.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {args.precision!r}")
+    loaded = _load(args)
+    out: Path = args.output
+    fp32_path = out if args.precision == "fp32" else out.with_name(out.stem + ".fp32.onnx")
+    result = export_onnx(loaded, fp32_path, batch=batch, opset=args.opset, progress=_say)
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
+    if args.precision != "fp32":
+        from crossvit.export.precision import convert_precision
+        from crossvit.export.calibration import calibration_batch
+
+        calib = calibration_batch(result.metadata, args.calibration, need=args.precision in ("int8", "fp8"))
+        convert_precision(fp32_path, out, args.precision, calib, progress=_say)
+        print(f"wrote {out} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from crossvit.export.parity import THRESHOLDS, check_parity
+    from crossvit.model import load_model
+    from crossvit.runtime.artifact import read_artifact
+
+    info = read_artifact(args.artifact)
+    reference = load_model(args.reference, name=args.model, config=args.config)
+    thresholds = THRESHOLDS[info.precision].tightened(
+        max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
+    report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
+                          thresholds=thresholds, seed=args.seed, progress=_say)
+    print(report.table())
+    if args.json:
+        report.save(args.json)
+        print(f"wrote {args.json}")
+    return {"pass": 0, "fail": 2, "not run": 4}[report.verdict]
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossvit",
+        description="Deploy CrossViT image classifiers: checkpoint -> verified ONNX -> precision "
+                    "variants -> parity report. Without a checkpoint, commands use the embedded "
+                    "default model (crossvit_digits).",
+        epilog="Set CROSSVIT_DEBUG=1 to see tracebacks of internal errors.")
+    parser.add_argument("--version", action="version", version=f"crossvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered model names")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="show what a checkpoint or ONNX file says about itself")
+    p.add_argument("artifact", type=Path, help=".safetensors/.pt/.pth/.bin checkpoint or .onnx file")
+    p.add_argument("--model", metavar="NAME", help="model name, for a foreign checkpoint")
+    p.add_argument("--config", metavar="FILE.json", type=Path, help="config, for a foreign checkpoint")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="rewrite a (foreign) checkpoint as our self-describing .safetensors")
+    _add_model_source(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.safetensors")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export to ONNX (dynamic batch, metadata inside, checked)")
+    _add_model_source(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (18..23, default 20)")
+    p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range (default 1:64)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32, or a variant for TensorRT's strongly typed networks (needs ModelOpt)")
+    p.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="folder of calibration images for int8/fp8 (default: the shipped images "
+                        "for the embedded model)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="parity gate: ONNX Runtime vs the PyTorch reference")
+    p.add_argument("artifact", type=Path, metavar="MODEL.onnx")
+    p.add_argument("--reference", type=Path, metavar="CHECKPOINT",
+                   help="reference checkpoint (default: --model's, or the embedded model)")
+    p.add_argument("--model", metavar="NAME", help="registered model name of the reference")
+    p.add_argument("--config", metavar="FILE.json", type=Path, help="config, for a foreign reference")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="real images (with labels.csv for accuracy); default: the shipped held-out set")
+    p.add_argument("--batch-sizes", metavar="1,2,7,MAX", help="random-input batch sizes (default 1,2,7,max)")
+    p.add_argument("--json", type=Path, metavar="REPORT.json", help="write the report as JSON")
+    p.add_argument("--seed", type=int, default=None, help="seed for the random inputs (default: fresh)")
+    p.add_argument("--max-abs", type=float, help="tighten the max abs error limit")
+    p.add_argument("--rel-l2", type=float, help="tighten the relative L2 error limit")
+    p.add_argument("--min-top1", type=float, help="tighten the top-1 agreement limit (fraction)")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "command", None) == "check" and args.reference is None and args.model is None:
+        from crossvit.model import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    try:
+        return args.func(args) or 0
+    except CrossViTError as e:
+        print(f"crossvit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # `crossvit ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"crossvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless asked for the traceback
+        if os.environ.get("CROSSVIT_DEBUG"):
+            raise
+        print(f"crossvit {args.command}: internal error: {type(e).__name__}: {e} "
+              "(set CROSSVIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

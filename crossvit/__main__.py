@@ -1,0 +1,5 @@
+import sys
+
+from crossvit.cli import main
+
+sys.exit(main())

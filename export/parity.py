@@ -1,0 +1,247 @@
+"""The parity gate: does an artifact compute the same function as its PyTorch reference?
+
+Each artifact runs through `crossvit.runtime`'s own session (the code that will serve it)
+on fresh random inputs for several batch sizes and on real images, next to the fp32 PyTorch
+reference. Thresholds depend on the precision; flags may tighten them, never loosen them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from crossvit.errors import ConfigError, CrossViTError, ParityFailure
+from crossvit.model.checkpoint import LoadedModel, atomic_write
+from crossvit.runtime.artifact import read_artifact
+from crossvit.runtime.images import ImageSet, list_images, load_image_set, shipped_images
+from crossvit.runtime.session import OnnxRuntimeSession
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a case must meet; None means "not gated" (still measured and reported)."""
+
+    max_abs: float | None = None  # on every case
+    rel_l2: float | None = None  # on every case
+    top1_agreement: float | None = None  # fraction, on the gated sources
+    accuracy_drop: float | None = None  # percentage points vs the reference, labelled images
+    agreement_sources: tuple[str, ...] = ("random", "images")
+
+    def tightened(self, **limits) -> "Thresholds":
+        """Apply user limits; a limit looser than the default is refused, not applied."""
+        changes = {}
+        for name, value in limits.items():
+            if value is None:
+                continue
+            default = getattr(self, name)
+            looser = default is not None and (value < default if name == "top1_agreement" else value > default)
+            if looser:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
+                                  "default for this precision; thresholds may only be tightened")
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+
+THRESHOLDS = {
+    "fp32": Thresholds(max_abs=1e-4, top1_agreement=1.0),
+    "fp16": Thresholds(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",)),
+    "bf16": Thresholds(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",)),
+    "int8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
+    "fp8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
+}
+
+
+@dataclass
+class CaseResult:
+    source: str  # "random" or "images"
+    batch_size: int
+    n: int
+    max_abs: float
+    max_rel: float
+    rel_l2: float
+    cosine: float
+    top1_agreement: float
+    top5_agreement: float
+    accuracy_reference: float | None = None  # percent, labelled images only
+    accuracy_artifact: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    reference: str
+    precision: str
+    backend: str
+    thresholds: dict
+    cases: list[CaseResult] = field(default_factory=list)
+    not_run: str | None = None  # why the backend could not run the artifact at all
+    image_errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        if self.not_run:
+            return "not run"
+        return "pass" if self.cases and all(c.passed for c in self.cases) else "fail"
+
+    def __bool__(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def accuracy(self) -> tuple[float | None, float | None]:
+        """(reference, artifact) top-1 accuracy on the labelled images, percent."""
+        for c in self.cases:
+            if c.accuracy_reference is not None:
+                return c.accuracy_reference, c.accuracy_artifact
+        return None, None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["verdict"] = self.verdict
+        for c, case in zip(d["cases"], self.cases):
+            c["passed"] = case.passed
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        text = json.dumps(self.to_dict(), indent=2, default=float)
+        return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+    def table(self) -> str:
+        head = f"{'source':<8} {'batch':>5} {'n':>4} {'max abs':>9} {'max rel':>9} {'rel L2':>9} " \
+               f"{'cosine':>9} {'top1':>7} {'top5':>7} {'acc ref':>8} {'acc art':>8}  result"
+        lines = [f"parity: {self.artifact} ({self.precision}, {self.backend}) vs {self.reference}", head]
+        for c in self.cases:
+            acc = lambda v: f"{v:7.2f}%" if v is not None else f"{'-':>8}"
+            lines.append(
+                f"{c.source:<8} {c.batch_size:>5} {c.n:>4} {c.max_abs:9.2e} {c.max_rel:9.2e} {c.rel_l2:9.2e} "
+                f"{c.cosine:9.6f} {c.top1_agreement:7.2%} {c.top5_agreement:7.2%} {acc(c.accuracy_reference)} "
+                f"{acc(c.accuracy_artifact)}  {'ok' if c.passed else 'FAIL: ' + '; '.join(c.failures)}")
+        if self.not_run:
+            lines.append(f"NOT RUN: {self.not_run}")
+        for f, e in self.image_errors[:5]:
+            lines.append(f"skipped image: {e}")
+        lines.append(f"verdict: {self.verdict.upper()}")
+        return "\n".join(lines)
+
+
+def compare(ref: np.ndarray, out: np.ndarray, k: int = 5) -> dict:
+    """Error and agreement measures of `out` against `ref` (both N x classes)."""
+    ref = ref.astype(np.float64)
+    out = out.astype(np.float64)
+    diff = np.abs(out - ref)
+    k = min(k, ref.shape[1])
+    top_ref = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    top_out = np.argsort(-out, axis=1, kind="stable")[:, :k]
+    overlap = [len(set(a) & set(b)) / k for a, b in zip(top_ref, top_out)]
+    denom = np.linalg.norm(ref) * np.linalg.norm(out)
+    return {
+        "max_abs": float(diff.max()),
+        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12)).max()),  # Polygraphy's definition
+        "rel_l2": float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12)),
+        "cosine": float((ref * out).sum() / denom) if denom > 0 else float("nan"),
+        "top1_agreement": float((top_ref[:, 0] == top_out[:, 0]).mean()),
+        "top5_agreement": float(np.mean(overlap)),  # mean overlap of the two top-k sets
+    }
+
+
+def _gate(case: CaseResult, t: Thresholds) -> None:
+    if not all(math.isfinite(v) for v in (case.max_abs, case.rel_l2)):
+        case.failures.append("non-finite outputs")
+        return
+    if t.max_abs is not None and case.max_abs > t.max_abs:
+        case.failures.append(f"max abs {case.max_abs:.2e} > {t.max_abs:.0e}")
+    if t.rel_l2 is not None and case.rel_l2 > t.rel_l2:
+        case.failures.append(f"rel L2 {case.rel_l2:.2e} > {t.rel_l2:.0e}")
+    if t.top1_agreement is not None and case.source in t.agreement_sources \
+            and case.top1_agreement < t.top1_agreement:
+        case.failures.append(f"top-1 agreement {case.top1_agreement:.2%} < {t.top1_agreement:.0%}")
+    if t.accuracy_drop is not None and case.accuracy_reference is not None:
+        drop = case.accuracy_reference - case.accuracy_artifact
+        if drop > t.accuracy_drop:
+            case.failures.append(f"accuracy drop {drop:.2f} points > {t.accuracy_drop}")
+
+
+def _reference_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            outs.append(model(torch.from_numpy(x[s:s + batch_size])).float().numpy())
+    return np.concatenate(outs)
+
+
+def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | Path | None = None,
+                 batch_sizes: list[int] | None = None, thresholds: Thresholds | None = None,
+                 seed: int | None = None, progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Run the gate; returns the report (check `bool(report)`)."""
+    say = progress or (lambda m: None)
+    start = time.perf_counter()
+    info = read_artifact(artifact)
+    expected = tuple(reference.info.preprocessing["input_size"])
+    if info.input_shape != expected or len(info.labels) != len(reference.info.labels):
+        raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "
+                          f"the reference takes {expected} with {len(reference.info.labels)}: not the same model")
+    t = thresholds or THRESHOLDS.get(info.precision)
+    if t is None:
+        raise ConfigError(f"no parity thresholds for precision {info.precision!r}")
+    report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
+                          precision=info.precision, backend="onnxruntime (cpu)", thresholds=dataclasses.asdict(t))
+    sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
+    bad = [b for b in sizes if b < 1]
+    if bad:
+        raise ConfigError(f"batch sizes must be >= 1, got {bad}")
+    rng = np.random.default_rng(seed)
+    model = reference.model.eval()
+    try:
+        session = OnnxRuntimeSession(info, device="cpu")
+    except CrossViTError as e:
+        report.not_run = str(e)
+        return report
+    with session:
+        try:
+            for b in sizes:
+                say(f"random inputs, batch {b}")
+                x = rng.standard_normal((b, *info.input_shape), dtype=np.float32)
+                ref, out = _reference_logits(model, x, b), session.infer(x)
+                case = CaseResult(source="random", batch_size=b, n=b, **compare(ref, out))
+                _gate(case, t)
+                report.cases.append(case)
+            folder = Path(images) if images else shipped_images()
+            image_set: ImageSet = list_images(folder)
+            say(f"real images: {len(image_set)} from {folder}")
+            x, kept, report.image_errors = load_image_set(image_set, session.preprocessor)
+            b = min(info.batch_max, 32)
+            ref, out = _reference_logits(model, x, b), session.infer(x)
+            case = CaseResult(source="images", batch_size=b, n=len(x), **compare(ref, out))
+            if image_set.labels is not None:
+                names = list(info.labels)
+                truth = np.array([names.index(image_set.labels[i]) if image_set.labels[i] in names else -1
+                                  for i in kept])
+                case.accuracy_reference = float((ref.argmax(1) == truth).mean() * 100)
+                case.accuracy_artifact = float((out.argmax(1) == truth).mean() * 100)
+            _gate(case, t)
+            report.cases.append(case)
+        except CrossViTError:
+            raise
+        except Exception as e:  # the backend could not execute the graph (e.g. fp8 on CPU)
+            report.not_run = (f"ONNX Runtime (CPU) cannot run this {info.precision} graph: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def require_pass(report: ParityReport) -> None:
+    if not report:
+        raise ParityFailure(f"parity {report.verdict}: {report.artifact}")

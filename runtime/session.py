@@ -1,0 +1,351 @@
+"""One small interface over the inference backends: `open_session(artifact) -> Session`.
+
+A session is a context manager with `infer(float32 N x C x H x W) -> logits` and
+`predict(images, top_k)`. `infer` validates its input before touching the backend, splits
+batches larger than the artifact allows and pads ones smaller than its minimum.
+Backends: ONNX Runtime (CPU; CUDA/TensorRT execution providers when onnxruntime-gpu is
+installed), and PyTorch checkpoints (lazily imported, for comparisons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crossvit.errors import ArtifactError, BackendUnavailable, InputError
+
+from .artifact import CHECKPOINT_SUFFIXES, ArtifactInfo, read_artifact
+
+log = logging.getLogger("crossvit.runtime")
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, int, int]  # C, H, W
+    dtype: str
+    batch_min: int
+    batch_max: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image, or the reason it could not be answered."""
+
+    source: str
+    labels: tuple[str, ...] = ()
+    indices: tuple[int, ...] = ()
+    probs: tuple[float, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if not self.ok:
+            return {"source": self.source, "error": self.error}
+        return {"source": self.source,
+                "top": [{"label": l, "index": i, "prob": round(p, 6)}
+                        for l, i, p in zip(self.labels, self.indices, self.probs)]}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z, dtype=np.float64)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Session:
+    """Base class: validation, batching and prediction; backends implement `_run`."""
+
+    backend = "base"
+
+    def __init__(self, info: ArtifactInfo):
+        self.info = info
+        self.device = "cpu"
+        self._closed = False
+        self._preprocessor = None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def input_spec(self) -> InputSpec:
+        i = self.info
+        return InputSpec(i.input_name, i.input_shape, "float32", i.batch_min, i.batch_max)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.info.labels
+
+    def describe(self) -> str:
+        return f"{self.backend} ({self.device}, {self.info.precision})"
+
+    # -- inference ----------------------------------------------------------------------
+    def validate(self, batch) -> np.ndarray:
+        """Check type, dtype, rank and C x H x W; say exactly what was received."""
+        c, h, w = self.info.input_shape
+        if not isinstance(batch, np.ndarray):
+            raise InputError(f"infer expects a numpy.ndarray of shape (N, {c}, {h}, {w}), "
+                             f"got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise InputError(f"infer expects dtype float32, got {batch.dtype} "
+                             f"(convert with batch.astype(np.float32))")
+        if batch.ndim != 4:
+            raise InputError(f"infer expects a 4-D batch (N, {c}, {h}, {w}), got shape {batch.shape}")
+        if tuple(batch.shape[1:]) != (c, h, w):
+            raise InputError(f"infer expects images of shape ({c}, {h}, {w}), got {tuple(batch.shape[1:])} "
+                             f"(batch shape {batch.shape})")
+        if batch.shape[0] < 1:
+            raise InputError("infer got an empty batch (N = 0)")
+        return np.ascontiguousarray(batch)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (N, num_classes) float32 for a preprocessed batch."""
+        if self._closed:
+            raise ArtifactError(f"session for {self.info.path.name} is closed")
+        x = self.validate(batch)
+        n, lo, hi = x.shape[0], self.info.batch_min, self.info.batch_max
+        if lo <= n <= hi:
+            return self._run(x)
+        outs = []
+        for start in range(0, n, hi):
+            chunk = x[start:start + hi]
+            k = chunk.shape[0]
+            if k < lo:  # pad up to the artifact's minimum batch, then drop the padding
+                pad = np.zeros((lo - k, *chunk.shape[1:]), dtype=np.float32)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self._run(np.ascontiguousarray(chunk))[:k])
+        return np.concatenate(outs)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def preprocessor(self):
+        if self._preprocessor is None:
+            from .preprocess import Preprocessor
+
+            self._preprocessor = Preprocessor.from_dict(self.info.preprocessing)
+        return self._preprocessor
+
+    def predict(self, images, top_k: int = 5, batch_size: int | None = None) -> list[Prediction]:
+        """Top-k labels for image files (paths), bytes, or PIL images; bad ones are reported."""
+        from .preprocess import load_image
+
+        top_k = max(1, min(int(top_k), self.info.num_classes))
+        batch_size = batch_size or min(self.info.batch_max, 32)
+        results: list[Prediction] = []
+        items = list(images)
+        for start in range(0, len(items), batch_size):
+            group = items[start:start + batch_size]
+            arrays, where = [], []
+            for j, item in enumerate(group):
+                name = str(item) if isinstance(item, (str, Path)) else f"image {start + j}"
+                try:
+                    img = item if hasattr(item, "mode") and hasattr(item, "size") else load_image(item, name=name)
+                    arrays.append(self.preprocessor(img))
+                    where.append(j)
+                except InputError as e:
+                    group[j] = Prediction(source=name, error=str(e))
+            answers: dict[int, Prediction] = {}
+            if arrays:
+                probs = softmax(self.infer(np.stack(arrays)))
+                top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+                for row, j in enumerate(where):
+                    item = group[j]
+                    name = str(item) if isinstance(item, (str, Path)) else f"image {start + j}"
+                    idx = tuple(int(i) for i in top[row])
+                    answers[j] = Prediction(source=name, labels=tuple(self.labels[i] for i in idx),
+                                            indices=idx, probs=tuple(float(probs[row, i]) for i in idx))
+            results.extend(answers.get(j, group[j]) for j in range(len(group)))
+        return results
+
+
+# -- ONNX Runtime ------------------------------------------------------------------------
+
+def physical_cores() -> int:
+    """Cores to use for intra-op threads: those this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
+                                 "(or onnxruntime-gpu on a CUDA machine)") from None
+    return ort
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("CROSSVIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "crossvit")
+    return Path(base)
+
+
+class OnnxRuntimeSession(Session):
+    """ONNX Runtime with the settings that make it fast here.
+
+    - all graph optimizations, and the optimized graph cached on disk (keyed by the file's
+      sha256, the ORT version and the providers) so the next start skips them; the cached
+      graph has ORT-only fused ops and lives in the cache folder, never beside the artifact
+      (it must never reach TensorRT);
+    - intra-op threads = the cores this process may use, one inter-op thread;
+    - inputs handed over as contiguous float32 without copies.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, info: ArtifactInfo, device: str = "auto", *, threads: int | None = None,
+                 cache_dir: str | Path | None = None, tuned: bool = True):
+        super().__init__(info)
+        ort = _ort()
+        providers = self._providers(ort, device)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if tuned:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.intra_op_num_threads = threads or physical_cores()
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        model_path = str(info.path)
+        self._cache_target = None
+        if tuned and cache_dir is not False and providers == ["CPUExecutionProvider"]:
+            cached = self._cached_path(Path(cache_dir) if cache_dir else default_cache_dir(), ort)
+            if cached is not None and cached.is_file():
+                model_path = str(cached)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            elif cached is not None:
+                try:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    so.optimized_model_filepath = str(cached.with_name(f".{cached.name}.{os.getpid()}.tmp"))
+                    self._cache_target = cached
+                except OSError:
+                    pass
+        try:
+            self._sess = ort.InferenceSession(model_path, sess_options=so, providers=providers)
+        except Exception as e:
+            raise ArtifactError(f"{info.path}: ONNX Runtime cannot load it "
+                                f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
+        if self._cache_target is not None and Path(so.optimized_model_filepath).is_file():
+            os.replace(so.optimized_model_filepath, self._cache_target)  # atomic: readers never see half
+        active = self._sess.get_providers()
+        self.device = "cuda" if active[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        if active[0] != providers[0]:
+            log.warning("ONNX Runtime fell back from %s to %s", providers[0], active[0])
+        self.providers = active
+        self._input_name = info.input_name
+        self._output_names = [info.output_name]
+
+    @staticmethod
+    def _providers(ort, device: str) -> list[str]:
+        available = ort.get_available_providers()
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        wanted = {"cuda": ["CUDAExecutionProvider"], "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+                  "auto": ["CUDAExecutionProvider"]}.get(device)
+        if wanted is None:
+            raise BackendUnavailable(f"unknown device {device!r} for onnxruntime (cpu, cuda, tensorrt, auto)")
+        chosen = [p for p in wanted if p in available]
+        if not chosen:
+            if device != "auto":
+                log.warning("ONNX Runtime has no %s here (available: %s; install onnxruntime-gpu "
+                            "on a CUDA machine); using the CPU", wanted[0], ", ".join(available))
+            return ["CPUExecutionProvider"]
+        return chosen + ["CPUExecutionProvider"]
+
+    def _cached_path(self, cache_dir: Path, ort) -> Path | None:
+        try:
+            h = hashlib.sha256()
+            with open(self.info.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return None
+        return cache_dir / "ort" / f"{h.hexdigest()[:24]}-ort{ort.__version__}-cpu.onnx"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._sess.run(self._output_names, {self._input_name: x})[0]
+
+    def close(self) -> None:
+        self._sess = None
+        super().close()
+
+
+# -- PyTorch (optional, for comparisons) --------------------------------------------------
+
+class TorchSession(Session):
+    """A checkpoint run in PyTorch; imports torch and crossvit.model only when opened."""
+
+    backend = "torch"
+
+    def __init__(self, path: Path, device: str = "auto", *, name: str | None = None, dtype: str = "fp32"):
+        try:
+            import torch
+        except ImportError:
+            raise BackendUnavailable("the torch backend needs PyTorch: pip install torch") from None
+        from crossvit.model import load_model
+
+        loaded = load_model(path, name=name)
+        c, h, w = loaded.info.preprocessing["input_size"]
+        info = ArtifactInfo(path=Path(path), kind="checkpoint", precision=dtype, batch_min=1,
+                            batch_max=1 << 16, input_name="input", input_shape=(c, h, w), output_name="logits",
+                            labels=tuple(loaded.info.labels), preprocessing=loaded.info.preprocessing,
+                            model=loaded.info.to_dict())
+        super().__init__(info)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend: no CUDA device (torch.cuda.is_available() is False)")
+        self.device = device
+        self._torch = torch
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.model = loaded.model.to(device=device, dtype=self._dtype).eval()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device, self._dtype)
+            return self.model(t).float().cpu().numpy()
+
+
+def open_session(artifact: str | Path, backend: str = "auto", device: str = "auto", **options) -> Session:
+    """Open `artifact` (.onnx, .plan, or a checkpoint) with the fastest available backend."""
+    path = Path(artifact)
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if backend == "torch" or (backend == "auto" and suffix in CHECKPOINT_SUFFIXES):
+        if suffix not in CHECKPOINT_SUFFIXES:
+            raise ArtifactError(f"{path}: the torch backend runs checkpoints "
+                                f"({', '.join(CHECKPOINT_SUFFIXES)}), not {suffix} files")
+        return TorchSession(path, device, **options)
+    info = read_artifact(path)
+    if info.kind == "engine" or backend == "tensorrt" and suffix != ".onnx":
+        raise BackendUnavailable(f"{path}: TensorRT engines are not supported by this version "
+                                 "(run the .onnx with onnxruntime)")
+    if backend == "tensorrt":
+        return OnnxRuntimeSession(info, "tensorrt", **options)
+    return OnnxRuntimeSession(info, device, **options)

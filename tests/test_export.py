@@ -1,0 +1,152 @@
+"""`crossvit export`: dynamic batch, metadata inside, checked, atomic; bad input refused."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from crossvit.errors import ExportError
+from crossvit.export.onnx import BatchRange, export_onnx
+from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+from crossvit.runtime.artifact import read_artifact
+from crossvit.runtime.session import OnnxRuntimeSession
+
+LABELS = [f"c{i}" for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    kwargs = dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
+                  sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64, lg_enc_depth=2, lg_enc_heads=3,
+                  lg_enc_dim_head=8, lg_enc_mlp_dim=96, cross_attn_depth=1, cross_attn_heads=2,
+                  cross_attn_dim_head=16, depth=2)
+    path = tmp_path_factory.mktemp("ckpt") / "seed.safetensors"
+    return save_checkpoint(CrossViT(**kwargs), path, labels=LABELS,
+                           preprocessing=dict(input_size=[3, 32, 32], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
+
+
+@pytest.fixture(scope="module")
+def exported(seed_checkpoint, tmp_path_factory):
+    loaded = load_checkpoint(seed_checkpoint)
+    out = tmp_path_factory.mktemp("onnx") / "seed.onnx"
+    return loaded, export_onnx(loaded, out, batch=BatchRange(1, 8))
+
+
+def test_export_writes_one_checked_self_contained_file(exported):
+    _, result = exported
+    assert sorted(p.name for p in result.path.parent.iterdir()) == ["seed.onnx"]  # no .data, no temp
+    assert not result.external_data
+    onnx.checker.check_model(str(result.path), full_check=True)
+    proto = onnx.load(str(result.path))
+    assert proto.opset_import[0].version == 20
+    assert "Resize" not in {n.op_type for n in proto.graph.node}
+
+
+def test_metadata_round_trips_everything_the_runtime_needs(exported, seed_checkpoint):
+    loaded, result = exported
+    info = read_artifact(result.path)
+    assert info.precision == "fp32"
+    assert (info.batch_min, info.batch_max) == (1, 8)
+    assert info.input_shape == (3, 32, 32)
+    assert info.labels == tuple(LABELS)
+    assert info.preprocessing == loaded.info.preprocessing
+    assert info.model["config"] == loaded.info.config
+    assert info.model["architecture"] == "seed"
+    assert info.raw["source"]["sha256"] == loaded.sha256 and len(loaded.sha256) == 64
+    assert info.raw["exporter"]["torch"] == torch.__version__
+    assert info.raw["exporter"]["onnx"] == onnx.__version__
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_one_file_runs_every_batch_size_in_its_range(exported, batch):
+    loaded, result = exported
+    x = np.random.default_rng().standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    with OnnxRuntimeSession(read_artifact(result.path), device="cpu", cache_dir=False) as s:
+        out = s.infer(x)
+    with torch.no_grad():
+        ref = loaded.model(torch.from_numpy(x)).numpy()
+    assert out.shape == (batch, 7)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_batch_dimension_is_symbolic_with_the_declared_range(exported):
+    _, result = exported
+    proto = onnx.load(str(result.path))
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value
+
+
+def test_static_batch_when_min_equals_max(seed_checkpoint, tmp_path):
+    result = export_onnx(load_checkpoint(seed_checkpoint), tmp_path / "s.onnx", batch=BatchRange(4, 4))
+    dim = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == 4
+
+
+@pytest.mark.parametrize("text, expect", [("1:64", (1, 64)), ("8", (8, 8)), (":32", (1, 32))])
+def test_batch_range_parsing(text, expect):
+    b = BatchRange.parse(text)
+    assert (b.min, b.max) == expect
+
+
+@pytest.mark.parametrize("text, words", [("5:2", "max 2 is smaller than min 5"), ("0:4", ">= 1"),
+                                         ("a:b", "MIN:MAX"), ("", "MIN:MAX")])
+def test_bad_batch_ranges_are_refused(text, words):
+    with pytest.raises(ExportError, match=words):
+        BatchRange.parse(text)
+
+
+def test_failed_export_leaves_no_partial_files(seed_checkpoint, tmp_path, monkeypatch):
+    import crossvit.export.onnx as mod
+
+    def broken_check(path):
+        raise ExportError("simulated checker failure")
+
+    monkeypatch.setattr(mod, "check_onnx", broken_check)
+    with pytest.raises(ExportError):
+        export_onnx(load_checkpoint(seed_checkpoint), tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["export", "{tmp}/missing.safetensors", "-o", "{tmp}/o.onnx"], "no such file"),
+    (["export", "{tmp}/corrupt.safetensors", "-o", "{tmp}/o.onnx"], "not a readable safetensors"),
+    (["export", "--model", "crossvit_nope", "-o", "{tmp}/o.onnx"], "unknown model name"),
+    (["export", "--model", "crossvit_tiny_240", "--batch", "8:2", "-o", "{tmp}/o.onnx"], "smaller than min"),
+    (["export", "--model", "crossvit_tiny_240", "--batch", "0:2", "-o", "{tmp}/o.onnx"], ">= 1"),
+    (["export", "--model", "crossvit_tiny_240", "--opset", "9", "-o", "{tmp}/o.onnx"], "opset 9 is not supported"),
+    (["export", "--model", "crossvit_tiny_240", "-o", "{tmp}/o.txt"], "must end in .onnx"),
+    (["info", "{tmp}/corrupt.onnx"], "not a readable ONNX file"),
+    (["check", "{tmp}/corrupt.onnx"], "not a readable ONNX file"),
+    (["check", "{tmp}/missing.onnx"], "no such file"),
+])
+def test_cli_bad_input_gets_one_line_and_nonzero_exit(tmp_path, args, words):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 20)
+    proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode != 0
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if "error" in l]) == 1
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx", "corrupt.safetensors"]
+
+
+def test_cli_help_and_version():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for sub in ("models", "info", "convert", "export", "check"):
+        assert sub in proc.stdout
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("crossvit ")
