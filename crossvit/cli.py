@@ -151,6 +151,59 @@ def cmd_check(args) -> int:
     return {"pass": 0, "fail": 2, "not run": 4}[report.verdict]
 
 
+def cmd_predict(args) -> int:
+    from crossvit.errors import InputError
+    from crossvit.runtime.images import IMAGE_SUFFIXES
+    from crossvit.runtime.session import open_session
+
+    files: list[Path] = []
+    for item in args.images:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{item}: contains no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        else:
+            files.append(item)  # missing or bad files are reported per file, after the rest
+    failed = 0
+    with open_session(args.artifact, backend=args.backend, device=args.device) as session:
+        if not args.json:
+            print(f"# {args.artifact.name} on {session.describe()}", file=sys.stderr)
+        step = args.batch or min(session.info.batch_max, 32)
+        for start in range(0, len(files), step):
+            if len(files) > step:
+                _say(f"{min(start + step, len(files))}/{len(files)} images")
+            for p in session.predict(files[start:start + step], top_k=args.top_k, batch_size=step):
+                failed += not p.ok
+                if args.json:
+                    print(json.dumps(p.to_dict()), flush=True)
+                elif p.ok:
+                    tops = "  ".join(f"{l} {pr:6.2%}" for l, pr in zip(p.labels, p.probs))
+                    print(f"{p.source}  {tops}", flush=True)
+                else:
+                    print(f"{p.source}  ERROR: {p.error}", flush=True)
+    if failed:
+        print(f"crossvit predict: {failed} of {len(files)} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_deploy(args) -> int:
+    from crossvit.export.deploy import VARIANTS, deploy
+    from crossvit.export.onnx import BatchRange
+
+    variants = tuple(v for v in (args.variants.split(",") if args.variants else VARIANTS) if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    loaded = _load(args)
+    result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
+                    batch=BatchRange.parse(args.batch), progress=_say)
+    print(result.table())
+    print(f"wrote {args.output / 'summary.json'} ({result.seconds:.0f} s)")
+    failed = [r for r in result.rows if r.parity == "fail"]
+    return 2 if failed else 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +257,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel-l2", type=float, help="tighten the relative L2 error limit")
     p.add_argument("--min-top1", type=float, help="tighten the top-1 agreement limit (fraction)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("predict", help="classify image files or folders with an artifact")
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT", help=".onnx file (or a checkpoint with --backend torch)")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch", type=int, default=None, help="images per inference call")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
+    _add_model_source(p)
+    p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
+    p.add_argument("--variants", default=None, metavar="fp16,bf16,int8,fp8",
+                   help="precision variants to build (default: all four)")
+    p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")
+    p.add_argument("--images", type=Path, metavar="DIR", help="real images for the parity gate")
+    p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 

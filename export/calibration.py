@@ -20,7 +20,7 @@ def calibration_batch(metadata: dict, folder: str | Path | None, *, need: bool =
     belong to. Every file must decode: a bad calibration image is an error, not a skip.
     """
     from crossvit.model import DEFAULT_MODEL
-    from crossvit.runtime.preprocess import Preprocessor, load_image
+    from crossvit.runtime.preprocess import Preprocessor
 
     model = metadata["model"]
     if folder is None:
@@ -42,10 +42,9 @@ def calibration_batch(metadata: dict, folder: str | Path | None, *, need: bool =
     arrays = []
     for path in images.files[:MAX_IMAGES]:
         try:
-            img = load_image(path)
+            arrays.append(pre(path))
         except InputError as e:
             raise ExportError(f"calibration image {e}") from None
-        arrays.append(pre(img))
     batch = np.stack(arrays).astype(np.float32)
     if batch.shape[1] != c:
         raise ExportError(f"calibration images give {batch.shape[1]} channels, the model takes {c}")

@@ -56,16 +56,11 @@ def list_images(folder: str | Path) -> ImageSet:
 
 def load_image_set(images: ImageSet, preprocessor) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode and preprocess every image: (batch, indices of the good ones, [(file, error)])."""
-    from .preprocess import load_image
+    from .preprocess import preprocess_files
 
-    arrays, kept, errors = [], [], []
-    for i, path in enumerate(images.files):
-        try:
-            arrays.append(preprocessor(load_image(path)))
-            kept.append(i)
-        except InputError as e:
-            errors.append((str(path), str(e)))
-    if not arrays:
+    array, good, errors = preprocess_files(images.files, preprocessor)
+    if not len(good):
         raise InputError(f"{images.root}: none of its {len(images)} images could be read "
                          f"({errors[0][1] if errors else 'empty'})")
-    return np.stack(arrays), kept, errors
+    position = {id(p): i for i, p in enumerate(images.files)}
+    return array, [position[id(p)] for p in good], [(str(p), e) for p, e in errors]

@@ -146,35 +146,29 @@ class Session:
         return self._preprocessor
 
     def predict(self, images, top_k: int = 5, batch_size: int | None = None) -> list[Prediction]:
-        """Top-k labels for image files (paths), bytes, or PIL images; bad ones are reported."""
-        from .preprocess import load_image
+        """Top-k labels for image paths, bytes or PIL images; a bad one gets an error entry."""
+        from .preprocess import preprocess_files
 
         top_k = max(1, min(int(top_k), self.info.num_classes))
         batch_size = batch_size or min(self.info.batch_max, 32)
-        results: list[Prediction] = []
         items = list(images)
+        results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             group = items[start:start + batch_size]
-            arrays, where = [], []
-            for j, item in enumerate(group):
+            array, good, errors = preprocess_files(group, self.preprocessor)
+            probs = softmax(self.infer(array)) if len(good) else np.zeros((0, self.info.num_classes))
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            gi = ei = 0
+            for j, item in enumerate(group):  # good and errors are both in input order
                 name = str(item) if isinstance(item, (str, Path)) else f"image {start + j}"
-                try:
-                    img = item if hasattr(item, "mode") and hasattr(item, "size") else load_image(item, name=name)
-                    arrays.append(self.preprocessor(img))
-                    where.append(j)
-                except InputError as e:
-                    group[j] = Prediction(source=name, error=str(e))
-            answers: dict[int, Prediction] = {}
-            if arrays:
-                probs = softmax(self.infer(np.stack(arrays)))
-                top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-                for row, j in enumerate(where):
-                    item = group[j]
-                    name = str(item) if isinstance(item, (str, Path)) else f"image {start + j}"
-                    idx = tuple(int(i) for i in top[row])
-                    answers[j] = Prediction(source=name, labels=tuple(self.labels[i] for i in idx),
-                                            indices=idx, probs=tuple(float(probs[row, i]) for i in idx))
-            results.extend(answers.get(j, group[j]) for j in range(len(group)))
+                if gi < len(good) and good[gi] is item:
+                    idx = tuple(int(i) for i in top[gi])
+                    results.append(Prediction(source=name, labels=tuple(self.labels[i] for i in idx),
+                                              indices=idx, probs=tuple(float(probs[gi, i]) for i in idx)))
+                    gi += 1
+                else:
+                    results.append(Prediction(source=name, error=errors[ei][1]))
+                    ei += 1
         return results
 
 
