@@ -11,7 +11,7 @@ from torch import nn
 
 from crossvit.errors import ConfigError
 
-from . import seed
+from . import official, seed
 from .spec import ModelSpec, Preprocessing
 
 ASSETS = Path(__file__).resolve().parent.parent / "crossvit" / "assets"
@@ -38,6 +38,8 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "seed": Architecture("seed", seed.SeedConfig, seed.CrossViT, _identity_filter,
                          ("sm_dim", "lg_dim")),
+    "official": Architecture("official", official.OfficialConfig, official.OfficialCrossViT,
+                             official.checkpoint_filter_fn, ("img_size", "embed_dim")),
 }
 
 MODELS: dict[str, ModelSpec] = {}
@@ -68,6 +70,8 @@ register(ModelSpec(
     weights="crossvit_digits.safetensors",
     description="seed CrossViT trained on scikit-learn's 8x8 digits, upscaled to 32x32 (embedded)",
 ))
+for _spec in official.SPECS:
+    register(_spec)
 
 
 def list_models() -> list[str]:
