@@ -7,22 +7,27 @@ TORCH  ?= torch==2.13.0
 OUT    ?= deploy-out
 BIN     = $(VENV)/bin
 
-.PHONY: deploy test install clean
+.PHONY: deploy test clean
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)" -e ".[dev,quant]"
+
+$(VENV)/.installed-run: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-run
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,dev]"
 	# vit-pytorch is the reference the tests compare against; its package __init__ needs
-	# torchvision, which the CPU torch build lacks, so only its files are installed.
+	# torchvision, which the CPU torch build lacks, so it is installed without dependencies
+	# and the tests load its cross_vit.py file directly.
 	$(BIN)/pip install -q --no-deps "vit-pytorch==1.26.11"
 	touch $@
 
-install: $(BIN)/.installed
-
-deploy: $(BIN)/.installed
+deploy: $(VENV)/.installed-run
 	$(BIN)/crossvit deploy -o $(OUT)
 
-test: $(BIN)/.installed
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -88,14 +88,14 @@ def _load_source(src: Path):
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _input_shape(model, src: Path, input_name: str) -> tuple[int, list[int | str], int]:
-    """(elem_type, dims, rank) of the graph input `input_name`; symbolic dims as their names."""
+def _input_shape(model, src: Path, input_name: str) -> tuple[int, list[int | str]]:
+    """(elem_type, dims) of the graph input `input_name`; symbolic dims as their names."""
     inputs = {i.name: i for i in model.graph.input}
     if input_name not in inputs:
         raise ExportError(f"{src.name}: has no graph input {input_name!r} (inputs: {sorted(inputs)})")
     tensor_type = inputs[input_name].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
-    return tensor_type.elem_type, dims, len(dims)
+    return tensor_type.elem_type, dims
 
 
 def _check_calibration(calibration, dims: list, precision: str, src: Path) -> np.ndarray | None:
@@ -214,6 +214,28 @@ def _run_quantize(quantize, work_src: Path, workdir: Path, precision: str, calib
     return onnx.load(str(out))
 
 
+def _fresh_value_info(model):
+    """The model with its intermediate shape annotations inferred anew.
+
+    AutoCast marks every shape it clears with the one placeholder dim "unk" and relies on shape
+    inference to overwrite it; where inference cannot (an Expand whose target shape is computed),
+    tensors of different sizes are left sharing "unk", and ONNX Runtime then reuses a buffer of
+    the wrong size ("Shape mismatch attempting to re-use buffer", seen with ModelOpt 0.47).
+    value_info is only a hint for runtimes, so drop it and let ONNX infer consistent names.
+    """
+    import onnx
+
+    del model.graph.value_info[:]
+    for out in model.graph.output:  # keep the graph outputs' declared dims unless they are "unk"
+        for dim in out.type.tensor_type.shape.dim:
+            if dim.dim_param == "unk":
+                dim.Clear()
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # annotations are optional: a graph without them is still valid
+        return model
+
+
 def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndarray | None, *,
                       input_name: str = "input", progress: Progress | None = None) -> Path:
     """Write the `precision` variant of the fp32 ONNX `src` to `dst` (one self-contained, checked file).
@@ -244,7 +266,9 @@ def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndar
             source_precision = json.loads(source_meta).get("precision", "fp32")
             if source_precision != "fp32":
                 raise ExportError(f"{src.name} is already {source_precision}; convert from the fp32 ONNX")
-    elem_type, dims, _ = _input_shape(model, src, input_name)
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError(f"{src.name}: models over 2 GB are not supported (ModelOpt needs one .onnx file)")
+    elem_type, dims = _input_shape(model, src, input_name)
     if elem_type != onnx.TensorProto.FLOAT:
         raise ExportError(f"{src.name}: input {input_name!r} is {_dtype_name(elem_type)}, expected float32")
     calibration = _check_calibration(calibration, dims, precision, src)
@@ -282,6 +306,7 @@ def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndar
                     raise
                 except Exception as e:  # ModelOpt raises AssertionError, ValueError, ORT errors...
                     raise _failure(precision, src, e, log) from None
+            converted = _fresh_value_info(converted)
 
     del converted.metadata_props[:]
     for key, value in _updated_metadata(props, precision, tool):
