@@ -147,6 +147,11 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = Bat
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    # The exporter annotates every node with its Python stack/module path (about 2 kB a
+    # node): useful for debugging the exporter, dead weight in a deployed file.
+    for graph in (program.model.graph, *program.model.functions.values()):
+        for node in graph:
+            node.metadata_props.clear()
     metadata = artifact_metadata(loaded, precision="fp32", batch=batch, opset=opset)
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata, separators=(",", ":"))
     program.model.producer_name = "crossvit"

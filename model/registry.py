@@ -60,7 +60,7 @@ register(ModelSpec(
     config=dict(
         image_size=32, num_classes=10, channels=3,
         sm_dim=64, sm_patch_size=4, sm_enc_depth=1, sm_enc_heads=4, sm_enc_dim_head=16, sm_enc_mlp_dim=128,
-        lg_dim=96, lg_patch_size=8, lg_enc_depth=2, lg_enc_heads=4, lg_enc_dim_head=24, lg_enc_mlp_dim=192,
+        lg_dim=64, lg_patch_size=8, lg_enc_depth=1, lg_enc_heads=4, lg_enc_dim_head=16, lg_enc_mlp_dim=128,
         cross_attn_depth=1, cross_attn_heads=4, cross_attn_dim_head=16, depth=2,
         dropout=0.1, emb_dropout=0.1,
     ),
