@@ -1,0 +1,261 @@
+"""Precision variants (fp16/bf16/int8/fp8) of the embedded model's ONNX, built with ModelOpt on CPU.
+
+ModelOpt is required here (CI installs it): a missing ModelOpt fails these tests loudly with
+BackendUnavailable, except the one test that simulates its absence.
+
+The model is the trained embedded crossvit_digits; calibration and probe inputs are its shipped
+real held-out images, so agreement and accuracy mean something. The limits are the parity
+gate's (export/parity.py THRESHOLDS), not looser ones.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossvit.errors import BackendUnavailable, ExportError
+from crossvit.export.parity import THRESHOLDS
+from crossvit.export.precision import (MIN_CALIBRATION_IMAGES, PRECISIONS, convert_precision,
+                                       graph_precision_summary)
+
+IMAGE = (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    """The shipped held-out images, preprocessed, with their labels."""
+    from crossvit.runtime.images import list_images, load_image_set, shipped_images
+    from crossvit.runtime.preprocess import Preprocessor
+    from crossvit.model import get_spec
+
+    images = list_images(shipped_images())
+    x, kept, errors = load_image_set(images, Preprocessor.from_dict(get_spec("crossvit_digits").preprocessing.to_dict()))
+    assert not errors and len(kept) == len(images)
+    return x, np.array([int(images.labels[i]) for i in kept])
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory) -> Path:
+    """The trained crossvit_digits exported by our exporter, plus an unrelated metadata entry."""
+    import onnx
+
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    path = tmp_path_factory.mktemp("src") / "digits.onnx"
+    export_onnx(load_model(name="crossvit_digits"), path, batch=BatchRange(1, 64))
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key="other", value="kept")
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibration(real_images) -> np.ndarray:
+    return real_images[0][:64]
+
+
+@pytest.fixture(scope="module")
+def variants(fp32_onnx, calibration, tmp_path_factory):
+    """Each precision converted once, on first use."""
+    out = tmp_path_factory.mktemp("variants")
+    made = {}
+
+    def get(precision: str) -> Path:
+        if precision not in made:
+            made[precision] = convert_precision(fp32_onnx, out / f"digits.{precision}.onnx", precision,
+                                                calibration)
+        return made[precision]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def probe(fp32_onnx, real_images):
+    """The held-out images, the fp32 ONNX's logits for them, and their labels."""
+    x, labels = real_images
+    return x, _run_ort(fp32_onnx, x), labels
+
+
+def _run_ort(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    centered_ref, centered_got = ref - ref.mean(0), got - got.mean(0)
+    return {
+        "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+        "cosine": float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got))),
+        "centered_cosine": float((centered_ref * centered_got).sum()
+                                 / (np.linalg.norm(centered_ref) * np.linalg.norm(centered_got))),
+        "top1": float((ref.argmax(1) == got.argmax(1)).mean()),
+    }
+
+
+def _assert_fp32_islands_and_io(summary: dict):
+    assert summary["inputs"] == {"input": "float32"} and summary["outputs"] == {"logits": "float32"}
+    for op in ("LayerNormalization", "Softmax"):
+        entry = summary["fp32_op_types"][op]
+        assert entry["count"] > 0 and entry["all_fp32"], (op, entry)
+
+
+def _metadata(path: Path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", "float16"), ("bf16", "bfloat16")])
+def test_autocast_keeps_layernorm_softmax_and_io_fp32(variants, precision, dtype):
+    summary = graph_precision_summary(variants(precision))
+    _assert_fp32_islands_and_io(summary)
+    # The bulk of the graph really is in the low precision.
+    assert summary["output_dtype_counts"].get(dtype, 0) > summary["output_dtype_counts"]["float32"]
+    assert summary["quantize_linear"] == 0
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100)
+
+
+def test_fp16_variant_passes_the_gate_on_real_images(variants, probe):
+    x, ref, labels = probe
+    err = _errors(ref, _run_ort(variants("fp16"), x))
+    print("fp16 vs fp32 (onnxruntime CPU, real images):", err)
+    t = THRESHOLDS["fp16"]
+    assert err["rel_l2"] <= t.rel_l2 and err["top1"] >= t.top1_agreement, err
+
+
+def test_bf16_variant_passes_the_gate_in_the_onnx_reference_evaluator(variants, probe):
+    """ONNX Runtime's CPU provider has no bf16 MatMul; the ONNX reference evaluator runs the graph."""
+    from onnx.reference import ReferenceEvaluator
+
+    x, ref, labels = probe
+    got = ReferenceEvaluator(str(variants("bf16"))).run(None, {"input": x[:64]})[0]
+    err = _errors(ref[:64], got)
+    print("bf16 vs fp32 (onnx.reference, 64 real images):", err)
+    t = THRESHOLDS["bf16"]
+    assert err["rel_l2"] <= t.rel_l2 and err["top1"] >= t.top1_agreement, err
+
+
+def test_bf16_variant_in_onnxruntime_cpu(variants, probe):
+    """Either ORT CPU runs bf16 within the gate, or it refuses at load with NOT_IMPLEMENTED (1.32)."""
+    x, ref, _ = probe
+    try:
+        got = _run_ort(variants("bf16"), x)
+    except Exception as e:  # onnxruntime's NotImplemented is not importable under a stable name
+        assert "NOT_IMPLEMENTED" in str(e) and "MatMul" in str(e), str(e)
+        print("bf16: onnxruntime CPU cannot run it:", str(e).splitlines()[0])
+        return
+    err = _errors(ref, got)
+    assert err["rel_l2"] <= THRESHOLDS["bf16"].rel_l2, err
+
+
+@pytest.mark.parametrize("precision,qdtype", [("int8", "int8"), ("fp8", "float8e4m3fn")])
+def test_quantized_variant_has_qdq_and_passes_the_gate_on_real_images(variants, probe, precision, qdtype):
+    path = variants(precision)
+    summary = graph_precision_summary(path)
+    _assert_fp32_islands_and_io(summary)
+    assert summary["quantize_linear"] > 0 and summary["dequantize_linear"] >= summary["quantize_linear"]
+    assert set(summary["quantized_dtypes"]) == {qdtype}, summary["quantized_dtypes"]
+    x, ref, labels = probe
+    got = _run_ort(path, x)
+    err = _errors(ref, got)
+    acc_ref, acc_got = _accuracy(ref, labels), _accuracy(got, labels)
+    print(f"{precision} vs fp32 (onnxruntime CPU, real images):", err, f"accuracy {acc_ref:.2f} -> {acc_got:.2f}")
+    t = THRESHOLDS[precision]
+    assert err["top1"] >= t.top1_agreement, err
+    assert acc_ref - acc_got <= t.accuracy_drop
+
+
+def test_variants_are_self_contained_and_pass_full_check(variants, fp32_onnx):
+    import onnx
+
+    before = sorted(p.name for p in fp32_onnx.parent.iterdir())
+    for precision in PRECISIONS:
+        path = variants(precision)
+        onnx.checker.check_model(str(path), full_check=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"digits.{p}.onnx" for p in PRECISIONS)
+    # ModelOpt writes side files next to its input: none may appear beside the source.
+    assert sorted(p.name for p in fp32_onnx.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "fp8"])
+def test_variants_have_no_placeholder_dims_shared_across_sizes(variants, precision):
+    """AutoCast leaves dim "unk" on tensors of different sizes; ORT then crashes on buffer reuse."""
+    import onnx
+
+    graph = onnx.load(str(variants(precision))).graph
+    dims = {d.dim_param for v in [*graph.value_info, *graph.output] for d in v.type.tensor_type.shape.dim}
+    assert "unk" not in dims
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_metadata_precision_updated_and_rest_kept(variants, precision):
+    meta = _metadata(variants(precision))
+    assert meta["other"] == "kept"
+    crossvit = json.loads(meta["crossvit"])
+    assert crossvit["precision"] == precision and crossvit["model"]["labels"] == [str(i) for i in range(10)]
+    assert crossvit["precision_tool"]["modelopt_version"] == "0.47.0"
+    assert "crossvit.precision" not in meta
+
+
+def test_metadata_without_crossvit_entry_gets_precision_key(fp32_onnx, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(fp32_onnx))
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key="author", value="someone")
+    src = tmp_path / "plain.onnx"
+    onnx.save(proto, str(src))
+    meta = _metadata(convert_precision(src, tmp_path / "plain.fp32.onnx", "fp32", None))
+    assert meta == {"author": "someone", "crossvit.precision": "fp32"}
+
+
+@pytest.mark.parametrize("precision,calib,message", [
+    ("int8", None, "needs a calibration batch"),
+    ("fp8", None, "needs a calibration batch"),
+    ("int8", np.zeros((0, *IMAGE), np.float32), "empty"),
+    ("int8", np.zeros((MIN_CALIBRATION_IMAGES - 1, *IMAGE), np.float32), "too small to be meaningful"),
+    ("int8", np.zeros((MIN_CALIBRATION_IMAGES, 3, 28, 28), np.float32), "does not fit"),
+    ("fp8", np.zeros((MIN_CALIBRATION_IMAGES, *IMAGE[1:]), np.float32), "does not fit"),
+    ("int8", np.zeros((MIN_CALIBRATION_IMAGES, *IMAGE), np.float64), "float32"),
+    ("fp16", np.zeros((4, 1, 32, 32), np.float32), "does not fit"),
+])
+def test_bad_calibration_is_refused_and_writes_nothing(fp32_onnx, tmp_path, precision, calib, message):
+    with pytest.raises(ExportError, match=message):
+        convert_precision(fp32_onnx, tmp_path / "out.onnx", precision, calib)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_precision_is_refused(fp32_onnx, tmp_path):
+    with pytest.raises(ExportError, match="unknown precision 'int4'"):
+        convert_precision(fp32_onnx, tmp_path / "out.onnx", "int4", None)
+
+
+def test_modelopt_failure_is_one_line_and_leaves_no_file(fp32_onnx, calibration, tmp_path, monkeypatch):
+    import modelopt.onnx.quantization as q
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("calibration exploded\nwith a second line")
+
+    monkeypatch.setattr(q, "quantize", broken)
+    with pytest.raises(ExportError) as info:
+        convert_precision(fp32_onnx, tmp_path / "out.onnx", "int8", calibration)
+    assert str(info.value) == ("int8 conversion of digits.onnx failed in ModelOpt: "
+                               "RuntimeError: calibration exploded")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_modelopt_raises_backend_unavailable_with_install_command(fp32_onnx, tmp_path, monkeypatch):
+    for name in [n for n in sys.modules if n == "modelopt" or n.startswith("modelopt.")] + ["modelopt"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import modelopt...` now raises ImportError
+    with pytest.raises(BackendUnavailable, match=r"pip install nvidia-modelopt==0\.47\.0 ") as info:
+        convert_precision(fp32_onnx, tmp_path / "out.onnx", "fp16", None)
+    assert "[onnx]" not in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
