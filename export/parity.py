@@ -225,10 +225,9 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
             b = min(info.batch_max, 32)
             ref, out = _reference_logits(model, x, b), session.infer(x)
             case = CaseResult(source="images", batch_size=b, n=len(x), **compare(ref, out))
-            if image_set.labels is not None:
-                names = list(info.labels)
-                truth = np.array([names.index(image_set.labels[i]) if image_set.labels[i] in names else -1
-                                  for i in kept])
+            names = list(info.labels)
+            if image_set.labels is not None and all(image_set.labels[i] in names for i in kept):
+                truth = np.array([names.index(image_set.labels[i]) for i in kept])
                 case.accuracy_reference = float((ref.argmax(1) == truth).mean() * 100)
                 case.accuracy_artifact = float((out.argmax(1) == truth).mean() * 100)
             _gate(case, t)

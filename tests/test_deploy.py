@@ -1,0 +1,69 @@
+"""`crossvit deploy` (README command 1) end to end on the embedded model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def deploy(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "crossvit", "deploy", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path):
+    out = tmp_path / "out"
+    proc = deploy("-o", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["artifact"]: r for r in summary["rows"]}
+    assert set(rows) == {"crossvit_digits.safetensors", *(f"crossvit_digits.{p}.onnx"
+                                                          for p in ("fp32", "fp16", "bf16", "int8", "fp8"))}
+    for p in ("fp32", "fp16", "int8", "fp8"):
+        row = rows[f"crossvit_digits.{p}.onnx"]
+        assert row["parity"] == "pass", (p, row)
+        assert row["accuracy"] >= 97.0
+        assert row["latency"]["p50_ms"] > 0 and row["latency"]["p99_ms"] >= row["latency"]["p50_ms"]
+        assert row["speedup"] > 0
+        assert (out / f"crossvit_digits.{p}.parity.json").is_file()
+    # ONNX Runtime on the CPU has no bf16 MatMul: said plainly, never passed.
+    assert rows["crossvit_digits.bf16.onnx"]["parity"] == "not run"
+    assert rows["crossvit_digits.safetensors"]["speedup"] == 1.0
+    assert any("TensorRT" in s for s in summary["skipped"])
+    assert "machine" in summary and summary["machine"]["onnxruntime"]
+    assert "vs torch" in proc.stdout and "crossvit_digits.int8.onnx" in proc.stdout
+    assert "[5/5]" in proc.stderr  # progress
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--variants", "int4"], "unknown variants"),
+    (["--batch", "4:1"], "smaller than min"),
+    (["{tmp}/missing.pth"], "no such file"),
+])
+def test_deploy_bad_input_is_one_line_and_leaves_no_output(tmp_path, args, words):
+    out = tmp_path / "out"
+    proc = deploy(*[a.format(tmp=tmp_path) for a in args], "-o", out)
+    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reason(tmp_path):
+    import torch
+
+    from crossvit.export.deploy import deploy as run_deploy
+    from crossvit.export.onnx import BatchRange
+    from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    m = CrossViT(image_size=16, num_classes=3, sm_dim=16, lg_dim=16, sm_patch_size=4, lg_patch_size=8,
+                 sm_enc_mlp_dim=16, lg_enc_mlp_dim=16, sm_enc_dim_head=8, lg_enc_dim_head=8,
+                 cross_attn_dim_head=8, depth=1, lg_enc_depth=1)
+    ckpt = save_checkpoint(m, tmp_path / "m.safetensors", labels=["a", "b", "c"])
+    result = run_deploy(load_checkpoint(ckpt), tmp_path / "out", variants=("int8",), images=None,
+                        bench_runs=3, batch=BatchRange(1, 4))
+    assert any(s.startswith("int8 variant: --calibration DIR is required") for s in result.skipped)
+    assert [r.precision for r in result.rows] == ["fp32", "fp32"]
+    # the shipped digits labels are not this model's classes: agreement only, no accuracy
+    assert result.rows[1].parity == "pass" and result.rows[1].accuracy is None

@@ -1,0 +1,130 @@
+"""The parity gate: passes what computes the same function, fails what does not, never loosens."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from crossvit.errors import ConfigError
+from crossvit.export.parity import THRESHOLDS, Thresholds, check_parity, compare
+from crossvit.model import load_checkpoint
+
+
+def test_fp32_export_passes_on_random_inputs_and_real_images(small_artifacts):
+    ckpt, onnx_path = small_artifacts
+    report = check_parity(onnx_path, load_checkpoint(ckpt), batch_sizes=[1, 2, 7, 8])
+    assert report.verdict == "pass", report.table()
+    assert [(c.source, c.batch_size) for c in report.cases][:4] == [("random", b) for b in (1, 2, 7, 8)]
+    images = report.cases[-1]
+    assert images.source == "images" and images.n == 360
+    assert images.accuracy_reference is not None  # the shipped images are labelled
+    assert all(c.max_abs <= 1e-4 and c.top1_agreement == 1.0 for c in report.cases)
+
+
+def test_embedded_model_reaches_its_accuracy_through_onnx(tmp_path):
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    loaded = load_model(name="crossvit_digits")
+    path = export_onnx(loaded, tmp_path / "d.onnx", batch=BatchRange(1, 32)).path
+    report = check_parity(path, loaded, batch_sizes=[1, 32])
+    acc_ref, acc_onnx = report.accuracy
+    assert report and acc_ref >= 97.0 and acc_onnx == acc_ref
+
+
+@pytest.fixture
+def corrupted(small_artifacts, tmp_path):
+    """The same ONNX file with one weight matrix perturbed: a different function."""
+    _, onnx_path = small_artifacts
+    proto = onnx.load(str(onnx_path))
+    init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = numpy_helper.to_array(init).copy()
+    arr += np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype) * 0.05
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    path = tmp_path / "corrupted.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_a_different_function_fails_the_gate(small_artifacts, corrupted):
+    report = check_parity(corrupted, load_checkpoint(small_artifacts[0]), batch_sizes=[1, 4])
+    assert report.verdict == "fail" and not report
+    assert any("max abs" in f for c in report.cases for f in c.failures)
+    assert "FAIL" in report.table()
+
+
+def test_report_json_has_every_measure(small_artifacts, tmp_path):
+    ckpt, onnx_path = small_artifacts
+    report = check_parity(onnx_path, load_checkpoint(ckpt), batch_sizes=[2])
+    d = json.loads(report.save(tmp_path / "r.json").read_text())
+    assert d["verdict"] == "pass" and d["precision"] == "fp32" and d["thresholds"]["max_abs"] == 1e-4
+    for case in d["cases"]:
+        for key in ("max_abs", "max_rel", "rel_l2", "cosine", "top1_agreement", "top5_agreement", "passed"):
+            assert key in case
+
+
+def test_compare_measures():
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    same = compare(ref, ref.copy())
+    assert same["max_abs"] == 0 and same["rel_l2"] == 0 and same["cosine"] == pytest.approx(1.0)
+    flipped = compare(ref, ref[:, ::-1].copy())
+    assert flipped["top1_agreement"] == 0.0 and flipped["max_abs"] == 2.0
+
+
+def test_thresholds_can_be_tightened_but_never_loosened():
+    t = THRESHOLDS["fp32"].tightened(max_abs=1e-6, top1_agreement=1.0)
+    assert t.max_abs == 1e-6
+    with pytest.raises(ConfigError, match="looser"):
+        THRESHOLDS["fp32"].tightened(max_abs=1e-2)
+    with pytest.raises(ConfigError, match="looser"):
+        THRESHOLDS["int8"].tightened(top1_agreement=0.5)
+    assert THRESHOLDS["fp16"].tightened(rel_l2=None) == THRESHOLDS["fp16"]
+
+
+def test_thresholds_match_the_issue():
+    assert THRESHOLDS["fp32"] == Thresholds(max_abs=1e-4, top1_agreement=1.0)
+    for p in ("fp16", "bf16"):
+        assert THRESHOLDS[p].rel_l2 == 1e-2 and THRESHOLDS[p].top1_agreement == 0.99
+    for p in ("int8", "fp8"):
+        assert THRESHOLDS[p].top1_agreement == 0.97 and THRESHOLDS[p].accuracy_drop == 1.0
+
+
+def check(*args):
+    return subprocess.run([sys.executable, "-m", "crossvit", "check", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_path):
+    ckpt, onnx_path = small_artifacts
+    ok = check(onnx_path, "--reference", ckpt, "--batch-sizes", "1,3", "--json", tmp_path / "ok.json")
+    assert ok.returncode == 0, ok.stderr
+    assert "verdict: PASS" in ok.stdout and json.loads((tmp_path / "ok.json").read_text())["verdict"] == "pass"
+    bad = check(corrupted, "--reference", ckpt, "--batch-sizes", "2")
+    assert bad.returncode == 2 and "verdict: FAIL" in bad.stdout
+    loose = check(onnx_path, "--reference", ckpt, "--max-abs", "0.5")
+    assert loose.returncode == 1 and "looser" in loose.stderr and "Traceback" not in loose.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-sizes", "0,2"], ">= 1"),
+    (["--batch-sizes", "x"], "comma-separated"),
+    (["--images", "{tmp}/nope"], "no such folder"),
+    (["--images", "{tmp}/empty"], "contains no images"),
+    (["--images", "{tmp}/junk"], "none of its 2 images could be read"),
+    (["--reference", "{tmp}/nope.safetensors"], "no such file"),
+])
+def test_check_cli_bad_input(small_artifacts, tmp_path, args, words):
+    ckpt, onnx_path = small_artifacts
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "junk" / name).write_text("not an image")
+    extra = [a.format(tmp=tmp_path) for a in args]
+    if "--reference" not in extra:
+        extra += ["--reference", str(ckpt)]
+    proc = check(onnx_path, *extra)
+    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
