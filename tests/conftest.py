@@ -71,7 +71,7 @@ def small_artifacts(tmp_path_factory):
                      sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64, lg_enc_depth=1, lg_enc_heads=3,
                      lg_enc_dim_head=8, lg_enc_mlp_dim=96, cross_attn_depth=1, cross_attn_heads=2,
                      cross_attn_dim_head=16, depth=1)
-    ckpt = save_checkpoint(model, root / "small.safetensors", labels=[f"digit {i}" for i in range(10)],
+    ckpt = save_checkpoint(model, root / "small.safetensors", labels=[str(i) for i in range(10)],
                            preprocessing=dict(input_size=[3, 32, 32], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
     onnx_path = export_onnx(load_checkpoint(ckpt), root / "small.onnx", batch=BatchRange(1, 8)).path
     return ckpt, onnx_path

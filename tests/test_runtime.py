@@ -108,7 +108,7 @@ def test_predict_answers_good_images_and_reports_the_bad_one(small_artifacts, im
     assert [p.ok for p in out] == [True, False, True, False, True]
     assert str(bad) in out[1].error and str(missing) in out[3].error
     good = out[0]
-    assert len(good.labels) == 3 and good.labels[0].startswith("digit ")
+    assert len(good.labels) == 3 and set(good.labels) <= {str(i) for i in range(10)}
     assert sorted(good.probs, reverse=True) == list(good.probs) and 0 < sum(good.probs) <= 1 + 1e-6
     json.dumps([p.to_dict() for p in out])
 
@@ -201,4 +201,4 @@ def test_predict_cli_prints_table_json_and_exits_1_on_a_bad_file(small_artifacts
     assert "Traceback" not in proc.stderr
     proc = subprocess.run(cmd + [str(p) for p in images], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.splitlines()) == 3 and "digit" in proc.stdout
+    assert len(proc.stdout.splitlines()) == 3 and "%" in proc.stdout
