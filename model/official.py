@@ -37,7 +37,10 @@ from .spec import ModelSpec, Preprocessing
 
 LAYER_NORM_EPS = 1e-6  # timm's CrossVit uses partial(nn.LayerNorm, eps=1e-6) everywhere
 NUM_BRANCHES = 2  # timm's forward hard-codes cls_token_0/1 and pos_embed_0/1
-DAGGER_PATCH_SIZES = (12, 16)  # the only patch sizes timm's three-conv embedding is defined for
+# (stride, padding) of the second and third convs of timm's three-conv "dagger" stem, by patch
+# size: the only patch sizes that stem is defined for.
+DAGGER_STEMS = {12: ((3, 0), (1, 1)), 16: ((2, 1), (2, 1))}
+DAGGER_PATCH_SIZES = tuple(DAGGER_STEMS)
 
 
 def _pair(value) -> tuple:
@@ -275,21 +278,14 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, multi_conv: bool):
         super().__init__()
-        if multi_conv and patch_size == 12:
+        if multi_conv:  # 7x7/4 conv, then two 3x3 convs whose strides make up the patch size
+            (s2, p2), (s3, p3) = DAGGER_STEMS[patch_size]
             self.proj = nn.Sequential(
                 nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=3, padding=0),
+                nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=s2, padding=p2),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=1, padding=1),
-            )
-        elif multi_conv:  # patch_size == 16 (the config allows only these two)
-            self.proj = nn.Sequential(
-                nn.Conv2d(in_chans, embed_dim // 4, kernel_size=7, stride=4, padding=3),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=3, stride=2, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
+                nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=s3, padding=p3),
             )
         else:
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
