@@ -94,7 +94,7 @@ def _tensorrt_status() -> str | None:
 
 def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANTS,
            calibration: str | Path | None = None, images: str | Path | None = None,
-           batch: BatchRange = BatchRange(1, 64), bench_batch: int = 8, bench_runs: int = 30,
+           batch: BatchRange = BatchRange(1, 64), bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
            progress: Callable[[str], None] | None = None) -> DeployResult:
     say = progress or (lambda m: None)
     start = time.perf_counter()
@@ -136,12 +136,12 @@ def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...
     if tensorrt_reason:
         result.skipped.append(tensorrt_reason)
 
-    say(f"[5/5] latency at batch {bench_batch} ({bench_runs} runs each)")
+    say(f"[5/5] latency at batch {bench_batch} ({bench_runs} runs each, at most ~{bench_seconds:.0f} s a backend)")
     x = np.random.default_rng(0).standard_normal((bench_batch, *loaded.model.input_shape), dtype=np.float32)
     xt = torch.from_numpy(x)
     model = loaded.model.eval()
     with torch.inference_mode():
-        torch_lat = measure(lambda: model(xt), batch=bench_batch, runs=bench_runs)
+        torch_lat = measure(lambda: model(xt), batch=bench_batch, runs=bench_runs, max_seconds=bench_seconds)
     acc_ref = next((r.accuracy[0] for r in verdicts.values() if r.accuracy[0] is not None), None)
     src_size = loaded.source.stat().st_size / 1e6 if loaded.source else None
     result.rows.append(Row(artifact=loaded.source.name if loaded.source else name, backend="torch (cpu)",
@@ -155,7 +155,8 @@ def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...
         else:
             try:
                 with OnnxRuntimeSession(read_artifact(path), device="cpu") as s:
-                    lat: Latency = measure(lambda: s.infer(x), batch=bench_batch, runs=bench_runs)
+                    lat: Latency = measure(lambda: s.infer(x), batch=bench_batch, runs=bench_runs,
+                                           max_seconds=bench_seconds)
                 row.latency = lat.to_dict()
                 row.speedup = torch_lat.p50_ms / lat.p50_ms
                 if report.precision in ("fp16", "bf16", "int8"):

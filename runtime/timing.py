@@ -30,15 +30,25 @@ class Latency:
 
 
 def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, runs: int = 50,
-            min_seconds: float = 0.0, sync: Callable[[], None] | None = None) -> Latency:
-    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs before each clock read."""
+            min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
+            sync: Callable[[], None] | None = None) -> Latency:
+    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs before each clock read.
+
+    Runs `runs` times (and for at least `min_seconds`), unless `max_seconds` runs out first,
+    after `min_runs` at least; the result says how many runs it is made of.
+    """
     sync = sync or (lambda: None)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for i in range(warmup):
         fn()
+        if max_seconds is not None and i >= 1 and time.perf_counter() - t0 > max_seconds / 4:
+            break  # slow calls: a couple of warm-up runs are enough
     sync()
     times = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
+        if max_seconds is not None and len(times) >= min_runs and time.perf_counter() - start > max_seconds:
+            break
         t0 = time.perf_counter()
         fn()
         sync()
