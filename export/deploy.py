@@ -151,7 +151,7 @@ def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...
         row = Row(artifact=path.name, backend="onnxruntime", precision=report.precision,
                   size_mb=path.stat().st_size / 1e6, parity=report.verdict, accuracy=report.accuracy[1])
         if report.not_run:
-            row.note = "ONNX Runtime (CPU) cannot run it; meant for TensorRT"
+            row.note = "ONNX Runtime (CPU) has no kernels for it; meant for TensorRT"
         else:
             try:
                 with OnnxRuntimeSession(read_artifact(path), device="cpu") as s:
@@ -159,7 +159,7 @@ def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...
                                            max_seconds=bench_seconds)
                 row.latency = lat.to_dict()
                 row.speedup = torch_lat.p50_ms / lat.p50_ms
-                if report.precision in ("fp16", "bf16", "int8"):
+                if report.precision != "fp32":
                     row.note = "TensorRT-oriented graph; CPU speed is not its purpose"
             except CrossViTError as e:
                 row.note = str(e)
