@@ -120,16 +120,22 @@ def cmd_export(args) -> int:
         raise ConfigError(f"unknown precision {args.precision!r}")
     loaded = _load(args)
     out: Path = args.output
-    fp32_path = out if args.precision == "fp32" else out.with_name(out.stem + ".fp32.onnx")
-    result = export_onnx(loaded, fp32_path, batch=batch, opset=args.opset, progress=_say)
-    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
-    if args.precision != "fp32":
-        from crossvit.export.precision import convert_precision
-        from crossvit.export.calibration import calibration_batch
+    if args.precision == "fp32":
+        result = export_onnx(loaded, out, batch=batch, opset=args.opset, progress=_say)
+        print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
+        return 0
+    import tempfile
 
-        calib = calibration_batch(result.metadata, args.calibration, need=args.precision in ("int8", "fp8"))
-        convert_precision(fp32_path, out, args.precision, calib, progress=_say)
-        print(f"wrote {out} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
+    from crossvit.export.calibration import calibration_batch
+    from crossvit.export.precision import convert_precision
+
+    # Check the calibration set before the (slow) export; the fp32 graph is an intermediate.
+    calib = calibration_batch({"model": loaded.info.to_dict()}, args.calibration,
+                              need=args.precision in ("int8", "fp8"))
+    with tempfile.TemporaryDirectory(prefix="crossvit-export-") as tmp:
+        fp32 = export_onnx(loaded, Path(tmp) / out.name, batch=batch, opset=args.opset, progress=_say).path
+        convert_precision(fp32, out, args.precision, calib, progress=_say)
+    print(f"wrote {out} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -150,3 +150,37 @@ def test_cli_help_and_version():
         assert sub in proc.stdout
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("crossvit ")
+
+
+def test_int8_export_refuses_calibration_images_that_are_not_images(tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(20):
+        (calib / f"{i:02d}.png").write_bytes(b"\x89PNG not really" if i == 7 else b"")
+    proc = run_cli("export", "--precision", "int8", "--calibration", calib, "-o", tmp_path / "q.onnx")
+    assert proc.returncode == 1 and "calibration image" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib"]
+
+
+def test_export_fp16_writes_only_the_requested_file(tmp_path):
+    proc = run_cli("export", "--precision", "fp16", "-o", tmp_path / "d16.onnx")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d16.onnx"]
+    assert read_artifact(tmp_path / "d16.onnx").precision == "fp16"
+
+
+@pytest.mark.parametrize("setup, words", [("missing", "no such folder"), ("empty", "contains no images"),
+                                          ("few", "at least 16")])
+def test_int8_export_refuses_missing_empty_or_tiny_calibration_sets(tmp_path, setup, words):
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    if setup != "missing":
+        calib.mkdir()
+    if setup == "few":
+        for i in range(3):
+            Image.new("RGB", (32, 32), (i, i, i)).save(calib / f"{i}.png")
+    proc = run_cli("export", "--model", "crossvit_tiny_240", "--precision", "int8", "--calibration", calib,
+                   "-o", tmp_path / "q.onnx")
+    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["calib"] if setup != "missing" else [])

@@ -438,3 +438,17 @@ def test_module_imports_with_torch_unavailable():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "(3, 8, 8)"
+
+
+@pytest.mark.parametrize("size, crop_pct", [(224, 0.875), (28, 0.875), (240, 1.0)])
+def test_real_shipped_images_match_the_recipe_for_official_and_embedded_settings(size, crop_pct):
+    """The shipped held-out PNGs (real scans), upscaled to 240/224 like an official variant's
+    input and downscaled to 28: same values as the torch recipe."""
+    from crossvit.runtime.images import list_images, shipped_images
+
+    files = list_images(shipped_images()).files[::60]
+    p = make((3, size, size), crop_pct, "bicubic")
+    for f in files:
+        ours = p(f)
+        ref = torch_reference(Image.open(f), size, crop_pct, "bicubic").numpy()
+        assert np.abs(ours - ref).max() <= 1e-6, f
