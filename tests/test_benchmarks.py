@@ -21,3 +21,15 @@ def test_latency_benchmark_writes_results_with_ratios(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == len(data["rows"])
     assert "vs torch" in proc.stdout
+
+
+def test_gpu_acceptance_says_plainly_when_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a CUDA device is present: run the script itself")
+    proc = subprocess.run([sys.executable, "-m", "crossvit.benchmarks.gpu_acceptance"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
