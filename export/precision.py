@@ -47,8 +47,8 @@ CALIBRATION_METHODS = {"int8": "entropy", "fp8": "max"}
 MODELOPT_VERSION = "0.47.0"
 # Not `nvidia-modelopt[onnx]`: that extra pins onnx~=1.21, onnxruntime-gpu and cupy-cuda12x.
 # These four are what `modelopt.onnx.autocast` and `modelopt.onnx.quantization` import.
-MODELOPT_INSTALL = ("pip install nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 "
-                    "polygraphy==0.53.6 lief==1.0.0")
+MODELOPT_INSTALL = ("pip install 'crossvit[quant]' (nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 "
+                    "onnxslim==0.1.98 polygraphy==0.53.6 lief==1.0.0)")
 PROTOBUF_LIMIT = 2 * 1024**3
 
 Progress = Callable[[str], None]
