@@ -16,7 +16,7 @@ from pathlib import Path
 from crossvit import __version__
 from crossvit.errors import ConfigError, CrossViTError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int8-cpu")
 
 
 def _say(msg: str) -> None:
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (18..23, default 20)")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range (default 1:64)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32, or a variant for TensorRT's strongly typed networks (needs ModelOpt)")
+                   help="fp32; fp16/bf16/int8/fp8 for TensorRT's strongly typed networks (needs "
+                        "ModelOpt); int8-cpu for fast ONNX Runtime on CPUs")
     p.add_argument("--calibration", type=Path, metavar="DIR",
                    help="folder of calibration images for int8/fp8 (default: the shipped images "
                         "for the embedded model)")
@@ -277,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
     _add_model_source(p)
     p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
-    p.add_argument("--variants", default=None, metavar="fp16,bf16,int8,fp8",
-                   help="precision variants to build (default: all four)")
+    p.add_argument("--variants", default=None, metavar="fp16,bf16,int8,fp8,int8-cpu",
+                   help="precision variants to build (default: all five)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")
     p.add_argument("--images", type=Path, metavar="DIR", help="real images for the parity gate")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")

@@ -27,7 +27,7 @@ from crossvit.runtime.timing import Latency, measure
 from .onnx import BatchRange, export_onnx
 from .parity import check_parity
 
-VARIANTS = ("fp16", "bf16", "int8", "fp8")
+VARIANTS = ("fp16", "bf16", "int8", "fp8", "int8-cpu")  # the first four for TensorRT
 
 
 @dataclass
@@ -52,13 +52,13 @@ class DeployResult:
     seconds: float = 0.0
 
     def table(self) -> str:
-        head = (f"{'artifact':<28} {'backend':<12} {'prec':<5} {'size MB':>8} {'parity':<8} {'acc %':>6} "
+        head = (f"{'artifact':<30} {'backend':<12} {'prec':<8} {'size MB':>8} {'parity':<8} {'acc %':>6} "
                 f"{'p50 ms':>8} {'p99 ms':>8} {'vs torch':>8}  note")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lat = r.latency or {}
             fmt = lambda v, f: format(v, f) if v is not None else "-"
-            lines.append(f"{r.artifact:<28} {r.backend:<12} {r.precision:<5} {fmt(r.size_mb, '8.2f'):>8} "
+            lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
                          f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
                          f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {fmt(r.speedup, '7.2f') + 'x' if r.speedup else '-':>8}"
                          f"  {r.note}")
@@ -159,7 +159,9 @@ def deploy(loaded: LoadedModel, out_dir: str | Path, *, variants: tuple[str, ...
                                            max_seconds=bench_seconds)
                 row.latency = lat.to_dict()
                 row.speedup = torch_lat.p50_ms / lat.p50_ms
-                if report.precision != "fp32":
+                if report.precision == "int8-cpu":
+                    row.note = "ONNX Runtime dynamic int8 for CPUs; not for TensorRT"
+                elif report.precision != "fp32":
                     row.note = "TensorRT-oriented graph; CPU speed is not its purpose"
             except CrossViTError as e:
                 row.note = str(e)

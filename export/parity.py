@@ -56,6 +56,7 @@ THRESHOLDS = {
     "bf16": Thresholds(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",)),
     "int8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
     "fp8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
+    "int8-cpu": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
 }
 
 

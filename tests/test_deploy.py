@@ -20,8 +20,8 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["artifact"]: r for r in summary["rows"]}
     assert set(rows) == {"crossvit_digits.safetensors", *(f"crossvit_digits.{p}.onnx"
-                                                          for p in ("fp32", "fp16", "bf16", "int8", "fp8"))}
-    for p in ("fp32", "fp16", "int8", "fp8"):
+                                                          for p in ("fp32", "fp16", "bf16", "int8", "fp8", "int8-cpu"))}
+    for p in ("fp32", "fp16", "int8", "fp8", "int8-cpu"):
         row = rows[f"crossvit_digits.{p}.onnx"]
         assert row["parity"] == "pass", (p, row)
         assert row["accuracy"] >= 97.0

@@ -173,6 +173,26 @@ def test_quantized_variant_has_qdq_and_passes_the_gate_on_real_images(variants, 
     assert acc_ref - acc_got <= t.accuracy_drop
 
 
+def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calibration(fp32_onnx, probe, tmp_path,
+                                                                                      monkeypatch):
+    import onnx
+
+    for name in [n for n in sys.modules if n == "modelopt" or n.startswith("modelopt.")] + ["modelopt"]:
+        monkeypatch.setitem(sys.modules, name, None)  # needs no ModelOpt
+    path = convert_precision(fp32_onnx, tmp_path / "digits.int8-cpu.onnx", "int8-cpu", None)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops and "QuantizeLinear" not in ops
+    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(path)).graph.node)
+    x, ref, labels = probe
+    got = _run_ort(path, x)
+    err = _errors(ref, got)
+    print("int8-cpu vs fp32 (onnxruntime CPU, real images):", err)
+    t = THRESHOLDS["int8-cpu"]
+    assert err["top1"] >= t.top1_agreement and _accuracy(ref, labels) - _accuracy(got, labels) <= t.accuracy_drop
+    meta = json.loads(_metadata(path)["crossvit"])
+    assert meta["precision"] == "int8-cpu" and meta["precision_tool"]["target"] == "onnxruntime-cpu"
+
+
 def test_variants_are_self_contained_and_pass_full_check(variants, fp32_onnx):
     import onnx
 
