@@ -6,7 +6,8 @@
 Backends measured (what this machine has): PyTorch eager fp32 (the baseline every ratio is
 against), ONNX Runtime with a default `InferenceSession` (no options), and our tuned
 `OnnxRuntimeSession` (all optimizations, threads fitted to the machine, cached optimized
-graph); with CUDA: PyTorch fp16/bf16 eager, torch.compile, and CUDA graphs. Prints a table
+graph), and the same tuned session on the int8-cpu variant (ONNX Runtime dynamic
+quantization); with CUDA: PyTorch fp16/bf16 eager, torch.compile, and CUDA graphs. Prints a table
 and writes results.json and results.csv (machine description, backend, precision, batch,
 p50/p90/p99, throughput, ratio to the baseline).
 """
@@ -26,6 +27,7 @@ import torch
 
 from crossvit.export.deploy import machine_description
 from crossvit.export.onnx import BatchRange, export_onnx
+from crossvit.export.precision import convert_precision
 from crossvit.model import DEFAULT_MODEL, load_model
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.session import OnnxRuntimeSession
@@ -73,6 +75,8 @@ def run(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="crossvit-bench-"))
     onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, max(max(batches), 2))).path
     info = read_artifact(onnx_path)
+    int8_path = convert_precision(onnx_path, tmp / "model.int8-cpu.onnx", "int8-cpu", None)
+    int8_info = read_artifact(int8_path)
     rows = []
     for b in batches:
         x = np.random.default_rng(0).standard_normal((b, *model.input_shape), dtype=np.float32)
@@ -86,6 +90,8 @@ def run(args) -> list[dict]:
         del plain
         with OnnxRuntimeSession(info, device="cpu", cache_dir=tmp / "cache") as s:
             results.append(("onnxruntime tuned", "fp32", measure(lambda: s.infer(x), batch=b, runs=args.runs)))
+        with OnnxRuntimeSession(int8_info, device="cpu", cache_dir=tmp / "cache") as s:
+            results.append(("onnxruntime tuned", "int8-cpu", measure(lambda: s.infer(x), batch=b, runs=args.runs)))
         results += torch_cuda_variants(model, x, args.runs)
         base = results[0][2].p50_ms
         for backend, precision, lat in results:
@@ -95,10 +101,10 @@ def run(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'backend':<22} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+    lines = [f"{'backend':<22} {'prec':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
              f"{'img/s':>9} {'vs torch':>9}"]
     for r in rows:
-        lines.append(f"{r['backend']:<22} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
+        lines.append(f"{r['backend']:<22} {r['precision']:<8} {r['batch']:>5} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
                      f"{r['p99_ms']:9.3f} {r['throughput_ips']:9.1f} {r['ratio_vs_torch_cpu']:8.2f}x")
     return "\n".join(lines)
 

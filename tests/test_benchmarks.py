@@ -14,6 +14,7 @@ def test_latency_benchmark_writes_results_with_ratios(tmp_path):
     backends = {(r["backend"], r["batch"]) for r in data["rows"]}
     for b in (1, 2):
         assert {("torch eager (cpu)", b), ("onnxruntime default", b), ("onnxruntime tuned", b)} <= backends
+    assert {r["precision"] for r in data["rows"] if r["backend"] == "onnxruntime tuned"} == {"fp32", "int8-cpu"}
     base = [r for r in data["rows"] if r["backend"] == "torch eager (cpu)"]
     assert all(r["ratio_vs_torch_cpu"] == 1.0 for r in base)
     assert all(r["p50_ms"] <= r["p99_ms"] and r["runs"] == 5 for r in data["rows"])
