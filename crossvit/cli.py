@@ -145,7 +145,21 @@ def cmd_check(args) -> int:
     from crossvit.runtime.artifact import read_artifact
 
     info = read_artifact(args.artifact)
+    if args.reference is None and args.model is None:
+        # The artifact names its model; only a model whose weights ship with the package can be
+        # rebuilt without its checkpoint.
+        from crossvit.model import get_spec, list_models
+
+        name = info.model.get("name")
+        if name not in list_models() or get_spec(name).weights is None:
+            raise ConfigError(f"{args.artifact.name} was exported from "
+                              f"{(info.raw.get('source') or {}).get('name') or name or 'a checkpoint'}: "
+                              "give that checkpoint with --reference CHECKPOINT")
+        args.model = name
     reference = load_model(args.reference, name=args.model, config=args.config)
+    source_sha = (info.raw.get("source") or {}).get("sha256")
+    if source_sha and reference.sha256 and source_sha != reference.sha256:
+        _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was exported from")
     thresholds = THRESHOLDS[info.precision].tightened(
         max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
     report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
@@ -293,10 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if getattr(args, "command", None) == "check" and args.reference is None and args.model is None:
-        from crossvit.model import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
     try:
         return args.func(args) or 0
     except CrossViTError as e:

@@ -128,3 +128,15 @@ def test_check_cli_bad_input(small_artifacts, tmp_path, args, words):
         extra += ["--reference", str(ckpt)]
     proc = check(onnx_path, *extra)
     assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpoint(small_artifacts, tmp_path):
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    digits = export_onnx(load_model(name="crossvit_digits"), tmp_path / "d.onnx", batch=BatchRange(1, 8)).path
+    ok = check(digits, "--batch-sizes", "2")
+    assert ok.returncode == 0 and "verdict: PASS" in ok.stdout
+    ckpt, onnx_path = small_artifacts
+    ask = check(onnx_path)
+    assert ask.returncode == 1 and "give that checkpoint with --reference" in ask.stderr and "small.safetensors" in ask.stderr
