@@ -174,12 +174,18 @@ class Session:
 
 # -- ONNX Runtime ------------------------------------------------------------------------
 
-def physical_cores() -> int:
-    """Cores to use for intra-op threads: those this process may run on."""
+def intra_op_threads() -> int | None:
+    """Threads for ONNX Runtime's intra-op pool, or None for its default.
+
+    ORT's default is one thread per physical core of the machine. A process restricted to
+    fewer CPUs (taskset, a container's cpuset) would then oversubscribe them: use the CPUs it
+    may run on instead.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
 
 
 def _ort():
@@ -204,7 +210,8 @@ class OnnxRuntimeSession(Session):
       sha256, the ORT version and the providers) so the next start skips them; the cached
       graph has ORT-only fused ops and lives in the cache folder, never beside the artifact
       (it must never reach TensorRT);
-    - intra-op threads = the cores this process may use, one inter-op thread;
+    - intra-op threads fitted to the CPUs this process may use (`intra_op_threads`), one
+      inter-op thread, sequential execution (a CrossViT graph is one chain);
     - inputs handed over as contiguous float32 without copies.
     """
 
@@ -219,7 +226,9 @@ class OnnxRuntimeSession(Session):
         so.log_severity_level = 3
         if tuned:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = threads or physical_cores()
+            threads = threads or intra_op_threads()
+            if threads:
+                so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         model_path = str(info.path)

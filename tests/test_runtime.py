@@ -202,3 +202,15 @@ def test_predict_cli_prints_table_json_and_exits_1_on_a_bad_file(small_artifacts
     proc = subprocess.run(cmd + [str(p) for p in images], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3 and "%" in proc.stdout
+
+
+def test_ort_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    from crossvit.runtime.session import intra_op_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert intra_op_threads() == 2  # restricted (taskset/cpuset): do not oversubscribe
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert intra_op_threads() is None  # whole machine: ORT's default, one per physical core
