@@ -29,31 +29,70 @@ class Latency:
         return {**asdict(self), "throughput_ips": self.throughput}
 
 
-def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, runs: int = 50,
-            min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
-            sync: Callable[[], None] | None = None) -> Latency:
-    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs before each clock read.
+def _latency(batch: int, times_ms: np.ndarray) -> Latency:
+    return Latency(batch=batch, runs=len(times_ms), p50_ms=float(np.percentile(times_ms, 50)),
+                   p90_ms=float(np.percentile(times_ms, 90)), p99_ms=float(np.percentile(times_ms, 99)),
+                   mean_ms=float(times_ms.mean()))
 
-    Runs `runs` times (and for at least `min_seconds`), unless `max_seconds` runs out first,
-    after `min_runs` at least; the result says how many runs it is made of.
-    """
+
+def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_seconds: float = 0.5,
+           min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
+           sync: Callable[[], None] | None = None) -> list[float]:
+    """Warm up, then the per-call times in milliseconds."""
     sync = sync or (lambda: None)
+    if max_seconds is not None:
+        warmup_seconds = min(warmup_seconds, max_seconds / 4)
     t0 = time.perf_counter()
-    for i in range(warmup):
+    done = 0
+    while done < warmup or time.perf_counter() - t0 < warmup_seconds:
         fn()
-        if max_seconds is not None and i >= 1 and time.perf_counter() - t0 > max_seconds / 4:
+        done += 1
+        if max_seconds is not None and done >= 2 and time.perf_counter() - t0 > max_seconds / 4:
             break  # slow calls: a couple of warm-up runs are enough
     sync()
     times = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
-        if max_seconds is not None and len(times) >= min_runs and time.perf_counter() - start > max_seconds:
+        if max_seconds is not None and len(times) >= min(min_runs, runs) and time.perf_counter() - start > max_seconds:
             break
         t0 = time.perf_counter()
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1000.0)
-    a = np.asarray(times)
-    return Latency(batch=batch, runs=len(a), p50_ms=float(np.percentile(a, 50)),
-                   p90_ms=float(np.percentile(a, 90)), p99_ms=float(np.percentile(a, 99)),
-                   mean_ms=float(a.mean()))
+    return times
+
+
+def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_seconds: float = 0.5,
+            runs: int = 50, min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
+            sync: Callable[[], None] | None = None) -> Latency:
+    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs before each clock read.
+
+    Warms up for `warmup` calls and at least `warmup_seconds` (thread pools, allocator arenas
+    and clock frequency settle; a few milliseconds of warm-up made whichever backend ran
+    first look up to 2x slower here). Then runs `runs` times (and for at least
+    `min_seconds`), unless `max_seconds` runs out first, after `min_runs` at least; the
+    result says how many runs it is made of.
+    """
+    times = _timed(fn, runs=runs, warmup=warmup, warmup_seconds=warmup_seconds, min_seconds=min_seconds,
+                      max_seconds=max_seconds, min_runs=min_runs, sync=sync)
+    return _latency(batch, np.asarray(times))
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, runs: int = 30, rounds: int = 3,
+                        max_seconds: float | None = None, sync: Callable[[], None] | None = None
+                        ) -> dict[str, Latency]:
+    """Time several backends in turns (A B C, A B C, ...) and pool each one's runs.
+
+    On a shared machine the clock speed and the other tenants drift during a measurement, and
+    whichever backend runs right after another (e.g. after torch's OpenMP pool) pays for it;
+    turns spread that over all of them. `max_seconds` bounds each backend's total time.
+    """
+    per_round = max(1, runs // rounds)
+    budget = None if max_seconds is None else max_seconds / rounds
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):  # the first round warms up longer
+        for name, fn in fns.items():
+            times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else 0.1,
+                                max_seconds=budget, sync=sync)
+            samples[name].extend(times)
+    return {name: _latency(batch, np.asarray(t)) for name, t in samples.items()}

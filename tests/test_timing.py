@@ -23,3 +23,16 @@ def test_sync_runs_before_each_clock_read():
     calls = []
     measure(lambda: None, batch=1, warmup=1, runs=5, sync=lambda: calls.append(1))
     assert len(calls) == 6  # after warm-up, then after each timed run
+
+
+def test_interleaved_measurement_pools_every_round_per_backend():
+    from crossvit.runtime.timing import measure_interleaved
+
+    order = []
+    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.002))}
+    lat = measure_interleaved(fns, batch=2, runs=12, rounds=3)
+    assert lat["fast"].runs == lat["slow"].runs == 12
+    assert lat["slow"].p50_ms > lat["fast"].p50_ms
+    # turns: the backends alternate, not one after the other
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches >= 5
