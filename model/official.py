@@ -33,7 +33,7 @@ from torch import nn
 
 from crossvit.errors import ConfigError
 
-from .spec import ModelSpec, Preprocessing
+from .spec import ModelSpec, Preprocessing, dataclass_from_dict
 
 LAYER_NORM_EPS = 1e-6  # timm's CrossVit uses partial(nn.LayerNorm, eps=1e-6) everywhere
 NUM_BRANCHES = 2  # timm's forward hard-codes cls_token_0/1 and pos_embed_0/1
@@ -160,11 +160,7 @@ class OfficialConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "OfficialConfig":
         """Build from a plain dict (a checkpoint's or a user's JSON), naming unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown official CrossViT config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "official CrossViT config")
 
     def to_dict(self) -> dict:
         """JSON-ready: tuples become lists."""

@@ -27,6 +27,8 @@ from torch import nn
 
 from crossvit.errors import ConfigError
 
+from .spec import dataclass_from_dict
+
 
 @dataclass(frozen=True)
 class SeedConfig:
@@ -86,14 +88,7 @@ class SeedConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "SeedConfig":
         """Build from a plain dict (a checkpoint's or a user's JSON), naming unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown seed CrossViT config keys: {', '.join(unknown)}")
-        try:
-            return cls(**values)
-        except TypeError as e:  # a missing required field
-            raise ConfigError(f"incomplete seed CrossViT config: {e}") from None
+        return dataclass_from_dict(cls, values, "seed CrossViT config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

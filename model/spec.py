@@ -16,6 +16,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
+def dataclass_from_dict(cls, values: dict, what: str):
+    """`cls(**values)` for a config from JSON, naming unknown keys and missing ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a missing required field
+        raise ConfigError(f"incomplete {what}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """The eval transform: resize the shorter side to size/crop_pct, centre-crop, normalize.
@@ -50,14 +64,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown preprocessing keys: {', '.join(unknown)}")
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"incomplete preprocessing: {e}") from None
+        return dataclass_from_dict(cls, values, "preprocessing")
 
 
 @dataclass(frozen=True)
