@@ -184,3 +184,15 @@ def test_int8_export_refuses_missing_empty_or_tiny_calibration_sets(tmp_path, se
                    "-o", tmp_path / "q.onnx")
     assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == (["calib"] if setup != "missing" else [])
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_every_advertised_opset_exports_and_runs(seed_checkpoint, tmp_path, opset):
+    loaded = load_checkpoint(seed_checkpoint)
+    path = export_onnx(loaded, tmp_path / f"o{opset}.onnx", batch=BatchRange(1, 4), opset=opset).path
+    assert onnx.load(str(path)).opset_import[0].version == opset
+    x = np.random.default_rng().standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with OnnxRuntimeSession(read_artifact(path), device="cpu", cache_dir=False) as s:
+        out = s.infer(x)
+    with torch.no_grad():
+        assert np.abs(out - loaded.model(torch.from_numpy(x)).numpy()).max() <= 1e-4
