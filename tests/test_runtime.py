@@ -214,3 +214,40 @@ def test_ort_threads_follow_the_cpus_this_process_may_use(monkeypatch):
     assert intra_op_threads() == 2  # restricted (taskset/cpuset): do not oversubscribe
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert intra_op_threads() is None  # whole machine: ORT's default, one per physical core
+
+
+class FakeOrt:
+    def __init__(self, providers):
+        self._providers = providers
+
+    def get_available_providers(self):
+        return list(self._providers)
+
+
+@pytest.mark.parametrize("available, device, expected", [
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt",
+     ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "auto",
+     ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
+    (["CPUExecutionProvider"], "auto", ["CPUExecutionProvider"]),
+])
+def test_execution_provider_choice(available, device, expected):
+    """The GPU provider logic, checked on CPU with the providers a GPU build would list."""
+    assert OnnxRuntimeSession._providers(FakeOrt(available), device) == expected
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(BackendUnavailable, match="unknown device"):
+        OnnxRuntimeSession._providers(FakeOrt(["CPUExecutionProvider"]), "tpu")
+
+
+def test_torch_backend_on_cuda_without_a_gpu_says_so(small_artifacts):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        open_session(small_artifacts[0], device="cuda")
