@@ -67,3 +67,15 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
     assert [r.precision for r in result.rows] == ["fp32", "fp32"]
     # the shipped digits labels are not this model's classes: agreement only, no accuracy
     assert result.rows[1].parity == "pass" and result.rows[1].accuracy is None
+
+
+def test_tensorrt_skip_reasons(monkeypatch):
+    import torch
+
+    from crossvit.export.deploy import _tensorrt_status
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in _tensorrt_status()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    assert "TensorRT is not installed" in _tensorrt_status()
