@@ -9,7 +9,8 @@ against), ONNX Runtime with a default `InferenceSession` (no options), and our t
 graph), and the same tuned session on the int8-cpu variant (ONNX Runtime dynamic
 quantization); with CUDA: PyTorch fp16/bf16 eager, torch.compile, and CUDA graphs. Prints a table
 and writes results.json and results.csv (machine description, backend, precision, batch,
-p50/p90/p99, throughput, ratio to the baseline).
+p50/p90/p99, throughput, ratio to the baseline). The CPU backends are timed in three
+interleaved turns (`measure_interleaved`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from crossvit.export.precision import convert_precision
 from crossvit.model import DEFAULT_MODEL, load_model
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.session import OnnxRuntimeSession
-from crossvit.runtime.timing import measure
+from crossvit.runtime.timing import measure, measure_interleaved
 
 
 def torch_cuda_variants(model, x, runs):
@@ -81,17 +82,17 @@ def run(args) -> list[dict]:
     for b in batches:
         x = np.random.default_rng(0).standard_normal((b, *model.input_shape), dtype=np.float32)
         xt = torch.from_numpy(x)
-        results = []
-        with torch.inference_mode():
-            results.append(("torch eager (cpu)", "fp32", measure(lambda: model(xt), batch=b, runs=args.runs)))
         plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        results.append(("onnxruntime default", "fp32",
-                        measure(lambda: plain.run(None, {"input": x}), batch=b, runs=args.runs)))
-        del plain
-        with OnnxRuntimeSession(info, device="cpu", cache_dir=tmp / "cache") as s:
-            results.append(("onnxruntime tuned", "fp32", measure(lambda: s.infer(x), batch=b, runs=args.runs)))
-        with OnnxRuntimeSession(int8_info, device="cpu", cache_dir=tmp / "cache") as s:
-            results.append(("onnxruntime tuned", "int8-cpu", measure(lambda: s.infer(x), batch=b, runs=args.runs)))
+        with OnnxRuntimeSession(info, device="cpu", cache_dir=tmp / "cache") as tuned, \
+                OnnxRuntimeSession(int8_info, device="cpu", cache_dir=tmp / "cache") as int8, torch.inference_mode():
+            # in turns, so drift on a shared machine is shared by all backends
+            lat = measure_interleaved({
+                ("torch eager (cpu)", "fp32"): lambda: model(xt),
+                ("onnxruntime default", "fp32"): lambda: plain.run(None, {"input": x}),
+                ("onnxruntime tuned", "fp32"): lambda: tuned.infer(x),
+                ("onnxruntime tuned", "int8-cpu"): lambda: int8.infer(x),
+            }, batch=b, runs=args.runs)
+        results = [(backend, precision, l) for (backend, precision), l in lat.items()]
         results += torch_cuda_variants(model, x, args.runs)
         base = results[0][2].p50_ms
         for backend, precision, lat in results:

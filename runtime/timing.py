@@ -87,7 +87,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, run
     whichever backend runs right after another (e.g. after torch's OpenMP pool) pays for it;
     turns spread that over all of them. `max_seconds` bounds each backend's total time.
     """
-    per_round = max(1, runs // rounds)
+    per_round = max(1, -(-runs // rounds))  # at least `runs` in all
     budget = None if max_seconds is None else max_seconds / rounds
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):  # the first round warms up longer

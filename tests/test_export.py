@@ -1,10 +1,7 @@
 """`crossvit export`: dynamic batch, metadata inside, checked, atomic; bad input refused."""
 
-import json
 import subprocess
 import sys
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
