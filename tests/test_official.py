@@ -190,3 +190,28 @@ def test_list_models_has_every_named_variant_with_timm_preprocessing():
 def test_imagenet_labels_ship_with_the_package():
     names = resolve_labels("imagenet-1k", 1000)
     assert names[0] == "tench" and names[999] == "toilet tissue"
+
+
+def test_named_model_loads_a_timm_style_checkpoint_by_name_and_through_the_cli(tmp_path):
+    """`create_model(name, checkpoint=PATH)` and `crossvit convert --model NAME` with a nested,
+    IBM-named .pth of a real-size named variant (random weights stand in for released ones)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    ref = create_model("crossvit_tiny_240").eval()
+    sd = {k.replace("pos_embed_", "pos_embed.").replace("cls_token_", "cls_token."): v
+          for k, v in ref.state_dict().items()}
+    assert "pos_embed.0" in sd
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 299}, tmp_path / "ibm.pth")
+    ours = create_model("crossvit_tiny_240", checkpoint=tmp_path / "ibm.pth")
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    proc = subprocess.run([sys.executable, "-m", "crossvit", "convert", str(tmp_path / "ibm.pth"), "--model",
+                           "crossvit_tiny_240", "-o", str(tmp_path / "tiny.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = load_checkpoint(tmp_path / "tiny.safetensors")
+    assert loaded.info.name == "crossvit_tiny_240" and len(loaded.info.labels) == 1000
+    assert loaded.info.preprocessing["input_size"] == [3, 240, 240]
