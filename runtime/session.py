@@ -207,7 +207,7 @@ class OnnxRuntimeSession(Session):
     """ONNX Runtime with the settings that make it fast here.
 
     - all graph optimizations, and the optimized graph cached on disk (keyed by the file's
-      sha256, the ORT version and the providers) so the next start skips them; the cached
+      path, size and mtime, the ORT version and the provider) so the next start skips them; the cached
       graph has ORT-only fused ops and lives in the cache folder, never beside the artifact
       (it must never reach TensorRT);
     - intra-op threads fitted to the CPUs this process may use (`intra_op_threads`), one
@@ -218,22 +218,21 @@ class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, info: ArtifactInfo, device: str = "auto", *, threads: int | None = None,
-                 cache_dir: str | Path | None = None, tuned: bool = True):
+                 cache_dir: str | Path | None = None):
         super().__init__(info)
         ort = _ort()
         providers = self._providers(ort, device)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if tuned:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            threads = threads or intra_op_threads()
-            if threads:
-                so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = threads or intra_op_threads()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         model_path = str(info.path)
         self._cache_target = None
-        if tuned and cache_dir is not False and providers == ["CPUExecutionProvider"]:
+        if cache_dir is not False and providers == ["CPUExecutionProvider"]:
             cached = self._cached_path(Path(cache_dir) if cache_dir else default_cache_dir(), ort)
             if cached is not None and cached.is_file():
                 model_path = str(cached)
@@ -278,14 +277,20 @@ class OnnxRuntimeSession(Session):
         return chosen + ["CPUExecutionProvider"]
 
     def _cached_path(self, cache_dir: Path, ort) -> Path | None:
+        """Where the optimized graph of this file is cached; None when it is not cached.
+
+        Keyed by the file's path, size and modification time (cheap: hashing a large model on
+        every open would cost more than the cache saves), the ORT version and the provider.
+        Files near protobuf's 2 GB limit are not cached: ORT cannot save them as one file.
+        """
         try:
-            h = hashlib.sha256()
-            with open(self.info.path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            st = self.info.path.stat()
         except OSError:
             return None
-        return cache_dir / "ort" / f"{h.hexdigest()[:24]}-ort{ort.__version__}-cpu.onnx"
+        if st.st_size > 1 << 30:
+            return None
+        key = f"{self.info.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+        return cache_dir / "ort" / f"{hashlib.sha256(key).hexdigest()[:24]}-ort{ort.__version__}-cpu.onnx"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._sess.run(self._output_names, {self._input_name: x})[0]
