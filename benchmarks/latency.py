@@ -5,34 +5,81 @@
 
 Backends measured (what this machine has): PyTorch eager fp32 (the baseline every ratio is
 against), ONNX Runtime with a default `InferenceSession` (no options), and our tuned
-`OnnxRuntimeSession` (all optimizations, threads fitted to the machine, cached optimized
-graph), and the same tuned session on the int8-cpu variant (ONNX Runtime dynamic
-quantization); with CUDA: PyTorch fp16/bf16 eager, torch.compile, and CUDA graphs. Prints a table
-and writes results.json and results.csv (machine description, backend, precision, batch,
-p50/p90/p99, throughput, ratio to the baseline). The CPU backends are timed in three
-interleaved turns (`measure_interleaved`).
+`OnnxRuntimeSession` (all optimizations, threads fitted to the machine), and the same tuned
+session on the int8-cpu variant (ONNX Runtime dynamic quantization); with CUDA: PyTorch
+fp16/bf16 eager, torch.compile, and CUDA graphs. Prints a table and writes results.json and
+results.csv (machine description, backend, precision, batch, p50/p90/p99, throughput, ratio to
+the baseline). The CPU backends are timed in three interleaved turns (`time_cpu_backends`,
+which `crossvit deploy` uses too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import platform
 import sys
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from crossvit.export.deploy import machine_description
+from crossvit.contract import first_line, temporary_folder, to_json
+from crossvit.errors import CrossViTError
 from crossvit.export.onnx import BatchRange, export_onnx
 from crossvit.export.precision import convert_precision
 from crossvit.model import DEFAULT_MODEL, load_model
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.session import OnnxRuntimeSession
-from crossvit.runtime.timing import measure, measure_interleaved
+from crossvit.runtime.timing import Latency, measure, measure_interleaved
+
+BASELINE = "torch eager (cpu)"
+
+
+def machine_description() -> dict:
+    """What every result carries: the machine and the library versions it was measured with."""
+    import onnxruntime
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def time_cpu_backends(model: torch.nn.Module, artifacts: dict[str, Path], *, batch: int, runs: int = 30,
+                      max_seconds: float | None = None, extra: dict[str, Callable[[np.ndarray], object]] | None = None
+                      ) -> tuple[dict[str, Latency], dict[str, str]]:
+    """PyTorch eager fp32 (key BASELINE) and each artifact in ONNX Runtime on the CPU, timed in
+    interleaved turns on one random batch (`measure_interleaved`).
+
+    Returns (latencies by key, reasons by key for artifacts ONNX Runtime could not open).
+    `extra` adds more backends as functions of the input batch.
+    """
+    x = np.random.default_rng(0).standard_normal((batch, *model.input_shape), dtype=np.float32)
+    xt = torch.from_numpy(x)
+    model = model.eval()
+    fns: dict[str, Callable[[], object]] = {BASELINE: lambda: model(xt)}
+    for key, fn in (extra or {}).items():
+        fns[key] = (lambda f: lambda: f(x))(fn)
+    failed: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        for key, path in artifacts.items():
+            try:
+                session = stack.enter_context(OnnxRuntimeSession(read_artifact(path), device="cpu"))
+                session.infer(x)  # a graph ORT loads but cannot run (bf16 on CPU) fails here
+            except CrossViTError as e:
+                failed[key] = str(e)
+                continue
+            except Exception as e:
+                failed[key] = f"ONNX Runtime (CPU) cannot run it: {first_line(e)}"
+                continue
+            fns[key] = (lambda s: lambda: s.infer(x))(session)
+        return measure_interleaved(fns, batch=batch, runs=runs, max_seconds=max_seconds), failed
 
 
 def torch_cuda_variants(model, x, runs):
@@ -73,31 +120,24 @@ def run(args) -> list[dict]:
     loaded = load_model(args.checkpoint, name=args.model)
     model = loaded.model.eval()
     batches = [int(b) for b in args.batch.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="crossvit-bench-"))
-    onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, max(max(batches), 2))).path
-    info = read_artifact(onnx_path)
-    int8_path = convert_precision(onnx_path, tmp / "model.int8-cpu.onnx", "int8-cpu", None)
-    int8_info = read_artifact(int8_path)
     rows = []
-    for b in batches:
-        x = np.random.default_rng(0).standard_normal((b, *model.input_shape), dtype=np.float32)
-        xt = torch.from_numpy(x)
+    with temporary_folder() as tmp:
+        onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, max(max(batches), 2))).path
+        int8_path = convert_precision(onnx_path, tmp / "model.int8-cpu.onnx", "int8-cpu", None)
         plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        with OnnxRuntimeSession(info, device="cpu", cache_dir=tmp / "cache") as tuned, \
-                OnnxRuntimeSession(int8_info, device="cpu", cache_dir=tmp / "cache") as int8, torch.inference_mode():
-            # in turns, so drift on a shared machine is shared by all backends
-            lat = measure_interleaved({
-                ("torch eager (cpu)", "fp32"): lambda: model(xt),
-                ("onnxruntime default", "fp32"): lambda: plain.run(None, {"input": x}),
-                ("onnxruntime tuned", "fp32"): lambda: tuned.infer(x),
-                ("onnxruntime tuned", "int8-cpu"): lambda: int8.infer(x),
-            }, batch=b, runs=args.runs)
-        results = [(backend, precision, l) for (backend, precision), l in lat.items()]
-        results += torch_cuda_variants(model, x, args.runs)
-        base = results[0][2].p50_ms
-        for backend, precision, lat in results:
-            rows.append({"model": loaded.info.name, "backend": backend, "precision": precision, **lat.to_dict(),
-                         "ratio_vs_torch_cpu": base / lat.p50_ms})
+        artifacts = {("onnxruntime tuned", "fp32"): onnx_path, ("onnxruntime tuned", "int8-cpu"): int8_path}
+        for b in batches:
+            lat, failed = time_cpu_backends(
+                model, artifacts, batch=b, runs=args.runs,
+                extra={("onnxruntime default", "fp32"): lambda x: plain.run(None, {"input": x})})
+            results = [(BASELINE, "fp32", lat.pop(BASELINE))]
+            results += [(backend, precision, l) for (backend, precision), l in lat.items()]
+            x = np.random.default_rng(0).standard_normal((b, *model.input_shape), dtype=np.float32)
+            results += torch_cuda_variants(model, x, args.runs)
+            base = results[0][2].p50_ms
+            for backend, precision, l in results:
+                rows.append({"model": loaded.info.name, "backend": backend, "precision": precision, **l.to_dict(),
+                             "ratio_vs_torch_cpu": base / l.p50_ms})
     return rows
 
 
@@ -125,8 +165,8 @@ def main(argv=None) -> int:
     print(table(rows))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"machine": machine_description(), "rows": rows},
-                                                          indent=2) + "\n")
+        (args.out / "results.json").write_text(to_json({"machine": machine_description(), "rows": rows},
+                                                       indent=2) + "\n")
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()

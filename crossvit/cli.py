@@ -8,19 +8,51 @@ mapped to an exit code; anything else is an internal error, printed as one line 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from crossvit import __version__
+from crossvit.contract import PRECISION_NAMES, VARIANT_NAMES
 from crossvit.errors import ConfigError, CrossViTError
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int8-cpu")
 
 
 def _say(msg: str) -> None:
-    print(f"  .. {msg}", file=sys.stderr, flush=True)
+    print(f"  .. {printable(msg)}", file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped (\\n, \\x1b, ...), so a label or a file
+    name cannot forge a line of output or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _warn_random(info_random: bool, what: str) -> None:
+    if info_random:
+        from crossvit.model.loader import RANDOM_WEIGHTS_NOTE
+
+        print(f"crossvit: warning: {printable(what)} was exported with {RANDOM_WEIGHTS_NOTE.split(': ', 1)[1]}: "
+              "its predictions mean nothing", file=sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (and exit code 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -34,12 +66,15 @@ def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> No
 
 
 def _load(args):
-    from crossvit.model import DEFAULT_MODEL, load_model
+    from crossvit.model import DEFAULT_MODEL, RANDOM_WEIGHTS_NOTE, load_model
 
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None and args.model is None:
         args.model = DEFAULT_MODEL
-    return load_model(checkpoint, name=args.model, config=args.config)
+    loaded = load_model(checkpoint, name=args.model, config=args.config)
+    if loaded.info.random_weights:
+        print(f"crossvit: warning: {args.model}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr, flush=True)
+    return loaded
 
 
 def _batch_sizes(text: str | None) -> list[int] | None:
@@ -74,6 +109,8 @@ def cmd_models(args) -> int:
 
 def cmd_info(args) -> int:
     path: Path = args.artifact
+    from crossvit.contract import to_json
+
     if path.suffix.lower() in (".onnx", ".plan", ".engine"):
         from crossvit.runtime.artifact import read_artifact
 
@@ -81,23 +118,26 @@ def cmd_info(args) -> int:
         d = {"kind": info.kind, "precision": info.precision, "batch": [info.batch_min, info.batch_max],
              "input": [info.input_name, list(info.input_shape)], "output": info.output_name,
              "classes": info.num_classes, "architecture": info.model.get("architecture"),
-             "name": info.model.get("name"), "preprocessing": info.preprocessing,
-             "source": info.raw.get("source"), "exporter": info.raw.get("exporter")}
+             "name": info.model.get("name"), "random_weights": info.random_weights,
+             "preprocessing": info.preprocessing, "source": info.raw.get("source"),
+             "exporter": info.raw.get("exporter")}
     else:
-        from crossvit.model.checkpoint import load_checkpoint
+        from crossvit.model import load_model
 
-        loaded = load_checkpoint(path, name=args.model, config=args.config)
+        loaded = load_model(path, name=args.model, config=args.config)
         d = loaded.info.to_dict()
         d["labels"] = d["labels"][:10] + (["..."] if len(d["labels"]) > 10 else [])
         d["parameters"] = sum(p.numel() for p in loaded.model.parameters())
         d["sha256"] = loaded.sha256
-    print(json.dumps(d, indent=2))
+    print(to_json(d, indent=2))
     return 0
 
 
 def cmd_convert(args) -> int:
+    from crossvit.contract import check_output_path
     from crossvit.model import save_checkpoint
 
+    check_output_path(args.output, suffix=".safetensors")
     loaded = _load(args)
     out = save_checkpoint(loaded.model, args.output, labels=loaded.info.labels,
                           preprocessing=loaded.info.preprocessing, name=loaded.info.name,
@@ -107,6 +147,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from crossvit.contract import check_output_path, get_precision, temporary_folder
     from crossvit.errors import ExportError
     from crossvit.export.onnx import SUPPORTED_OPSETS, BatchRange, export_onnx
 
@@ -114,37 +155,36 @@ def cmd_export(args) -> int:
     if args.opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {args.opset} is not supported by the exporter (supported: "
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
-    if args.output.suffix != ".onnx":
-        raise ExportError(f"output file must end in .onnx, got {args.output.name}")
-    if args.precision != "fp32" and args.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {args.precision!r}")
+    out: Path = check_output_path(args.output, suffix=".onnx")  # before any work
+    precision = get_precision(args.precision)
     loaded = _load(args)
-    out: Path = args.output
-    if args.precision == "fp32":
+    if precision.name == "fp32":
         result = export_onnx(loaded, out, batch=batch, opset=args.opset, progress=_say)
         print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
         return 0
-    import tempfile
-
     from crossvit.export.calibration import calibration_batch
     from crossvit.export.precision import convert_precision
 
     # Check the calibration set before the (slow) export; the fp32 graph is an intermediate.
     calib = calibration_batch({"model": loaded.info.to_dict()}, args.calibration,
-                              need=args.precision in ("int8", "fp8"))
-    with tempfile.TemporaryDirectory(prefix="crossvit-export-") as tmp:
-        fp32 = export_onnx(loaded, Path(tmp) / out.name, batch=batch, opset=args.opset, progress=_say).path
+                              need=precision.calibration == "required")
+    with temporary_folder() as tmp:
+        fp32 = export_onnx(loaded, tmp / out.name, batch=batch, opset=args.opset, progress=_say).path
         convert_precision(fp32, out, args.precision, calib, progress=_say)
     print(f"wrote {out} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def cmd_check(args) -> int:
-    from crossvit.export.parity import THRESHOLDS, check_parity
+    from crossvit.contract import check_output_path, get_precision
+    from crossvit.export.parity import check_parity
     from crossvit.model import load_model
     from crossvit.runtime.artifact import read_artifact
 
+    if args.json:
+        check_output_path(args.json)
     info = read_artifact(args.artifact)
+    _warn_random(info.random_weights, args.artifact.name)
     if args.reference is None and args.model is None:
         # The artifact names its model; only a model whose weights ship with the package can be
         # rebuilt without its checkpoint.
@@ -160,7 +200,7 @@ def cmd_check(args) -> int:
     source_sha = (info.raw.get("source") or {}).get("sha256")
     if source_sha and reference.sha256 and source_sha != reference.sha256:
         _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was exported from")
-    thresholds = THRESHOLDS[info.precision].tightened(
+    thresholds = get_precision(info.precision).thresholds.tightened(
         max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
     report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
                           thresholds=thresholds, seed=args.seed, progress=_say)
@@ -172,6 +212,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from crossvit.contract import to_json
     from crossvit.errors import InputError
     from crossvit.runtime.images import IMAGE_SUFFIXES
     from crossvit.runtime.session import open_session
@@ -187,8 +228,9 @@ def cmd_predict(args) -> int:
             files.append(item)  # missing or bad files are reported per file, after the rest
     failed = 0
     with open_session(args.artifact, backend=args.backend, device=args.device) as session:
+        _warn_random(session.info.random_weights, args.artifact.name)
         if not args.json:
-            print(f"# {args.artifact.name} on {session.describe()}", file=sys.stderr)
+            print(f"# {printable(args.artifact.name)} on {session.describe()}", file=sys.stderr)
         step = args.batch or min(session.info.batch_max, 32)
         for start in range(0, len(files), step):
             if len(files) > step:
@@ -196,28 +238,31 @@ def cmd_predict(args) -> int:
             for p in session.predict(files[start:start + step], top_k=args.top_k, batch_size=step):
                 failed += not p.ok
                 if args.json:
-                    print(json.dumps(p.to_dict()), flush=True)
+                    print(to_json(p.to_dict()), flush=True)
                 elif p.ok:
-                    tops = "  ".join(f"{l} {pr:6.2%}" for l, pr in zip(p.labels, p.probs))
-                    print(f"{p.source}  {tops}", flush=True)
+                    tops = "  ".join(f"{printable(l)} {pr:6.2%}" for l, pr in zip(p.labels, p.probs))
+                    print(f"{printable(p.source)}  {tops}", flush=True)
                 else:
-                    print(f"{p.source}  ERROR: {p.error}", flush=True)
+                    print(f"{printable(p.source)}  ERROR: {printable(p.error)}", flush=True)
     if failed:
         print(f"crossvit predict: {failed} of {len(files)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
 
 
 def cmd_deploy(args) -> int:
-    from crossvit.export.deploy import VARIANTS, deploy
+    from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
+    from crossvit.pipeline import deploy
 
-    variants = tuple(v for v in (args.variants.split(",") if args.variants else VARIANTS) if v)
-    unknown = [v for v in variants if v not in VARIANTS]
+    variants = tuple(v for v in (args.variants.split(",") if args.variants else VARIANT_NAMES) if v)
+    unknown = [v for v in variants if v not in VARIANT_NAMES]
     if unknown:
-        raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANT_NAMES)}")
+    batch = BatchRange.parse(args.batch)
+    check_output_dir(args.output)
     loaded = _load(args)
     result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
-                    batch=BatchRange.parse(args.batch), progress=_say)
+                    batch=batch, progress=_say)
     print(result.table())
     print(f"wrote {args.output / 'summary.json'} ({result.seconds:.0f} s)")
     failed = [r for r in result.rows if r.parity == "fail"]
@@ -227,14 +272,14 @@ def cmd_deploy(args) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="crossvit",
         description="Deploy CrossViT image classifiers: checkpoint -> verified ONNX -> precision "
                     "variants -> parity report. Without a checkpoint, commands use the embedded "
                     "default model (crossvit_digits).",
         epilog="Set CROSSVIT_DEBUG=1 to see tracebacks of internal errors.")
     parser.add_argument("--version", action="version", version=f"crossvit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the registered model names")
     p.set_defaults(func=cmd_models)
@@ -255,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (18..23, default 20)")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range (default 1:64)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    p.add_argument("--precision", default="fp32", choices=PRECISION_NAMES,
                    help="fp32; fp16/bf16/int8/fp8 for TensorRT's strongly typed networks (needs "
                         "ModelOpt); int8-cpu for fast ONNX Runtime on CPUs")
     p.add_argument("--calibration", type=Path, metavar="DIR",
@@ -282,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files or folders with an artifact")
     p.add_argument("artifact", type=Path, metavar="ARTIFACT", help=".onnx file (or a checkpoint with --backend torch)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch", type=int, default=None, help="images per inference call")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="images per inference call (default: the artifact's largest batch, at most 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -292,13 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
     _add_model_source(p)
     p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
-    p.add_argument("--variants", default=None, metavar="fp16,bf16,int8,fp8,int8-cpu",
-                   help="precision variants to build (default: all five)")
+    p.add_argument("--variants", default=None, metavar=",".join(VARIANT_NAMES),
+                   help="precision variants to build (default: all of them)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")
     p.add_argument("--images", type=Path, metavar="DIR", help="real images for the parity gate")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")
     p.set_defaults(func=cmd_deploy)
     return parser
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM; BaseException so no `except Exception` swallows it."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # SIGTERM (a container stop, `kill`) unwinds like Ctrl-C, so temp files are removed
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args) or 0
     except CrossViTError as e:
-        print(f"crossvit {args.command}: error: {e}", file=sys.stderr)
+        print(f"crossvit {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `crossvit ... | head`
         sys.stderr.close()
@@ -318,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"crossvit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"crossvit {args.command}: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # a bug: still one line unless asked for the traceback
         if os.environ.get("CROSSVIT_DEBUG"):
             raise
-        print(f"crossvit {args.command}: internal error: {type(e).__name__}: {e} "
+        print(f"crossvit {args.command}: internal error: {type(e).__name__}: {printable(str(e))} "
               "(set CROSSVIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 70
 

@@ -40,3 +40,7 @@ class ParityFailure(CrossViTError):
     """An artifact does not compute the same function as its reference within the thresholds."""
 
     exit_code = 2
+
+
+class OutputError(CrossViTError):
+    """An output path that cannot be written: a folder, a read-only or full filesystem."""

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from crossvit.assets import heldout_images
+from crossvit.contract import MAX_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from crossvit.errors import ExportError, InputError
-from crossvit.runtime.images import list_images, shipped_images
-
-MIN_IMAGES = 16  # fewer cannot estimate activation ranges meaningfully
-MAX_IMAGES = 512
+from crossvit.runtime.images import list_images
 
 
 def calibration_batch(metadata: dict, folder: str | Path | None, *, need: bool = True) -> np.ndarray | None:
@@ -29,18 +28,18 @@ def calibration_batch(metadata: dict, folder: str | Path | None, *, need: bool =
                 return None
             raise ExportError("--calibration DIR is required: a folder of real images like the model's "
                               f"inputs (the shipped images only fit the embedded {DEFAULT_MODEL})")
-        folder = shipped_images()
+        folder = heldout_images()
     try:
         images = list_images(folder)
     except InputError as e:
         raise ExportError(f"calibration set: {e}") from None
-    if len(images) < MIN_IMAGES:
-        raise ExportError(f"calibration set {folder} has {len(images)} images; at least {MIN_IMAGES} "
+    if len(images) < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"calibration set {folder} has {len(images)} images; at least {MIN_CALIBRATION_IMAGES} "
                           "are needed for meaningful activation ranges")
     pre = Preprocessor.from_dict(model["preprocessing"])
     c = pre.input_size[0]
     arrays = []
-    for path in images.files[:MAX_IMAGES]:
+    for path in images.files[:MAX_CALIBRATION_IMAGES]:
         try:
             arrays.append(pre(path))
         except InputError as e:

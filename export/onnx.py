@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,17 +22,15 @@ from typing import Callable
 import torch
 
 from crossvit import __version__
-from crossvit.errors import ExportError
+from crossvit.contract import (FILE_MODE, INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME,
+                               PROTOBUF_LIMIT, check_output_path, encode_metadata, first_line, new_metadata,
+                               temp_dir)
+from crossvit.errors import ExportError, OutputError
 from crossvit.model.checkpoint import LoadedModel
 
-METADATA_KEY = "crossvit"
-ARTIFACT_FORMAT = "crossvit-onnx"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 20
 # The dynamo exporter writes opset 18 and newer (older opsets are converted, less reliably).
 SUPPORTED_OPSETS = range(18, 24)
-PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot exceed 2 GB
 
 Progress = Callable[[str], None]
 
@@ -49,6 +45,8 @@ class BatchRange:
             raise ExportError(f"batch range needs integers >= 1, got {self.min}:{self.max}")
         if self.max < self.min:
             raise ExportError(f"batch range max {self.max} is smaller than min {self.min}")
+        if self.max > MAX_BATCH:
+            raise ExportError(f"batch range max {self.max} is over the limit of {MAX_BATCH}")
 
     @classmethod
     def parse(cls, text: str) -> "BatchRange":
@@ -94,19 +92,19 @@ def artifact_metadata(loaded: LoadedModel, *, precision: str, batch: BatchRange,
     import onnxscript
 
     c, h, w = loaded.info.preprocessing["input_size"]
-    return {
-        "format": ARTIFACT_FORMAT,
-        "format_version": 1,
-        "model": loaded.info.to_dict(),
-        "precision": precision,
-        "batch": {"min": batch.min, "max": batch.max},
-        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", c, h, w]}],
-        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32",
-                     "shape": ["batch", int(loaded.info.config["num_classes"])]}],
-        "source": {"name": loaded.source.name if loaded.source else None, "sha256": loaded.sha256},
-        "exporter": {"crossvit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxscript": onnxscript.__version__, "opset": opset},
-    }
+    return new_metadata(
+        ONNX_FORMAT,
+        model=loaded.info.to_dict(),
+        precision=precision,
+        batch={"min": batch.min, "max": batch.max},
+        inputs=[{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", c, h, w]}],
+        outputs=[{"name": OUTPUT_NAME, "dtype": "float32",
+                  "shape": ["batch", int(loaded.info.config["num_classes"])]}],
+        source={"name": loaded.source.name if loaded.source else None, "sha256": loaded.sha256,
+                "random_weights": loaded.info.random_weights},
+        exporter={"crossvit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxscript": onnxscript.__version__, "opset": opset},
+    )
 
 
 def check_onnx(path: Path) -> None:
@@ -116,7 +114,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError, InferenceError
-        raise ExportError(f"{path.name}: ONNX check failed: {str(e).splitlines()[0]}") from None
+        raise ExportError(f"{path.name}: ONNX check failed: {first_line(e)}") from None
 
 
 def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = BatchRange(),
@@ -127,8 +125,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = Bat
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported by the exporter (supported: "
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
-    if out.suffix != ".onnx":
-        raise ExportError(f"output file must end in .onnx, got {out.name}")
+    check_output_path(out, suffix=".onnx")
     model = loaded.model.eval()
     c, h, w = model.input_shape
     # A batch-1 example specializes the batch dimension to 1 even with dynamic_shapes.
@@ -145,32 +142,37 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = Bat
                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=True,
                 verbose=False)
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first_line(e)}") from None
     # The exporter annotates every node with its Python stack/module path (about 2 kB a
     # node): useful for debugging the exporter, dead weight in a deployed file.
     for graph in (program.model.graph, *program.model.functions.values()):
         for node in graph:
             node.metadata_props.clear()
     metadata = artifact_metadata(loaded, precision="fp32", batch=batch, opset=opset)
-    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata, separators=(",", ":"))
+    program.model.metadata_props[METADATA_KEY] = encode_metadata(metadata)
     program.model.producer_name = "crossvit"
     program.model.producer_version = __version__
     weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     external = weight_bytes > PROTOBUF_LIMIT - 64 * 1024**2
     say(f"writing {out.name}" + (" with external data (> 2 GB)" if external else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temp folder beside the target, check there, then move into place.
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write it ({e.strerror or first_line(e)})") from None
+    tmpdir = temp_dir(out.parent, hint=out.name)
     try:
         tmp = tmpdir / out.name
         program.save(str(tmp), external_data=external)
         say("checking (onnx.checker full check + shape inference)")
         check_onnx(tmp)
-        data_files = [p for p in tmpdir.iterdir() if p != tmp]
-        for p in data_files:
-            os.replace(p, out.parent / p.name)
+        for p in tmpdir.iterdir():
+            if p != tmp:
+                os.replace(p, out.parent / p.name)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write it ({e.strerror or first_line(e)})") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(path=out, seconds=time.perf_counter() - start, size_bytes=out.stat().st_size,

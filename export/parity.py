@@ -8,7 +8,6 @@ reference. Thresholds depend on the precision; flags may tighten them, never loo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,46 +17,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from crossvit.assets import heldout_images
+from crossvit.contract import Thresholds, atomic_write, first_line, get_precision, to_json
 from crossvit.errors import ConfigError, CrossViTError, ParityFailure
-from crossvit.model.checkpoint import LoadedModel, atomic_write
+from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
-from crossvit.runtime.images import ImageSet, list_images, load_image_set, shipped_images
+from crossvit.runtime.images import ImageSet, list_images, load_image_set
 from crossvit.runtime.session import OnnxRuntimeSession
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Limits a case must meet; None means "not gated" (still measured and reported)."""
-
-    max_abs: float | None = None  # on every case
-    rel_l2: float | None = None  # on every case
-    top1_agreement: float | None = None  # fraction, on the gated sources
-    accuracy_drop: float | None = None  # percentage points vs the reference, labelled images
-    agreement_sources: tuple[str, ...] = ("random", "images")
-
-    def tightened(self, **limits) -> "Thresholds":
-        """Apply user limits; a limit looser than the default is refused, not applied."""
-        changes = {}
-        for name, value in limits.items():
-            if value is None:
-                continue
-            default = getattr(self, name)
-            looser = default is not None and (value < default if name == "top1_agreement" else value > default)
-            if looser:
-                raise ConfigError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
-                                  "default for this precision; thresholds may only be tightened")
-            changes[name] = value
-        return dataclasses.replace(self, **changes)
-
-
-THRESHOLDS = {
-    "fp32": Thresholds(max_abs=1e-4, top1_agreement=1.0),
-    "fp16": Thresholds(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",)),
-    "bf16": Thresholds(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",)),
-    "int8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
-    "fp8": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
-    "int8-cpu": Thresholds(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",)),
-}
 
 
 @dataclass
@@ -117,7 +83,7 @@ class ParityReport:
         return d
 
     def save(self, path: str | Path) -> Path:
-        text = json.dumps(self.to_dict(), indent=2, default=float)
+        text = to_json(self.to_dict(), indent=2)
         return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
     def table(self) -> str:
@@ -194,9 +160,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     if info.input_shape != expected or len(info.labels) != len(reference.info.labels):
         raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "
                           f"the reference takes {expected} with {len(reference.info.labels)}: not the same model")
-    t = thresholds or THRESHOLDS.get(info.precision)
-    if t is None:
-        raise ConfigError(f"no parity thresholds for precision {info.precision!r}")
+    t = thresholds or get_precision(info.precision).thresholds
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
                           precision=info.precision, backend="onnxruntime (cpu)", thresholds=dataclasses.asdict(t))
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
@@ -219,7 +183,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
                 case = CaseResult(source="random", batch_size=b, n=b, **compare(ref, out))
                 _gate(case, t)
                 report.cases.append(case)
-            folder = Path(images) if images else shipped_images()
+            folder = Path(images) if images else heldout_images()
             image_set: ImageSet = list_images(folder)
             say(f"real images: {len(image_set)} from {folder}")
             x, kept, report.image_errors = load_image_set(image_set, session.preprocessor)
@@ -236,8 +200,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
         except CrossViTError:
             raise
         except Exception as e:  # the backend could not execute the graph (e.g. fp8 on CPU)
-            report.not_run = (f"ONNX Runtime (CPU) cannot run this {info.precision} graph: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            report.not_run = f"ONNX Runtime (CPU) cannot run this {info.precision} graph: {first_line(e)}"
     report.seconds = time.perf_counter() - start
     return report
 

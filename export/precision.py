@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,25 +35,24 @@ from typing import Callable
 
 import numpy as np
 
+from crossvit.contract import (INPUT_NAME, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT, PRECISION_TABLE,
+                               PROTOBUF_LIMIT, Precision, atomic_write, check_output_path, decode_metadata,
+                               first_line, temporary_folder, write_onnx_metadata)
 from crossvit.errors import BackendUnavailable, ExportError
 
-TENSORRT_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
-CPU_INT8 = "int8-cpu"
-PRECISIONS = ("fp32", *TENSORRT_PRECISIONS, CPU_INT8)
-METADATA_KEY = "crossvit"
 # Kept in fp32 in every reduced-precision variant: fp16 LayerNorm/Softmax overflow in transformers.
 FP32_OP_TYPES = ("LayerNormalization", "Softmax")
-# A calibration set smaller than this gives activation ranges that are noise.
-MIN_CALIBRATION_IMAGES = 16
 # Entropy (KL) clipping suits int8's narrow uniform grid; fp8's exponent covers outliers, so
 # the plain absolute maximum is the usual choice there.
 CALIBRATION_METHODS = {"int8": "entropy", "fp8": "max"}
+# AutoCast runs its reference graph once per image to find values that overflow in the low
+# precision; a few dozen real images find them, hundreds only cost time (16 s for 360 here).
+AUTOCAST_IMAGES = 32
 MODELOPT_VERSION = "0.47.0"
 # Not `nvidia-modelopt[onnx]`: that extra pins onnx~=1.21, onnxruntime-gpu and cupy-cuda12x.
 # These four are what `modelopt.onnx.autocast` and `modelopt.onnx.quantization` import.
 MODELOPT_INSTALL = ("pip install 'crossvit[quant]' (nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 "
                     "onnxslim==0.1.98 polygraphy==0.53.6 lief==1.0.0)")
-PROTOBUF_LIMIT = 2 * 1024**3
 
 Progress = Callable[[str], None]
 
@@ -70,66 +66,69 @@ def _dtype_name(elem_type: int) -> str:
     return _ONNX_DTYPE_NAMES.get(elem_type, f"onnx-type-{elem_type}")
 
 
-def _import_modelopt(precision: str):
-    """(modelopt module, convert_to_mixed_precision, quantize), or BackendUnavailable."""
-    try:
-        import modelopt
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-        from modelopt.onnx.quantization import quantize
-    except ImportError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BackendUnavailable(f"{precision} conversion needs NVIDIA ModelOpt ({reason}); "
-                                 f"install it with: {MODELOPT_INSTALL}") from None
-    return modelopt, convert_to_mixed_precision, quantize
-
+# -- validation --------------------------------------------------------------------------
 
 def _load_source(src: Path):
+    """The fp32 crossvit ONNX to convert, and its metadata."""
     import onnx
 
     if not src.is_file():
         raise ExportError(f"source ONNX {src} does not exist")
     try:
-        return onnx.load(str(src))  # external data, if any, is loaded from src's folder
+        model = onnx.load(str(src))  # external data, if any, is loaded from src's folder
     except Exception as e:
-        raise ExportError(f"{src.name}: cannot be read as ONNX ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ExportError(f"{src.name}: cannot be read as ONNX ({type(e).__name__}: {first_line(e)})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ExportError(f"{src.name}: has no crossvit metadata; convert an ONNX written by `crossvit export`")
+    meta = decode_metadata(props[METADATA_KEY], ONNX_FORMAT, src.name, ExportError)
+    if meta.get("precision", "fp32") != "fp32":
+        raise ExportError(f"{src.name} is already {meta['precision']}; convert from the fp32 ONNX")
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError(f"{src.name}: models over 2 GB are not supported (ModelOpt needs one .onnx file)")
+    return model, meta
 
 
-def _input_shape(model, src: Path, input_name: str) -> tuple[int, list[int | str]]:
-    """(elem_type, dims) of the graph input `input_name`; symbolic dims as their names."""
+def _input_dims(model, src: Path, input_name: str) -> list[int | str]:
+    """Dims of the float32 graph input `input_name`; symbolic dims as their names."""
+    import onnx
+
     inputs = {i.name: i for i in model.graph.input}
     if input_name not in inputs:
         raise ExportError(f"{src.name}: has no graph input {input_name!r} (inputs: {sorted(inputs)})")
     tensor_type = inputs[input_name].type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
-    return tensor_type.elem_type, dims
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ExportError(f"{src.name}: input {input_name!r} is {_dtype_name(tensor_type.elem_type)}, "
+                          "expected float32")
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
 
 
-def _check_calibration(calibration, dims: list, precision: str, src: Path) -> np.ndarray | None:
-    """The calibration batch, validated against the model input; None is allowed for fp16/bf16."""
-    quantized = precision in CALIBRATION_METHODS
+def _check_calibration(calibration, dims: list, spec: Precision) -> np.ndarray | None:
+    """The calibration batch, validated against the model input; None where it is optional."""
+    name = spec.name
     if calibration is None:
-        if quantized:
-            raise ExportError(f"{precision} needs a calibration batch of at least {MIN_CALIBRATION_IMAGES} "
+        if spec.calibration == "required":
+            raise ExportError(f"{name} needs a calibration batch of at least {MIN_CALIBRATION_IMAGES} "
                               f"real images (N x {' x '.join(map(str, dims[1:]))} float32); got none")
+        return None
+    if spec.calibration == "none":
         return None
     if not isinstance(calibration, np.ndarray):
         raise ExportError(f"calibration must be a numpy array, got {type(calibration).__name__}")
     if calibration.dtype != np.float32:
         raise ExportError(f"calibration must be float32 (the model input's dtype), got {calibration.dtype}")
     expected = "N x " + " x ".join(map(str, dims[1:]))
-    if calibration.ndim != len(dims):
+    fits = calibration.ndim == len(dims) and all(
+        axis == 0 or not isinstance(want, int) or want <= 0 or want == got
+        for axis, (want, got) in enumerate(zip(dims, calibration.shape)))
+    if not fits:
         raise ExportError(f"calibration shape {tuple(calibration.shape)} does not fit the model input "
-                          f"{src.name}:{dims}: expected {expected}")
-    for axis, (want, got) in enumerate(zip(dims, calibration.shape)):
-        if axis > 0 and isinstance(want, int) and want > 0 and want != got:
-            raise ExportError(f"calibration shape {tuple(calibration.shape)} does not fit the model input "
-                              f"{dims}: expected {expected}")
+                          f"{dims}: expected {expected}")
     n = calibration.shape[0]
     if n == 0:
-        raise ExportError(f"calibration batch is empty; {precision} needs at least {MIN_CALIBRATION_IMAGES} images")
-    if quantized and n < MIN_CALIBRATION_IMAGES:
-        raise ExportError(f"calibration batch of {n} images is too small to be meaningful for {precision}: "
+        raise ExportError(f"calibration batch is empty; {name} needs at least {MIN_CALIBRATION_IMAGES} images")
+    if spec.calibration == "required" and n < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"calibration batch of {n} images is too small to be meaningful for {name}: "
                           f"need at least {MIN_CALIBRATION_IMAGES}")
     if isinstance(dims[0], int) and dims[0] > 0 and n % dims[0]:
         raise ExportError(f"calibration batch of {n} images cannot be split into the model's static "
@@ -139,24 +138,10 @@ def _check_calibration(calibration, dims: list, precision: str, src: Path) -> np
     return np.ascontiguousarray(calibration)
 
 
-def _updated_metadata(props, precision: str, tool: dict) -> list[tuple[str, str]]:
-    """Source metadata_props with the crossvit entry's precision (and tool) replaced."""
-    out, found = [], False
-    for key, value in props:
-        if key == METADATA_KEY:
-            try:
-                meta = json.loads(value)
-            except json.JSONDecodeError:
-                meta = None
-            if isinstance(meta, dict):
-                meta["precision"] = precision
-                meta["precision_tool"] = tool
-                value, found = json.dumps(meta), True
-        out.append((key, value))
-    if not found:
-        out = [(k, v) for k, v in out if k != f"{METADATA_KEY}.precision"]
-        out.append((f"{METADATA_KEY}.precision", precision))
-    return out
+# -- one function per toolchain: (fp32 model, spec, calibration, input name, say) -> (model, tool) --
+
+def _keep_fp32(model, spec, calibration, input_name, source, say):
+    return model, {"name": "none"}
 
 
 @contextlib.contextmanager
@@ -188,42 +173,80 @@ def _quiet_modelopt():
             logging.getLogger(name).setLevel(level)
 
 
-def _failure(precision: str, src: Path, e: BaseException, log: io.StringIO) -> ExportError:
-    text = str(e).strip().splitlines()
-    msg = f"{precision} conversion of {src.name} failed in ModelOpt: {type(e).__name__}"
-    if text:
-        msg += f": {text[0]}"
-    elif log.getvalue().strip():
-        msg += f" (last log line: {log.getvalue().strip().splitlines()[-1]})"
-    return ExportError(msg)
+def _import_modelopt(precision: str):
+    """(modelopt module, convert_to_mixed_precision, quantize), or BackendUnavailable."""
+    try:
+        import modelopt
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise BackendUnavailable(f"{precision} conversion needs NVIDIA ModelOpt ({first_line(e)}); "
+                                 f"install it with: {MODELOPT_INSTALL}") from None
+    return modelopt, convert_to_mixed_precision, quantize
 
 
-# AutoCast runs its reference graph once per image to find values that overflow in the low
-# precision; a few dozen real images find them, hundreds only cost time (16 s for 360 here).
-AUTOCAST_IMAGES = 32
-
-
-def _run_autocast(convert, work_src: Path, workdir: Path, precision: str, calibration, input_name: str):
-    calib_path = None
-    if calibration is not None:  # AutoCast reads its reference inputs from an .npz file
-        calib_path = workdir / "calibration.npz"
-        np.savez(calib_path, **{input_name: calibration[:AUTOCAST_IMAGES]})
-    return convert(str(work_src), low_precision_type=precision, op_types_to_exclude=list(FP32_OP_TYPES),
-                   keep_io_types=True, calibration_data=str(calib_path) if calib_path else None,
-                   providers=["cpu"])
-
-
-def _run_quantize(quantize, work_src: Path, workdir: Path, precision: str, calibration: np.ndarray):
+@contextlib.contextmanager
+def _modelopt_run(model, precision: str, src_name: str):
+    """A private folder holding a copy of the model (ModelOpt writes side files next to its
+    input), with ModelOpt's output captured; its failures become one ExportError line."""
     import onnx
 
-    out = workdir / f"model.{precision}.onnx"
-    quantize(str(work_src), quantize_mode=precision, calibration_data=calibration,
-             calibration_method=CALIBRATION_METHODS[precision], calibration_eps=["cpu"],
-             op_types_to_exclude_fp16=list(FP32_OP_TYPES), high_precision_dtype="fp16",
-             output_path=str(out), log_level="WARNING", use_external_data_format=False)
-    if not out.is_file():
-        raise ExportError(f"{precision}: ModelOpt reported success but wrote no {out.name}")
-    return onnx.load(str(out))
+    with temporary_folder() as workdir, _quiet_modelopt() as log:
+        work_src = workdir / "model.onnx"
+        onnx.save(model, str(work_src))
+        try:
+            yield workdir, work_src
+        except ExportError:
+            raise
+        except Exception as e:  # ModelOpt raises AssertionError, ValueError, ORT errors...
+            msg = f"{precision} conversion of {src_name} failed in ModelOpt: {type(e).__name__}"
+            if str(e).strip():
+                msg += f": {first_line(e)}"
+            elif log.getvalue().strip():
+                msg += f" (last log line: {log.getvalue().strip().splitlines()[-1]})"
+            raise ExportError(msg) from None
+
+
+def _autocast(model, spec: Precision, calibration, input_name: str, source: str, say: Progress):
+    """fp16/bf16 with ModelOpt AutoCast: LayerNorm, Softmax and the graph I/O stay fp32."""
+    modelopt, convert, _ = _import_modelopt(spec.name)
+    n = 0 if calibration is None else int(min(calibration.shape[0], AUTOCAST_IMAGES))
+    say(f"{spec.name}: ModelOpt AutoCast ({'/'.join(FP32_OP_TYPES)} and I/O kept fp32, "
+        f"{n or 'random'} calibration inputs)")
+    with _modelopt_run(model, spec.name, source) as (workdir, work_src):
+        calib_path = None
+        if calibration is not None:  # AutoCast reads its reference inputs from an .npz file
+            calib_path = workdir / "calibration.npz"
+            np.savez(calib_path, **{input_name: calibration[:AUTOCAST_IMAGES]})
+        converted = convert(str(work_src), low_precision_type=spec.name, op_types_to_exclude=list(FP32_OP_TYPES),
+                            keep_io_types=True, calibration_data=str(calib_path) if calib_path else None,
+                            providers=["cpu"])
+    tool = {"name": "nvidia-modelopt", "modelopt_version": modelopt.__version__,
+            "calibration": {"images": n}, "fp32_op_types": list(FP32_OP_TYPES)}
+    return _fresh_value_info(converted), tool
+
+
+def _ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, source: str, say: Progress):
+    """int8/fp8 with ModelOpt PTQ: Q/DQ pairs calibrated on real images, the rest fp16."""
+    import onnx
+
+    modelopt, _, quantize = _import_modelopt(spec.name)
+    method = CALIBRATION_METHODS[spec.name]
+    say(f"{spec.name}: ModelOpt PTQ (Q/DQ, {method} calibration on {calibration.shape[0]} images, "
+        f"{'/'.join(FP32_OP_TYPES)} kept fp32)")
+    with _modelopt_run(model, spec.name, source) as (workdir, work_src):
+        out = workdir / f"model.{spec.name}.onnx"
+        quantize(str(work_src), quantize_mode=spec.name, calibration_data=calibration,
+                 calibration_method=method, calibration_eps=["cpu"],
+                 op_types_to_exclude_fp16=list(FP32_OP_TYPES), high_precision_dtype="fp16",
+                 output_path=str(out), log_level="WARNING", use_external_data_format=False)
+        if not out.is_file():
+            raise ExportError(f"{spec.name}: ModelOpt reported success but wrote no {out.name}")
+        converted = onnx.load(str(out))
+    tool = {"name": "nvidia-modelopt", "modelopt_version": modelopt.__version__,
+            "calibration": {"method": method, "images": int(calibration.shape[0])},
+            "fp32_op_types": list(FP32_OP_TYPES)}
+    return _fresh_value_info(converted), tool
 
 
 def _fresh_value_info(model):
@@ -248,7 +271,7 @@ def _fresh_value_info(model):
         return model
 
 
-def _run_ort_dynamic(model, say: Progress):
+def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: str, say: Progress):
     """int8-cpu: weights int8 per tensor (measured faster than per channel, as accurate on the
     embedded model), activations quantized at run time; only MatMul/Gemm are quantized."""
     import onnx
@@ -256,8 +279,8 @@ def _run_ort_dynamic(model, say: Progress):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     say("int8-cpu: ONNX Runtime dynamic quantization (int8 MatMul weights, no calibration)")
-    with tempfile.TemporaryDirectory(prefix="crossvit-precision-") as tmp:
-        work_src, out = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+    with temporary_folder() as tmp:
+        work_src, out = tmp / "model.onnx", tmp / "model.int8.onnx"
         onnx.save(model, str(work_src))
         quiet = logging.getLogger()
         level = quiet.level
@@ -266,8 +289,7 @@ def _run_ort_dynamic(model, say: Progress):
             quantize_dynamic(str(work_src), str(out), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm"], per_channel=False)
         except Exception as e:
-            raise ExportError(f"int8-cpu quantization failed: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+            raise ExportError(f"int8-cpu quantization failed: {type(e).__name__}: {first_line(e)}") from None
         finally:
             quiet.setLevel(level)
         converted = onnx.load(str(out))
@@ -276,8 +298,38 @@ def _run_ort_dynamic(model, say: Progress):
     return converted, tool
 
 
+TOOLCHAINS = {
+    "torch.onnx.export": _keep_fp32,
+    "modelopt-autocast": _autocast,
+    "modelopt-ptq": _ptq,
+    "onnxruntime-dynamic": _ort_dynamic,
+}
+
+
+# -- the checked write -------------------------------------------------------------------
+
+def _write_checked(converted, dst: Path, source, meta: dict, spec: Precision, tool: dict, src_name: str) -> None:
+    """The source's metadata (precision updated), a size check, then write + full ONNX check on
+    a temp file, renamed into place."""
+    import onnx
+
+    write_onnx_metadata(converted, {**meta, "precision": spec.name, "precision_tool": tool},
+                        others=[(p.key, p.value) for p in source.metadata_props])
+    if converted.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError(f"{spec.name} variant of {src_name} is over 2 GB and cannot be one .onnx file")
+
+    def write(tmp: Path) -> None:
+        onnx.save(converted, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:
+            raise ExportError(f"{spec.name} variant of {src_name} fails the ONNX checker: {first_line(e)}") from None
+
+    atomic_write(dst, write)
+
+
 def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndarray | None, *,
-                      input_name: str = "input", progress: Progress | None = None) -> Path:
+                      input_name: str = INPUT_NAME, progress: Progress | None = None) -> Path:
     """Write the `precision` variant of the fp32 ONNX `src` to `dst` (one self-contained, checked file).
 
     Args:
@@ -286,90 +338,19 @@ def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndar
             AutoCast's range analysis for fp16/bf16 when given (random data otherwise).
         progress: called with one line per stage.
     """
-    import onnx
-
     say = progress or (lambda msg: None)
     src, dst = Path(src), Path(dst)
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if dst.suffix != ".onnx":
-        raise ExportError(f"output file must end in .onnx, got {dst.name}")
-    if not dst.parent.is_dir():
-        raise ExportError(f"output folder {dst.parent} does not exist")
+    spec = PRECISION_TABLE.get(precision)
+    if spec is None:
+        raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISION_TABLE)}")
+    check_output_path(dst, suffix=".onnx")
     if src.resolve() == dst.resolve():
         raise ExportError(f"output {dst} would overwrite the source ONNX")
-    model = _load_source(src)
-    props = [(p.key, p.value) for p in model.metadata_props]
-    source_meta = dict(props).get(METADATA_KEY)
-    if source_meta:
-        with contextlib.suppress(json.JSONDecodeError, AttributeError):
-            source_precision = json.loads(source_meta).get("precision", "fp32")
-            if source_precision != "fp32":
-                raise ExportError(f"{src.name} is already {source_precision}; convert from the fp32 ONNX")
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        raise ExportError(f"{src.name}: models over 2 GB are not supported (ModelOpt needs one .onnx file)")
-    elem_type, dims = _input_shape(model, src, input_name)
-    if elem_type != onnx.TensorProto.FLOAT:
-        raise ExportError(f"{src.name}: input {input_name!r} is {_dtype_name(elem_type)}, expected float32")
-    calibration = _check_calibration(calibration, dims, precision, src)
-
+    model, meta = _load_source(src)
+    calibration = _check_calibration(calibration, _input_dims(model, src, input_name), spec)
     start = time.perf_counter()
-    if precision == "fp32":
-        tool = {"name": "none"}
-        converted = model
-    elif precision == CPU_INT8:
-        converted, tool = _run_ort_dynamic(model, say)
-    else:
-        modelopt, convert, quantize = _import_modelopt(precision)
-        tool = {"name": "nvidia-modelopt", "modelopt_version": modelopt.__version__}
-        if precision in CALIBRATION_METHODS:
-            tool["calibration"] = {"method": CALIBRATION_METHODS[precision], "images": int(calibration.shape[0])}
-            say(f"{precision}: ModelOpt PTQ (Q/DQ, {CALIBRATION_METHODS[precision]} calibration on "
-                f"{calibration.shape[0]} images, {'/'.join(FP32_OP_TYPES)} kept fp32)")
-        else:
-            tool["calibration"] = {"images": int(min(calibration.shape[0], AUTOCAST_IMAGES)) if calibration is not None else 0}
-            say(f"{precision}: ModelOpt AutoCast ({'/'.join(FP32_OP_TYPES)} and I/O kept fp32, "
-                f"{'random' if calibration is None else min(calibration.shape[0], AUTOCAST_IMAGES)} calibration inputs)")
-        tool["fp32_op_types"] = list(FP32_OP_TYPES)
-        # ModelOpt writes side files (shape-inferred copies, *.quant.onnx) next to its input:
-        # give it a private copy of the model in a folder we delete afterwards.
-        with tempfile.TemporaryDirectory(prefix="crossvit-precision-") as tmp:
-            workdir = Path(tmp)
-            work_src = workdir / "model.onnx"
-            onnx.save(model, str(work_src))
-            with _quiet_modelopt() as log:
-                try:
-                    if precision in CALIBRATION_METHODS:
-                        converted = _run_quantize(quantize, work_src, workdir, precision, calibration)
-                    else:
-                        converted = _run_autocast(convert, work_src, workdir, precision, calibration,
-                                                  input_name)
-                except ExportError:
-                    raise
-                except Exception as e:  # ModelOpt raises AssertionError, ValueError, ORT errors...
-                    raise _failure(precision, src, e, log) from None
-            converted = _fresh_value_info(converted)
-
-    del converted.metadata_props[:]
-    for key, value in _updated_metadata(props, precision, tool):
-        converted.metadata_props.add(key=key, value=value)
-    if converted.ByteSize() >= PROTOBUF_LIMIT:
-        raise ExportError(f"{precision} variant of {src.name} is over 2 GB and cannot be one .onnx file")
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        onnx.save(converted, str(tmp_path))
-        try:
-            onnx.checker.check_model(str(tmp_path), full_check=True)
-        except Exception as e:
-            raise ExportError(f"{precision} variant of {src.name} fails the ONNX checker: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-        os.replace(tmp_path, dst)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    converted, tool = TOOLCHAINS[spec.toolchain](model, spec, calibration, input_name, src.name, say)
+    _write_checked(converted, dst, model, meta, spec, tool, src.name)
     say(f"{precision}: wrote {dst.name} ({dst.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return dst
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import pickle
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +22,14 @@ import torch
 from torch import nn
 
 from crossvit import __version__
+from crossvit.contract import (CHECKPOINT_FORMAT, MAX_PARAMETERS, METADATA_KEY, atomic_write, check_input_file,
+                               decode_metadata, encode_metadata, first_line, new_metadata,
+                               validate_preprocessing)
 from crossvit.errors import CheckpointError, ConfigError
 
-from .registry import get_architecture, get_spec, guess_architecture, resolve_labels
-from .spec import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-
-FORMAT = "crossvit-checkpoint"
-FORMAT_VERSION = 1
-METADATA_KEY = "crossvit"
+from .registry import (MODELS, Architecture, get_architecture, get_spec, guess_architecture,
+                       resolve_labels)
+from .spec import Preprocessing
 # Containers that training scripts wrap state dicts in, most specific first.
 NESTED_KEYS = ("model_ema", "state_dict_ema", "state_dict", "model", "module", "net")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
@@ -48,17 +47,19 @@ class ModelInfo:
     name: str | None = None
     provenance: dict = field(default_factory=dict)
 
+    @property
+    def random_weights(self) -> bool:
+        """True for a model that was never trained: useful for speed, meaningless for answers."""
+        return bool(self.provenance.get("random_weights"))
+
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "architecture": self.architecture, "name": self.name, "config": self.config,
-            "labels": self.labels, "preprocessing": self.preprocessing,
-            "provenance": self.provenance,
-        }
+        return new_metadata(CHECKPOINT_FORMAT, architecture=self.architecture, name=self.name,
+                            config=self.config, labels=self.labels, preprocessing=self.preprocessing,
+                            provenance=self.provenance)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError("metadata is not crossvit checkpoint metadata")
         try:
             info = cls(architecture=d["architecture"], config=dict(d["config"]),
@@ -66,7 +67,10 @@ class ModelInfo:
                        name=d.get("name"), provenance=dict(d.get("provenance") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"crossvit metadata is incomplete: {e!r}") from None
-        Preprocessing.from_dict(info.preprocessing)  # validates
+        try:
+            info.preprocessing = validate_preprocessing(info.preprocessing)
+        except ConfigError as e:
+            raise CheckpointError(f"crossvit metadata: {e}") from None
         return info
 
 
@@ -88,31 +92,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)`, then rename over `path`; no half-written file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def default_preprocessing(input_shape: tuple[int, int, int]) -> Preprocessing:
-    """timm's defaults for a model that came with no preprocessing of its own."""
-    c = input_shape[0]
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
-    return Preprocessing(input_size=input_shape, crop_pct=0.875, mean=mean, std=std)
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, *, labels: list[str] | str | None = None,
                     preprocessing: Preprocessing | dict | None = None, name: str | None = None,
                     provenance: dict | None = None) -> Path:
@@ -130,18 +109,21 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, labels: list[str] | s
         labels = spec.labels
     labels = resolve_labels(labels, config["num_classes"])
     if preprocessing is None:
-        preprocessing = spec.preprocessing if spec else default_preprocessing(model.input_shape)
-    if isinstance(preprocessing, dict):
-        preprocessing = Preprocessing.from_dict(preprocessing)
+        preprocessing = spec.preprocessing if spec else {"input_size": list(model.input_shape)}
+    if isinstance(preprocessing, Preprocessing):
+        preprocessing = preprocessing.to_dict()
     info = ModelInfo(
         architecture=architecture, config=config, labels=labels,
-        preprocessing=preprocessing.to_dict(), name=name,
+        preprocessing=validate_preprocessing(preprocessing), name=name,
         provenance={"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "crossvit_version": __version__, "torch_version": torch.__version__,
                     **(provenance or {})},
     )
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {METADATA_KEY: json.dumps(info.to_dict(), separators=(",", ":"))}
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"cannot save: tensor {bad} holds NaN or infinite values")
+    metadata = {METADATA_KEY: encode_metadata(info.to_dict())}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -154,32 +136,49 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError, OSError on truncation, ...
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"{first_line(e)}") from None
     meta = None
     if METADATA_KEY in metadata:
-        try:
-            meta = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: crossvit metadata is not valid JSON ({e})") from None
+        meta = decode_metadata(metadata[METADATA_KEY], CHECKPOINT_FORMAT, str(path), CheckpointError)
     return tensors, meta
 
 
-def _read_pickle(path: Path) -> tuple[dict, dict | None]:
+def _sniff(path: Path, head: bytes) -> str:
+    """What a file that is not a checkpoint is, in a few words, for the error message."""
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ONNX: protobuf field 1 (ir_version)
+        try:
+            import onnx
+
+            onnx.load(str(path), load_external_data=False)
+            return "an ONNX model, not a checkpoint (give the checkpoint it was exported from)"
+        except Exception:
+            pass
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON or text file, not a checkpoint"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file, not a checkpoint"
+    return "not a PyTorch checkpoint or a safetensors file (unrecognised content)"
+
+
+def _read_pickle(path: Path, head: bytes) -> tuple[dict, dict | None]:
+    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol byte \x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: {_sniff(path, head)}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy formats; we say it ourselves
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise CheckpointError(
                 f"{path}: refused: loading it needs arbitrary unpickling (it stores Python objects, "
                 "not just tensors); only tensors, dicts, lists and numbers are read. Re-save its "
                 "state_dict with torch.save(model.state_dict(), ...) or as .safetensors"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     except Exception as e:  # garbage makes the unpickler raise almost anything (IndexError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{first}") from None
+                              f"{first_line(e)}") from None
     return _unwrap(obj, path), None
 
 
@@ -190,7 +189,6 @@ def _is_state_dict(obj) -> bool:
 
 def _unwrap(obj, path: Path) -> dict:
     """Find the state dict inside training containers ({'model': ..., 'optimizer': ...})."""
-    seen = []
     while not _is_state_dict(obj):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: not a state dict (found a {type(obj).__name__})")
@@ -202,7 +200,6 @@ def _unwrap(obj, path: Path) -> dict:
             keys = ", ".join(map(str, list(obj)[:6]))
             raise CheckpointError(f"{path}: no state dict found (top-level keys: {keys}; looked "
                                   f"for tensors or one of {', '.join(NESTED_KEYS)})")
-        seen.append(key)
         obj = obj[key]
     return obj
 
@@ -210,26 +207,15 @@ def _unwrap(obj, path: Path) -> dict:
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a state dict and our metadata (None for foreign files) from any supported file."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
+    check_input_file(path, CheckpointError)
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(64)
     # safetensors starts with a little-endian u64 header length, then '{'
-    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 27)
-                                          and not head.startswith(b"PK")):
-        if path.suffix == ".safetensors":
-            weights, meta = _read_safetensors(path)
-        else:
-            try:
-                weights, meta = _read_safetensors(path)
-            except CheckpointError:
-                weights, meta = _read_pickle(path)
+    looks_safetensors = len(head) > 8 and int.from_bytes(head[:8], "little") < (1 << 27) and head[8:9] == b"{"
+    if path.suffix == ".safetensors" or looks_safetensors:
+        weights, meta = _read_safetensors(path)
     else:
-        weights, meta = _read_pickle(path)
+        weights, meta = _read_pickle(path, head)
     if not weights:
         raise CheckpointError(f"{path}: holds no tensors")
     return strip_prefixes(weights), meta
@@ -242,34 +228,80 @@ def strip_prefixes(state_dict: dict) -> dict:
     return state_dict
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _preview(keys: list[str], n: int = 4) -> str:
     more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Strict load with one clear line for missing/unexpected keys and shape mismatches."""
-    expected = model.state_dict()
+def _mismatch(expected: dict, state_dict: dict) -> str | None:
+    """Why `state_dict` does not fit a model whose state dict is `expected` (shapes only), or None."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys ({_preview(missing)})")
+            parts.append(f"{_count(len(missing), 'missing key')} ({_preview(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+            parts.append(f"{_count(len(unexpected), 'unexpected key')} ({_preview(unexpected)})")
+        return "; ".join(parts)
     mismatched = [k for k, v in expected.items() if tuple(state_dict[k].shape) != tuple(v.shape)]
     if mismatched:
         k = mismatched[0]
-        more = f" (and {len(mismatched) - 1} more mismatched keys)" if len(mismatched) > 1 else ""
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: shape mismatch for {k}: "
-                              f"checkpoint has {tuple(state_dict[k].shape)}, model expects "
-                              f"{tuple(expected[k].shape)}{more}")
-    bad = [k for k, v in state_dict.items() if not v.is_floating_point() and expected[k].is_floating_point()]
-    if bad:
-        raise CheckpointError(f"{source}: tensor {bad[0]} has dtype {state_dict[bad[0]].dtype}, "
-                              "expected a floating point tensor")
+        more = f" (and {_count(len(mismatched) - 1, 'more mismatched key')})" if len(mismatched) > 1 else ""
+        return (f"shape mismatch for {k}: checkpoint has {tuple(state_dict[k].shape)}, model expects "
+                f"{tuple(expected[k].shape)}{more}")
+    return None
+
+
+def _meta_state_dict(arch: Architecture, config: dict) -> dict:
+    """The model's state dict shapes without allocating memory, after bounding its size.
+
+    A config from an untrusted file could ask for a model of many gigabytes; built on the meta
+    device it costs nothing, and the checkpoint's tensors must match it before the real build.
+    """
+    with torch.device("meta"):
+        model = arch.build(config)
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"config asks for {n / 1e9:.1f}G parameters; the limit is "
+                          f"{MAX_PARAMETERS / 1e9:.0f}G (is the config corrupt?)")
+    return model.state_dict()
+
+
+def _fitting_models(weights: dict) -> list[str]:
+    """Registered model names whose architecture the (filtered) weights fit."""
+    fits = []
+    for spec in MODELS.values():
+        arch = get_architecture(spec.architecture)
+        try:
+            if _mismatch(_meta_state_dict(arch, spec.config), arch.filter_state_dict(weights)) is None:
+                fits.append(spec.name)
+        except Exception:  # a filter that does not apply to these keys
+            continue
+    return fits
+
+
+def check_weights(model: nn.Module | dict, state_dict: dict, source: str, what: str) -> None:
+    """Keys, shapes, dtypes and finiteness of `state_dict` against a model (or its state dict)."""
+    expected = model if isinstance(model, dict) else model.state_dict()
+    problem = _mismatch(expected, state_dict)
+    if problem:
+        raise CheckpointError(f"{source} does not fit {what}: {problem}")
+    for k, v in state_dict.items():
+        if not v.is_floating_point() and expected[k].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected a floating point tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {k} holds NaN or infinite values; refusing a "
+                                  "model that cannot give meaningful outputs")
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Strict load with one clear line for missing/unexpected keys, shapes and bad values."""
+    check_weights(model, state_dict, source, type(model).__name__)
     model.load_state_dict(state_dict, strict=True)  # copies, casting to the model's dtype
 
 
@@ -286,6 +318,32 @@ def _read_config_file(path: str | Path) -> dict:
     return d
 
 
+def _foreign_info(path: Path, name: str | None, config) -> ModelInfo:
+    """ModelInfo of a foreign state dict from a registered name or a user config."""
+    labels = preprocessing = None
+    if config is not None:
+        cfg = _read_config_file(config) if isinstance(config, (str, Path)) else dict(config)
+        if "config" in cfg and isinstance(cfg["config"], dict):
+            labels, preprocessing = cfg.get("labels"), cfg.get("preprocessing")
+            architecture = cfg.get("architecture") or guess_architecture(cfg["config"])
+            cfg = dict(cfg["config"])
+        else:
+            cfg = dict(cfg)
+            architecture = cfg.pop("architecture", None) or guess_architecture(cfg)
+    elif name is not None:
+        spec = get_spec(name)
+        architecture, cfg = spec.architecture, dict(spec.config)
+        labels, preprocessing = spec.labels, spec.preprocessing.to_dict()
+    else:
+        raise CheckpointError(f"{path} is a foreign checkpoint (no crossvit metadata): name its "
+                              "model with --model NAME or give its config with --config FILE.json")
+    if labels is None:
+        labels = [f"class_{i}" for i in range(int(cfg.get("num_classes") or 0))]
+    return ModelInfo(architecture=architecture, config=cfg, labels=labels, preprocessing=preprocessing,
+                     name=name, provenance={"source": path.name, "source_format": "foreign state dict",
+                                            "converted_by": f"crossvit {__version__}"})
+
+
 def load_checkpoint(path: str | Path, *, name: str | None = None, config: dict | str | Path | None = None,
                     overrides: dict | None = None) -> LoadedModel:
     """Rebuild a model from a checkpoint in eval mode.
@@ -293,74 +351,39 @@ def load_checkpoint(path: str | Path, *, name: str | None = None, config: dict |
     Our `.safetensors` rebuild from their metadata alone. Foreign state dicts need `name` (a
     registered model) or `config`: a dict or JSON file with the family's constructor arguments
     (vit-pytorch's or timm's names), optionally as {"architecture", "config", "labels",
-    "preprocessing"}.
+    "preprocessing"}. Keys and shapes are checked against the config before the model is
+    built, so a corrupt or hostile config cannot make us allocate a huge model.
     """
     path = Path(path)
     weights, meta = read_weights(path)
-    overrides = overrides or {}
     if meta is not None:
         info = ModelInfo.from_dict(meta)
         if name is not None and get_spec(name).architecture != info.architecture:
             raise CheckpointError(f"{path} holds a {info.architecture} CrossViT, not a "
                                   f"{get_spec(name).architecture} one like {name!r}")
-        info.config.update(overrides)
     else:
-        labels = preprocessing = None
-        if config is not None:
-            cfg = _read_config_file(config) if isinstance(config, (str, Path)) else dict(config)
-            if "config" in cfg and isinstance(cfg["config"], dict):
-                labels, preprocessing = cfg.get("labels"), cfg.get("preprocessing")
-                architecture = cfg.get("architecture") or guess_architecture(cfg["config"])
-                cfg = dict(cfg["config"])
-            else:
-                cfg = dict(cfg)
-                architecture = cfg.pop("architecture", None) or guess_architecture(cfg)
-        elif name is not None:
-            spec = get_spec(name)
-            architecture, cfg = spec.architecture, dict(spec.config)
-            labels, preprocessing = spec.labels, spec.preprocessing.to_dict()
-        else:
-            raise CheckpointError(f"{path} is a foreign checkpoint (no crossvit metadata): name its "
-                                  "model with --model NAME or give its config with --config FILE.json")
-        cfg.update(overrides)
-        if labels is None:
-            labels = [f"class_{i}" for i in range(int(cfg.get("num_classes") or 0))]
-        info = ModelInfo(architecture=architecture, config=cfg, labels=labels,
-                         preprocessing=preprocessing, name=name,
-                         provenance={"source": path.name, "source_format": "foreign state dict",
-                                     "converted_by": f"crossvit {__version__}"})
+        info = _foreign_info(path, name, config)
+    info.config.update(overrides or {})
     arch = get_architecture(info.architecture)
-    model = arch.build(info.config)
     if meta is None:
         weights = arch.filter_state_dict(weights)
-    load_state_dict_checked(model, weights, source=str(path))
+    what = f"{name!r}" if name and meta is None else f"its {info.architecture} CrossViT config"
+    try:
+        check_weights(_meta_state_dict(arch, info.config), weights, str(path), what)
+    except CheckpointError as e:
+        if meta is None and "does not fit" in str(e):
+            fits = [n for n in _fitting_models(read_weights(path)[0]) if n != name]
+            if fits:
+                raise CheckpointError(f"{e}. The file fits {', '.join(fits)}: use --model {fits[0]}") from None
+        raise
+    model = arch.build(info.config)
+    model.load_state_dict(weights, strict=True)  # checked above; copies, casting to the model's dtype
     info.config = model.config.to_dict()
     info.labels = resolve_labels(info.labels, info.config["num_classes"])
     if info.preprocessing is None:
-        info.preprocessing = default_preprocessing(model.input_shape).to_dict()
-    info.preprocessing = Preprocessing.from_dict(info.preprocessing).to_dict()
+        info.preprocessing = {"input_size": list(model.input_shape)}
+    try:
+        info.preprocessing = validate_preprocessing(info.preprocessing)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return LoadedModel(model=model.eval(), info=info, source=path, sha256=sha256_file(path))
-
-
-def load_model(checkpoint: str | Path | None = None, *, name: str | None = None,
-               config: dict | str | Path | None = None) -> LoadedModel:
-    """What the CLI calls: a checkpoint (ours or foreign + name/config), or a registered name.
-
-    A name alone gives its shipped weights when it has some, else a random initialization
-    (useful for measuring export parity and speed of an architecture).
-    """
-    if checkpoint is not None:
-        return load_checkpoint(checkpoint, name=name, config=config)
-    if name is None:
-        raise ConfigError("give a checkpoint or a model name")
-    spec = get_spec(name)
-    if spec.weights is not None:
-        from .registry import ASSETS
-
-        return load_checkpoint(ASSETS / spec.weights, name=name)
-    model = get_architecture(spec.architecture).build(spec.config).eval()
-    info = ModelInfo(architecture=spec.architecture, config=model.config.to_dict(),
-                     labels=resolve_labels(spec.labels, model.config.num_classes),
-                     preprocessing=spec.preprocessing.to_dict(), name=name,
-                     provenance={"source": "random initialization", "crossvit_version": __version__})
-    return LoadedModel(model=model, info=info)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
+from crossvit.assets import asset
 from crossvit.errors import ConfigError
 
 from . import official, seed
 from .spec import ModelSpec, Preprocessing
-
-ASSETS = Path(__file__).resolve().parent.parent / "crossvit" / "assets"
-
 
 def _identity_filter(state_dict: dict) -> dict:
     return dict(state_dict)
@@ -107,9 +104,10 @@ def guess_architecture(config: dict) -> str:
 def resolve_labels(labels: str | tuple[str, ...] | list[str], num_classes: int) -> list[str]:
     """Turn a shipped label-set name into class names; check the count against the model."""
     if isinstance(labels, str):
-        path = ASSETS / f"{labels}_labels.txt"
-        if not path.is_file():
-            raise ConfigError(f"unknown label set {labels!r} (no {path.name} in crossvit/assets)")
+        try:
+            path = asset(f"{labels}_labels.txt")
+        except ConfigError:
+            raise ConfigError(f"unknown label set {labels!r} (no {labels}_labels.txt in crossvit/assets)") from None
         names = path.read_text(encoding="utf-8").splitlines()
     else:
         names = [str(n) for n in labels]
@@ -123,20 +121,6 @@ def build_model(architecture: str, config: dict) -> nn.Module:
     return get_architecture(architecture).build(config)
 
 
-def create_model(name: str, checkpoint: str | Path | None = None, *, pretrained: bool = False,
-                 **overrides) -> nn.Module:
-    """Build a named model; load weights from `checkpoint` (any supported format) if given.
-
-    `pretrained=True` loads the weights shipped with the package (only models that ship some).
-    `overrides` replace config fields, e.g. `num_classes=10`.
-    """
-    spec = get_spec(name)
-    if checkpoint is not None or pretrained:
-        from .checkpoint import load_checkpoint
-
-        if checkpoint is None:
-            if spec.weights is None:
-                raise ConfigError(f"model {name!r} ships no weights; pass checkpoint=PATH")
-            checkpoint = ASSETS / spec.weights
-        return load_checkpoint(checkpoint, name=name, overrides=overrides).model
-    return build_model(spec.architecture, {**spec.config, **overrides})
+def weights_path(spec: ModelSpec):
+    """The shipped weights of a registered model, or None when it ships none."""
+    return asset(spec.weights) if spec.weights else None

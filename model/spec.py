@@ -9,11 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from crossvit.contract import IMAGENET_MEAN, IMAGENET_STD, validate_preprocessing
 from crossvit.errors import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 def dataclass_from_dict(cls, values: dict, what: str):
@@ -44,20 +41,10 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        c = self.input_size[0] if len(self.input_size) == 3 else 0
-        if len(self.input_size) != 3 or min(self.input_size) < 1:
-            raise ConfigError(f"preprocessing input_size must be (C, H, W) > 0, got {self.input_size}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"preprocessing interpolation must be one of {INTERPOLATIONS}, "
-                              f"got {self.interpolation!r}")
-        if len(self.mean) != c or len(self.std) != c or min(self.std) <= 0:
-            raise ConfigError(f"preprocessing mean/std need {c} values (std > 0), "
-                              f"got mean={self.mean} std={self.std}")
+        # one validation for every stage: the contract's (the runtime uses the same function)
+        checked = validate_preprocessing(dataclasses.asdict(self))
+        for key, value in checked.items():
+            object.__setattr__(self, key, tuple(value) if isinstance(value, list) else value)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -6,16 +6,12 @@ precision) travels inside the artifact; nothing here imports torch or the model 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crossvit.errors import ArtifactError
-
-METADATA_KEY = "crossvit"
-ONNX_FORMAT = "crossvit-onnx"
-ENGINE_FORMAT = "crossvit-engine"
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, MAX_BATCH, check_input_file, decode_metadata,
+                               read_onnx_metadata, validate_preprocessing)
+from crossvit.errors import ArtifactError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,45 +35,72 @@ class ArtifactInfo:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def random_weights(self) -> bool:
+        """Exported from a never-trained model: its answers mean nothing."""
+        return bool((self.model.get("provenance") or {}).get("random_weights"))
+
     @classmethod
     def from_metadata(cls, path: Path, kind: str, meta: dict) -> "ArtifactInfo":
         try:
             model = meta["model"]
             inp, out = meta["inputs"][0], meta["outputs"][0]
             c, h, w = (int(v) for v in inp["shape"][1:])
-            return cls(path=path, kind=kind, precision=str(meta["precision"]),
+            info = cls(path=path, kind=kind, precision=str(meta["precision"]),
                        batch_min=int(meta["batch"]["min"]), batch_max=int(meta["batch"]["max"]),
                        input_name=str(inp["name"]), input_shape=(c, h, w), output_name=str(out["name"]),
                        labels=tuple(str(x) for x in model["labels"]),
-                       preprocessing=dict(model["preprocessing"]), model=model, raw=meta)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+                       preprocessing=validate_preprocessing(model["preprocessing"]), model=model, raw=meta)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path}: crossvit metadata is incomplete ({type(e).__name__}: {e})") from None
+        except ConfigError as e:
+            raise ArtifactError(f"{path}: crossvit metadata: {e}") from None
+        problems = []
+        if not 1 <= info.batch_min <= info.batch_max <= MAX_BATCH:
+            problems.append(f"batch range {info.batch_min}..{info.batch_max} is not within 1..{MAX_BATCH}")
+        if tuple(info.preprocessing["input_size"]) != info.input_shape:
+            problems.append(f"input shape {list(info.input_shape)} differs from the preprocessing's "
+                            f"input_size {info.preprocessing['input_size']}")
+        if not info.labels:
+            problems.append("no labels")
+        if problems:
+            raise ArtifactError(f"{path}: crossvit metadata is inconsistent: {'; '.join(problems)}")
+        return info
 
 
-def read_onnx_metadata(path: str | Path) -> dict:
-    """The "crossvit" JSON entry of an ONNX file's metadata_props (weights are not loaded)."""
+def _graph_dims(value_info) -> list:
+    return [d.dim_value if d.HasField("dim_value") else None
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_against_graph(info: ArtifactInfo, graph) -> None:
+    """The metadata must describe the graph's real input and output, or the runtime would feed
+    the wrong tensor, blame the user's image, or label the wrong number of classes."""
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # DecodeError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{path}: not a readable ONNX file ({first})") from None
-    if not proto.graph.node:
-        raise ArtifactError(f"{path}: not a readable ONNX file (empty graph)")
-    props = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in props:
-        raise ArtifactError(f"{path}: has no crossvit metadata (export it with `crossvit export`)")
-    try:
-        meta = json.loads(props[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: crossvit metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
-        raise ArtifactError(f"{path}: crossvit metadata has an unknown format")
-    return meta
+    inputs = {i.name: i for i in graph.input}
+    outputs = {o.name: o for o in graph.output}
+    where = f"{info.path}: crossvit metadata does not match the graph"
+    if info.input_name not in inputs:
+        raise ArtifactError(f"{where}: it names input {info.input_name!r}, the graph has {sorted(inputs)}")
+    if info.output_name not in outputs:
+        raise ArtifactError(f"{where}: it names output {info.output_name!r}, the graph has {sorted(outputs)}")
+    x = inputs[info.input_name]
+    if x.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ArtifactError(f"{where}: input {info.input_name!r} is not float32")
+    dims = _graph_dims(x)
+    if len(dims) != 4 or any(d is not None and d != want for d, want in zip(dims[1:], info.input_shape)):
+        shown = ["?" if d is None else d for d in dims]
+        raise ArtifactError(f"{where}: input {info.input_name!r} is {shown}, the metadata says "
+                            f"[batch, {', '.join(map(str, info.input_shape))}]")
+    if dims[0] is not None and not info.batch_min <= dims[0] <= info.batch_max:
+        raise ArtifactError(f"{where}: the graph's batch is fixed at {dims[0]}, the metadata says "
+                            f"{info.batch_min}..{info.batch_max}")
+    out_dims = _graph_dims(outputs[info.output_name])
+    if len(out_dims) != 2 or out_dims[1] is not None and out_dims[1] != info.num_classes:
+        shown = ["?" if d is None else d for d in out_dims]
+        raise ArtifactError(f"{where}: output {info.output_name!r} is {shown}, the metadata has "
+                            f"{info.num_classes} labels")
 
 
 def read_artifact(path: str | Path) -> ArtifactInfo:
@@ -85,20 +108,20 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return ArtifactInfo.from_metadata(path, "onnx", read_onnx_metadata(path))
+        meta, proto = read_onnx_metadata(path)
+        info = ArtifactInfo.from_metadata(path, "onnx", meta)
+        check_against_graph(info, proto.graph)
+        return info
     if suffix in (".plan", ".engine"):
         manifest = path.with_name(path.name + ".json")
-        if not path.is_file():
-            raise ArtifactError(f"{path}: no such file")
+        check_input_file(path, ArtifactError)
         if not manifest.is_file():
-            raise ArtifactError(f"{path}: its manifest {manifest.name} is missing (built by crossvit engine)")
+            raise ArtifactError(f"{path}: its manifest {manifest.name} is missing (built by crossvit build)")
         try:
-            meta = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            text = manifest.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{manifest}: not a readable manifest ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
-            raise ArtifactError(f"{manifest}: not a crossvit engine manifest")
-        return ArtifactInfo.from_metadata(path, "engine", meta)
+        return ArtifactInfo.from_metadata(path, "engine", decode_metadata(text, ENGINE_FORMAT, str(manifest)))
     if suffix in CHECKPOINT_SUFFIXES:
         raise ArtifactError(f"{path}: a checkpoint is served by the torch backend (backend='torch')")
     raise ArtifactError(f"{path}: unknown artifact type {path.suffix!r} (expected .onnx or .plan)")

@@ -14,11 +14,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 LABELS_FILE = "labels.csv"
 
 
-def shipped_images() -> Path:
-    """The held-out real images of the embedded default model (PNG files + labels.csv)."""
-    return Path(__file__).resolve().parent.parent / "crossvit" / "assets" / "heldout"
-
-
 @dataclass
 class ImageSet:
     root: Path

@@ -76,10 +76,9 @@ from typing import BinaryIO, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from crossvit.contract import IMAGENET_MEAN, IMAGENET_STD, validate_preprocessing
 from crossvit.errors import ConfigError, InputError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Pillow's filters for our three names; the same mapping torchvision's InterpolationMode uses.
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -173,6 +172,8 @@ def _open(source: ImageSource, label: str) -> tuple[BinaryIO, bool]:
         path = os.fspath(source)
         if os.path.isdir(path):
             raise InputError(f"{label}: is a directory, not an image file")
+        if os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would wait for a writer
+            raise InputError(f"{label}: is not a regular file (a pipe, socket or device), not an image file")
         try:
             fp = open(path, "rb")
         except FileNotFoundError:
@@ -252,22 +253,6 @@ def _decode(fp: BinaryIO, mode: str, label: str) -> Image.Image:
 # ---------------------------------------------------------------- the eval transform
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _floats(values: object, what: str) -> tuple[float, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ConfigError(f"preprocessing {what} must be a list of numbers, got {values!r}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(v):
-            raise ConfigError(f"preprocessing {what} must be finite numbers, got {values!r}")
-        out.append(float(v))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class Preprocessor:
     """timm's eval transform on PIL images: resize shorter side, centre-crop, normalize.
@@ -286,47 +271,23 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         size = self.input_size
-        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 3 \
-                or not all(_is_int(v) and v >= 1 for v in size):
-            raise ConfigError(f"preprocessing input_size must be [C, H, W], positive integers, got {size!r}")
-        c, h, w = (int(v) for v in size)
-        if c not in (1, 3):
-            raise ConfigError(f"preprocessing input_size has {c} channels; images give 1 (L) or 3 (RGB)")
-        if max(h, w) > MAX_SIDE:
-            raise ConfigError(f"preprocessing input_size {h}x{w} is over {MAX_SIDE} px a side")
-        crop = self.crop_pct
-        if isinstance(crop, bool) or not isinstance(crop, (int, float, np.integer, np.floating)) \
-                or not 0.0 < float(crop) <= 1.0:
-            raise ConfigError(f"preprocessing crop_pct must be a number in (0, 1], got {crop!r}")
-        if self.interpolation not in RESAMPLE:
-            raise ConfigError(f"preprocessing interpolation must be one of {tuple(RESAMPLE)}, "
-                              f"got {self.interpolation!r}")
-        mean, std = _floats(self.mean, "mean"), _floats(self.std, "std")
-        if len(mean) != c or len(std) != c or min(std) <= 0:
-            raise ConfigError(f"preprocessing mean/std need {c} values each (std > 0), "
-                              f"got mean={list(mean)} std={list(std)}")
-        for key, value in (("input_size", (c, h, w)), ("crop_pct", float(crop)), ("mean", mean),
+        if isinstance(size, Sequence) and len(size) == 3 and isinstance(size[0], int) and size[0] not in (1, 3):
+            raise ConfigError(f"preprocessing input_size has {size[0]} channels; images give 1 (L) or 3 (RGB)")
+        # the contract's validation, the same the model package applies when it writes the dict
+        checked = validate_preprocessing({"input_size": self.input_size, "crop_pct": self.crop_pct,
+                                          "interpolation": self.interpolation, "mean": self.mean,
+                                          "std": self.std})
+        c, h, w = checked["input_size"]
+        mean, std = tuple(checked["mean"]), tuple(checked["std"])
+        for key, value in (("input_size", (c, h, w)), ("crop_pct", checked["crop_pct"]), ("mean", mean),
                            ("std", std), ("_mean", np.array(mean, np.float32).reshape(c, 1, 1)),
                            ("_std", np.array(std, np.float32).reshape(c, 1, 1))):
             object.__setattr__(self, key, value)
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "Preprocessor":
-        """Build from the preprocessing dict in an artifact's metadata; unknown keys are refused.
-
-        Unknown keys would mean a transform this runtime does not implement (a crop mode, a
-        border); guessing would silently feed the model different pixels.
-        """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"preprocessing must be a dict, got {type(values).__name__}")
-        known = {"input_size", "crop_pct", "interpolation", "mean", "std"}
-        unknown = sorted(map(str, set(values) - known))
-        if unknown:
-            raise ConfigError(f"unknown preprocessing keys: {', '.join(unknown)} "
-                              f"(this runtime knows {', '.join(sorted(known))})")
-        if "input_size" not in values:
-            raise ConfigError("preprocessing lacks input_size ([C, H, W])")
-        return cls(**values)
+        """Build from the preprocessing dict in an artifact's metadata (checked by the contract)."""
+        return cls(**validate_preprocessing(values))
 
     def to_dict(self) -> dict:
         return {"input_size": list(self.input_size), "crop_pct": self.crop_pct,

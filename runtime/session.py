@@ -9,7 +9,6 @@ installed), and PyTorch checkpoints (lazily imported, for comparisons).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crossvit.errors import ArtifactError, BackendUnavailable, InputError
+from crossvit.contract import CHECKPOINT_SUFFIXES, INPUT_NAME, OUTPUT_NAME, first_line
+from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
 
-from .artifact import CHECKPOINT_SUFFIXES, ArtifactInfo, read_artifact
+from .artifact import ArtifactInfo, read_artifact
 
 log = logging.getLogger("crossvit.runtime")
 
@@ -114,6 +114,9 @@ class Session:
                              f"(batch shape {batch.shape})")
         if batch.shape[0] < 1:
             raise InputError("infer got an empty batch (N = 0)")
+        if not np.isfinite(batch).all():
+            bad = int(np.argwhere(~np.isfinite(batch).reshape(len(batch), -1).all(axis=1))[0, 0])
+            raise InputError(f"infer got NaN or infinite values (first in image {bad} of the batch)")
         return np.ascontiguousarray(batch)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -146,12 +149,23 @@ class Session:
         return self._preprocessor
 
     def predict(self, images, top_k: int = 5, batch_size: int | None = None) -> list[Prediction]:
-        """Top-k labels for image paths, bytes or PIL images; a bad one gets an error entry."""
+        """Top-k labels for image paths, bytes or PIL images; a bad one gets an error entry.
+
+        `images` is one image (a path, bytes, a PIL image) or a list of them.
+        """
+        from PIL import Image
+
         from .preprocess import preprocess_files
 
-        top_k = max(1, min(int(top_k), self.info.num_classes))
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        top_k = min(top_k, self.info.num_classes)
         batch_size = batch_size or min(self.info.batch_max, 32)
-        items = list(images)
+        single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+        items = [images] if single else list(images)
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             group = items[start:start + batch_size]
@@ -197,19 +211,11 @@ def _ort():
     return ort
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("CROSSVIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "crossvit")
-    return Path(base)
-
-
 class OnnxRuntimeSession(Session):
     """ONNX Runtime with the settings that make it fast here.
 
-    - all graph optimizations, and the optimized graph cached on disk (keyed by the file's
-      path, size and mtime, the ORT version and the provider) so the next start skips them; the cached
-      graph has ORT-only fused ops and lives in the cache folder, never beside the artifact
-      (it must never reach TensorRT);
+    - all graph optimizations (in memory only: an optimized graph has ORT-only fused ops and
+      must never be written where TensorRT could be fed it; caching it measured no gain);
     - intra-op threads fitted to the CPUs this process may use (`intra_op_threads`), one
       inter-op thread, sequential execution (a CrossViT graph is one chain);
     - inputs handed over as contiguous float32 without copies.
@@ -217,8 +223,7 @@ class OnnxRuntimeSession(Session):
 
     backend = "onnxruntime"
 
-    def __init__(self, info: ArtifactInfo, device: str = "auto", *, threads: int | None = None,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, info: ArtifactInfo, device: str = "auto", *, threads: int | None = None):
         super().__init__(info)
         ort = _ort()
         providers = self._providers(ort, device)
@@ -230,27 +235,10 @@ class OnnxRuntimeSession(Session):
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        model_path = str(info.path)
-        self._cache_target = None
-        if cache_dir is not False and providers == ["CPUExecutionProvider"]:
-            cached = self._cached_path(Path(cache_dir) if cache_dir else default_cache_dir(), ort)
-            if cached is not None and cached.is_file():
-                model_path = str(cached)
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            elif cached is not None:
-                try:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    so.optimized_model_filepath = str(cached.with_name(f".{cached.name}.{os.getpid()}.tmp"))
-                    self._cache_target = cached
-                except OSError:
-                    pass
         try:
-            self._sess = ort.InferenceSession(model_path, sess_options=so, providers=providers)
+            self._sess = ort.InferenceSession(str(info.path), sess_options=so, providers=providers)
         except Exception as e:
-            raise ArtifactError(f"{info.path}: ONNX Runtime cannot load it "
-                                f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
-        if self._cache_target is not None and Path(so.optimized_model_filepath).is_file():
-            os.replace(so.optimized_model_filepath, self._cache_target)  # atomic: readers never see half
+            raise ArtifactError(f"{info.path}: ONNX Runtime cannot load it ({first_line(e)})") from None
         active = self._sess.get_providers()
         self.device = "cuda" if active[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         if active[0] != providers[0]:
@@ -275,22 +263,6 @@ class OnnxRuntimeSession(Session):
                             "on a CUDA machine); using the CPU", wanted[0], ", ".join(available))
             return ["CPUExecutionProvider"]
         return chosen + ["CPUExecutionProvider"]
-
-    def _cached_path(self, cache_dir: Path, ort) -> Path | None:
-        """Where the optimized graph of this file is cached; None when it is not cached.
-
-        Keyed by the file's path, size and modification time (cheap: hashing a large model on
-        every open would cost more than the cache saves), the ORT version and the provider.
-        Files near protobuf's 2 GB limit are not cached: ORT cannot save them as one file.
-        """
-        try:
-            st = self.info.path.stat()
-        except OSError:
-            return None
-        if st.st_size > 1 << 30:
-            return None
-        key = f"{self.info.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
-        return cache_dir / "ort" / f"{hashlib.sha256(key).hexdigest()[:24]}-ort{ort.__version__}-cpu.onnx"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._sess.run(self._output_names, {self._input_name: x})[0]
@@ -317,7 +289,7 @@ class TorchSession(Session):
         loaded = load_model(path, name=name)
         c, h, w = loaded.info.preprocessing["input_size"]
         info = ArtifactInfo(path=Path(path), kind="checkpoint", precision=dtype, batch_min=1,
-                            batch_max=1 << 16, input_name="input", input_shape=(c, h, w), output_name="logits",
+                            batch_max=1 << 16, input_name=INPUT_NAME, input_shape=(c, h, w), output_name=OUTPUT_NAME,
                             labels=tuple(loaded.info.labels), preprocessing=loaded.info.preprocessing,
                             model=loaded.info.to_dict())
         super().__init__(info)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossvit.errors import CheckpointError, ConfigError
+from crossvit.errors import CheckpointError, ConfigError, OutputError
 from crossvit.model import CrossViT, create_model, list_models, load_checkpoint, save_checkpoint
 from crossvit.model.checkpoint import read_weights
 
@@ -63,7 +63,7 @@ def test_failed_save_leaves_no_file(tmp_path, model, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"m\.safetensors: cannot write it \(disk full\)"):
         save_checkpoint(model, tmp_path / "m.safetensors", labels=LABELS)
     assert not list(tmp_path.iterdir())
 
@@ -143,7 +143,7 @@ def test_missing_and_unexpected_keys_are_counted_and_listed(tmp_path, model, tin
         load_checkpoint(tmp_path / "w.pt", config=tiny_seed_kwargs)
     msg = str(e.value)
     assert f"{len(removed)} missing keys (lg_mlp_head.0.weight" in msg
-    assert "1 unexpected keys (extra.weight)" in msg
+    assert "1 unexpected key (extra.weight)" in msg
     assert "\n" not in msg
 
 

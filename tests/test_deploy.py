@@ -52,7 +52,7 @@ def test_deploy_bad_input_is_one_line_and_leaves_no_output(tmp_path, args, words
 def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reason(tmp_path):
     import torch
 
-    from crossvit.export.deploy import deploy as run_deploy
+    from crossvit.pipeline import deploy as run_deploy
     from crossvit.export.onnx import BatchRange
     from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
 
@@ -72,10 +72,10 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
 def test_tensorrt_skip_reasons(monkeypatch):
     import torch
 
-    from crossvit.export.deploy import _tensorrt_status
+    from crossvit.pipeline import tensorrt_status
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "no CUDA GPU" in _tensorrt_status()
+    assert "no CUDA GPU" in tensorrt_status()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    assert "TensorRT is not installed" in _tensorrt_status()
+    assert "TensorRT is not installed" in tensorrt_status()

@@ -65,7 +65,7 @@ def test_metadata_round_trips_everything_the_runtime_needs(exported, seed_checkp
 def test_one_file_runs_every_batch_size_in_its_range(exported, batch):
     loaded, result = exported
     x = np.random.default_rng().standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    with OnnxRuntimeSession(read_artifact(result.path), device="cpu", cache_dir=False) as s:
+    with OnnxRuntimeSession(read_artifact(result.path), device="cpu") as s:
         out = s.infer(x)
     with torch.no_grad():
         ref = loaded.model(torch.from_numpy(x)).numpy()
@@ -189,7 +189,7 @@ def test_every_advertised_opset_exports_and_runs(seed_checkpoint, tmp_path, opse
     path = export_onnx(loaded, tmp_path / f"o{opset}.onnx", batch=BatchRange(1, 4), opset=opset).path
     assert onnx.load(str(path)).opset_import[0].version == opset
     x = np.random.default_rng().standard_normal((3, 3, 32, 32), dtype=np.float32)
-    with OnnxRuntimeSession(read_artifact(path), device="cpu", cache_dir=False) as s:
+    with OnnxRuntimeSession(read_artifact(path), device="cpu") as s:
         out = s.infer(x)
     with torch.no_grad():
         assert np.abs(out - loaded.model(torch.from_numpy(x)).numpy()).max() <= 1e-4

@@ -10,7 +10,10 @@ import pytest
 from onnx import numpy_helper
 
 from crossvit.errors import ConfigError
-from crossvit.export.parity import THRESHOLDS, Thresholds, check_parity, compare
+from crossvit.contract import PRECISION_TABLE, Thresholds
+from crossvit.export.parity import check_parity, compare
+
+THRESHOLDS = {name: p.thresholds for name, p in PRECISION_TABLE.items()}
 from crossvit.model import load_checkpoint
 
 

@@ -5,7 +5,7 @@ BackendUnavailable, except the one test that simulates its absence.
 
 The model is the trained embedded crossvit_digits; calibration and probe inputs are its shipped
 real held-out images, so agreement and accuracy mean something. The limits are the parity
-gate's (export/parity.py THRESHOLDS), not looser ones.
+gate's (the contract's precision table), not looser ones.
 """
 
 import json
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crossvit.contract import MIN_CALIBRATION_IMAGES, PRECISION_NAMES, PRECISION_TABLE
 from crossvit.errors import BackendUnavailable, ExportError
-from crossvit.export.parity import THRESHOLDS
-from crossvit.export.precision import (MIN_CALIBRATION_IMAGES, PRECISIONS, convert_precision,
-                                       graph_precision_summary)
+from crossvit.export.precision import convert_precision, graph_precision_summary
+
+THRESHOLDS = {name: p.thresholds for name, p in PRECISION_TABLE.items()}
 
 IMAGE = (3, 32, 32)
 
@@ -26,7 +27,8 @@ IMAGE = (3, 32, 32)
 @pytest.fixture(scope="module")
 def real_images():
     """The shipped held-out images, preprocessed, with their labels."""
-    from crossvit.runtime.images import list_images, load_image_set, shipped_images
+    from crossvit.assets import heldout_images as shipped_images
+    from crossvit.runtime.images import list_images, load_image_set
     from crossvit.runtime.preprocess import Preprocessor
     from crossvit.model import get_spec
 
@@ -197,10 +199,10 @@ def test_variants_are_self_contained_and_pass_full_check(variants, fp32_onnx):
     import onnx
 
     before = sorted(p.name for p in fp32_onnx.parent.iterdir())
-    for precision in PRECISIONS:
+    for precision in PRECISION_NAMES:
         path = variants(precision)
         onnx.checker.check_model(str(path), full_check=True)
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"digits.{p}.onnx" for p in PRECISIONS)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"digits.{p}.onnx" for p in PRECISION_NAMES)
     # ModelOpt writes side files next to its input: none may appear beside the source.
     assert sorted(p.name for p in fp32_onnx.parent.iterdir()) == before
 
@@ -225,7 +227,7 @@ def test_metadata_precision_updated_and_rest_kept(variants, precision):
     assert "crossvit.precision" not in meta
 
 
-def test_metadata_without_crossvit_entry_gets_precision_key(fp32_onnx, tmp_path):
+def test_source_without_crossvit_metadata_is_refused(fp32_onnx, tmp_path):
     import onnx
 
     proto = onnx.load(str(fp32_onnx))
@@ -233,8 +235,9 @@ def test_metadata_without_crossvit_entry_gets_precision_key(fp32_onnx, tmp_path)
     proto.metadata_props.add(key="author", value="someone")
     src = tmp_path / "plain.onnx"
     onnx.save(proto, str(src))
-    meta = _metadata(convert_precision(src, tmp_path / "plain.fp32.onnx", "fp32", None))
-    assert meta == {"author": "someone", "crossvit.precision": "fp32"}
+    with pytest.raises(ExportError, match="has no crossvit metadata"):
+        convert_precision(src, tmp_path / "plain.fp32.onnx", "fp32", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.onnx"]
 
 
 @pytest.mark.parametrize("precision,calib,message", [

@@ -444,7 +444,8 @@ def test_module_imports_with_torch_unavailable():
 def test_real_shipped_images_match_the_recipe_for_official_and_embedded_settings(size, crop_pct):
     """The shipped held-out PNGs (real scans), upscaled to 240/224 like an official variant's
     input and downscaled to 28: same values as the torch recipe."""
-    from crossvit.runtime.images import list_images, shipped_images
+    from crossvit.assets import heldout_images as shipped_images
+    from crossvit.runtime.images import list_images
 
     files = list_images(shipped_images()).files[::60]
     p = make((3, size, size), crop_pct, "bicubic")

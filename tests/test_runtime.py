@@ -130,20 +130,6 @@ def test_closed_session_refuses_work(small_artifacts):
         s.infer(np.zeros((1, 3, 32, 32), np.float32))
 
 
-def test_optimized_graph_is_cached_outside_the_artifact_folder(small_artifacts, tmp_path):
-    cache = tmp_path / "cache"
-    info = read_artifact(small_artifacts[1])
-    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
-    with OnnxRuntimeSession(info, device="cpu", cache_dir=cache) as s:
-        first = s.infer(x)
-    cached = list((cache / "ort").glob("*.onnx"))
-    assert len(cached) == 1
-    with OnnxRuntimeSession(info, device="cpu", cache_dir=cache) as s:
-        second = s.infer(x)
-    np.testing.assert_allclose(first, second, atol=1e-5)
-    assert sorted(p.name for p in small_artifacts[1].parent.iterdir()) == ["small.onnx", "small.safetensors"]
-
-
 def test_missing_gpu_provider_falls_back_to_cpu_with_a_logged_reason(small_artifacts, caplog):
     import onnxruntime
 

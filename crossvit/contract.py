@@ -1,0 +1,406 @@
+"""The artifact contract: what the stages hand each other, defined once.
+
+Checkpoints, ONNX files and (later) TensorRT engine manifests carry one JSON object under the
+metadata key "crossvit". This module owns that key and its format version, the I/O tensor
+names, the precision table, the size limits, the validation of the preprocessing dict, the
+reading and writing of metadata, and the one atomic-write helper every stage uses. It imports
+no torch (the runtime imports it) and nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from crossvit.errors import ArtifactError, ConfigError, CrossViTError, OutputError
+
+# -- metadata key, formats, version ---------------------------------------------------------
+
+METADATA_KEY = "crossvit"
+# Bumped when a reader of the previous version would misread a new file. A file written with
+# a newer version is refused with "upgrade crossvit" rather than half understood.
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "crossvit-checkpoint"
+ONNX_FORMAT = "crossvit-onnx"
+ENGINE_FORMAT = "crossvit-engine"
+
+INPUT_NAME = "input"  # float32 [batch, C, H, W], preprocessed
+OUTPUT_NAME = "logits"  # float32 [batch, classes]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+# -- size limits -----------------------------------------------------------------------------
+
+PROTOBUF_LIMIT = 2 * 1024**3  # one .onnx file cannot exceed 2 GB
+MIN_CALIBRATION_IMAGES = 16  # fewer give activation ranges that are noise
+MAX_CALIBRATION_IMAGES = 512
+MAX_BATCH = 4096  # the largest batch range an artifact may declare
+MAX_INPUT_SIDE = 4096  # pixels, height or width of a model's input
+MAX_CLASSES = 100_000
+MAX_PARAMETERS = 4_000_000_000  # a config asking for more is refused before anything is built
+
+
+# -- precision table -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a parity case must meet; None means "not gated" (still measured and reported)."""
+
+    max_abs: float | None = None  # on every case
+    rel_l2: float | None = None  # on every case
+    top1_agreement: float | None = None  # fraction, on the gated sources
+    accuracy_drop: float | None = None  # percentage points vs the reference, labelled images
+    agreement_sources: tuple[str, ...] = ("random", "images")
+
+    def tightened(self, **limits) -> "Thresholds":
+        """Apply user limits; a limit looser than the default is refused, not applied."""
+        changes = {}
+        for name, value in limits.items():
+            if value is None:
+                continue
+            default = getattr(self, name)
+            looser = default is not None and (value < default if name == "top1_agreement" else value > default)
+            if looser:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
+                                  "default for this precision; thresholds may only be tightened")
+            changes[name] = value
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision an ONNX artifact can be written in."""
+
+    name: str
+    toolchain: str  # what writes it
+    target: str  # "any" (the reference), "tensorrt" (strongly typed networks) or "cpu" (ONNX Runtime)
+    thresholds: Thresholds
+    calibration: str  # "none", "optional" (AutoCast's range check) or "required" (PTQ)
+
+
+_CLOSE = dict(rel_l2=1e-2, top1_agreement=0.99, agreement_sources=("images",))
+_QUANTIZED = dict(top1_agreement=0.97, accuracy_drop=1.0, agreement_sources=("images",))
+PRECISION_TABLE: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", "torch.onnx.export", "any", Thresholds(max_abs=1e-4, top1_agreement=1.0), "none"),
+    Precision("fp16", "modelopt-autocast", "tensorrt", Thresholds(**_CLOSE), "optional"),
+    Precision("bf16", "modelopt-autocast", "tensorrt", Thresholds(**_CLOSE), "optional"),
+    Precision("int8", "modelopt-ptq", "tensorrt", Thresholds(**_QUANTIZED), "required"),
+    Precision("fp8", "modelopt-ptq", "tensorrt", Thresholds(**_QUANTIZED), "required"),
+    Precision("int8-cpu", "onnxruntime-dynamic", "cpu", Thresholds(**_QUANTIZED), "none"),
+)}
+PRECISION_NAMES = tuple(PRECISION_TABLE)
+# Everything `deploy` builds beside the fp32 reference.
+VARIANT_NAMES = tuple(n for n, p in PRECISION_TABLE.items() if p.target != "any")
+
+
+def get_precision(name: str) -> Precision:
+    try:
+        return PRECISION_TABLE[name]
+    except KeyError:
+        raise ConfigError(f"unknown precision {name!r}; choose from {', '.join(PRECISION_NAMES)}") from None
+
+
+# -- preprocessing ---------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+PREPROCESSING_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+PREPROCESSING_DEFAULTS = {"crop_pct": 0.875, "interpolation": "bicubic"}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _floats(values: object, what: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ConfigError(f"preprocessing {what} must be a list of numbers, got {values!r}")
+    out = []
+    for v in values:
+        if not _is_number(v):
+            raise ConfigError(f"preprocessing {what} must be finite numbers, got {values!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def validate_preprocessing(values: Mapping) -> dict:
+    """The preprocessing dict, checked and normalized (lists of floats, ints), or ConfigError.
+
+    Unknown keys are refused: they would mean a transform this code does not implement, and
+    guessing would silently feed the model different pixels.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"preprocessing must be a JSON object, got {type(values).__name__}")
+    unknown = sorted(map(str, set(values) - set(PREPROCESSING_KEYS)))
+    if unknown:
+        raise ConfigError(f"unknown preprocessing keys: {', '.join(unknown)} "
+                          f"(known: {', '.join(PREPROCESSING_KEYS)})")
+    size = values.get("input_size")
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 3 \
+            or not all(_is_int(v) and v >= 1 for v in size):
+        raise ConfigError(f"preprocessing input_size must be [C, H, W], positive integers, got {size!r}")
+    c, h, w = (int(v) for v in size)
+    if max(h, w) > MAX_INPUT_SIDE or c > 64:
+        raise ConfigError(f"preprocessing input_size {c}x{h}x{w} is too large "
+                          f"(at most 64 channels and {MAX_INPUT_SIDE} px a side)")
+    crop = values.get("crop_pct", PREPROCESSING_DEFAULTS["crop_pct"])
+    if not _is_number(crop) or not 0.0 < float(crop) <= 1.0:
+        raise ConfigError(f"preprocessing crop_pct must be a number in (0, 1], got {crop!r}")
+    interpolation = values.get("interpolation", PREPROCESSING_DEFAULTS["interpolation"])
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"preprocessing interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
+    mean = _floats(values.get("mean", default_mean), "mean")
+    std = _floats(values.get("std", default_std), "std")
+    if len(mean) != c or len(std) != c or min(std) <= 0:
+        raise ConfigError(f"preprocessing mean/std need {c} values each (std > 0), "
+                          f"got mean={list(mean)} std={list(std)}")
+    return {"input_size": [c, h, w], "crop_pct": float(crop), "interpolation": interpolation,
+            "mean": list(mean), "std": list(std)}
+
+
+# -- metadata --------------------------------------------------------------------------------
+
+def new_metadata(fmt: str, **fields) -> dict:
+    """A metadata object of format `fmt` at this version."""
+    return {"format": fmt, "format_version": FORMAT_VERSION, **fields}
+
+
+def encode_metadata(meta: dict) -> str:
+    """Compact JSON; NaN and infinities are refused (they are not JSON)."""
+    try:
+        return json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:
+        raise ConfigError(f"metadata holds a non-finite number ({e})") from None
+
+
+def decode_metadata(text: str | bytes, fmt: str, where: str,
+                    error: type[CrossViTError] = ArtifactError) -> dict:
+    """Parse metadata of format `fmt`; refuse other formats and newer versions with one line."""
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{where}: crossvit metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise error(f"{where}: crossvit metadata is not a JSON object")
+    if meta.get("format") != fmt:
+        found = meta.get("format")
+        raise error(f"{where}: crossvit metadata has format {found!r}, expected {fmt!r}")
+    version = meta.get("format_version", 1)
+    if not _is_int(version) or version < 1:
+        raise error(f"{where}: crossvit metadata has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise error(f"{where} was written by a newer crossvit (format version {version}; this one "
+                    f"reads up to {FORMAT_VERSION}): upgrade crossvit")
+    return meta
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """JSON that any parser accepts (RFC 8259): NaN and infinities become null."""
+    return json.dumps(_finite(obj), allow_nan=False, default=_json_default, **kwargs)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy scalars
+        return _finite(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def read_onnx_metadata(path: str | Path) -> tuple[dict, object]:
+    """(the crossvit metadata, the ModelProto without external weights) of an ONNX file."""
+    import onnx
+
+    path = Path(path)
+    check_input_file(path, ArtifactError)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError, ...
+        raise ArtifactError(f"{path}: not a readable ONNX file ({first_line(e)})") from None
+    if not proto.graph.node:
+        raise ArtifactError(f"{path}: not a readable ONNX file (empty graph)")
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise ArtifactError(f"{path}: has no crossvit metadata (export it with `crossvit export`)")
+    return decode_metadata(props[METADATA_KEY], ONNX_FORMAT, str(path)), proto
+
+
+def write_onnx_metadata(proto, meta: dict, others: list[tuple[str, str]] | None = None) -> None:
+    """Set the crossvit entry of a ModelProto's metadata_props; the other entries are kept, or
+    replaced by `others` (e.g. the source model's, for a converted copy)."""
+    if others is None:
+        others = [(p.key, p.value) for p in proto.metadata_props]
+    kept = [(k, v) for k, v in others if k != METADATA_KEY]
+    del proto.metadata_props[:]
+    for key, value in [*kept, (METADATA_KEY, encode_metadata(meta))]:
+        proto.metadata_props.add(key=key, value=value)
+
+
+# -- files in, files out ---------------------------------------------------------------------
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_input_file(path: Path, error: type[CrossViTError]) -> None:
+    """A readable regular file, or one line saying what it is instead (FIFOs would hang)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
+    import stat
+
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: is not a regular file (a pipe, socket or device)")
+    if st.st_size == 0:
+        raise error(f"{path}: empty file")
+
+
+# Temporary files and folders carry this tag and the writer's process id, so a later run can
+# tell a leftover of a killed process (SIGKILL, power loss) from one still being written.
+TEMP_TAG = "crossvit-tmp"
+_TEMP_RE = re.compile(rf"{TEMP_TAG}-(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files and folders of dead crossvit processes in `folder`."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            m = _TEMP_RE.search(entry.name)
+            if m is None or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def temp_dir(parent: str | Path | None = None, hint: str = "") -> Path:
+    """A new temp folder (in `parent`, hidden, or in the system temp dir), after removing stale ones."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    remove_stale_temps(parent)
+    prefix = f".{hint}." if hint else ""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{TEMP_TAG}-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot write there ({e.strerror or first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: str | Path | None = None, hint: str = ""):
+    """`temp_dir` as a context manager: the folder is removed on exit, whatever happened."""
+    folder = temp_dir(parent, hint)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_writable(folder: Path, target: Path) -> None:
+    """Probe that files can be created in `folder` (or, if it does not exist yet, in the nearest
+    folder above it, where it will be created) without creating anything that stays."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{target}: cannot write there ({existing} is not a folder)")
+    try:
+        tempfile.NamedTemporaryFile(prefix=f".{TEMP_TAG}-{os.getpid()}-probe-", dir=existing).close()
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write there ({e.strerror or first_line(e)})") from None
+
+
+def check_output_path(path: str | Path, *, suffix: str | None = None) -> Path:
+    """Check, before any work, that the file `path` can be written: not a folder, its folder
+    writable or creatable (a missing folder is created when the file is written). OS errors
+    become one line naming the path."""
+    path = Path(path)
+    if suffix is not None and path.suffix != suffix:
+        raise OutputError(f"output file must end in {suffix}, got {path.name}")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name")
+    _check_writable(path.parent, path)
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Check, before any work, that outputs can be written into the folder `path`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    _check_writable(path, path)
+    return path
+
+
+FILE_MODE = 0o644  # every artifact; mkstemp alone would give 0600
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a temp path beside `path`, then rename it over `path` (mode 0644).
+
+    A failure (an exception, a full disk, Ctrl-C or SIGTERM) removes the temp file and leaves
+    any previous `path` untouched; a SIGKILLed writer's leftover is removed by the next write
+    into that folder (`remove_stale_temps`).
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write there ({e.strerror or first_line(e)})") from None
+    remove_stale_temps(folder)
+    tmp = folder / f".{path.name}.{TEMP_TAG}-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or first_line(e)})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return path

@@ -1,0 +1,201 @@
+"""`crossvit deploy`: the stages in order, one function each.
+
+    export fp32 -> precision variants -> parity gate on random inputs and real images ->
+    TensorRT engines (when a CUDA GPU and TensorRT are present) -> latency of the available
+    backends (the benchmark code) -> a summary table and DIR/summary.json.
+
+This module sits above export/, runtime/ and benchmarks/ and only calls them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from crossvit import __version__
+from crossvit.contract import VARIANT_NAMES, atomic_write, check_output_dir, get_precision, to_json
+from crossvit.errors import CrossViTError
+
+Progress = Callable[[str], None]
+STAGES = 5
+
+
+@dataclass
+class Row:
+    artifact: str
+    backend: str
+    precision: str
+    size_mb: float | None = None
+    parity: str = "-"
+    accuracy: float | None = None  # percent on the labelled images
+    latency: dict | None = None  # Latency.to_dict()
+    speedup: float | None = None  # vs PyTorch eager, same batch, same process
+    note: str = ""
+
+
+@dataclass
+class DeployResult:
+    out_dir: Path
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reports: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        head = (f"{'artifact':<30} {'backend':<12} {'prec':<8} {'size MB':>8} {'parity':<8} {'acc %':>6} "
+                f"{'p50 ms':>8} {'p99 ms':>8} {'vs torch':>8}  note")
+        lines = [head, "-" * len(head)]
+        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        for r in self.rows:
+            lat = r.latency or {}
+            lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
+                         f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
+                         f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {fmt(r.speedup, '7.2f') + 'x' if r.speedup else '-':>8}"
+                         f"  {r.note}")
+        lines += [f"skipped: {s}" for s in self.skipped]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        from crossvit.benchmarks.latency import machine_description
+
+        return {"out_dir": str(self.out_dir), "rows": [asdict(r) for r in self.rows],
+                "skipped": self.skipped, "warnings": self.warnings, "parity_reports": self.reports,
+                "seconds": self.seconds, "machine": machine_description(), "crossvit_version": __version__}
+
+
+# -- the stages ------------------------------------------------------------------------------
+
+def export_stage(loaded, out: Path, name: str, batch, say: Progress) -> Path:
+    from crossvit.export.onnx import export_onnx
+
+    return export_onnx(loaded, out / f"{name}.fp32.onnx", batch=batch, progress=say).path
+
+
+def variants_stage(fp32: Path, out: Path, name: str, variants: tuple[str, ...], calibration,
+                   result: DeployResult, say: Progress) -> list[Path]:
+    """Each variant, or the reason it was skipped (no ModelOpt, no calibration images)."""
+    from crossvit.export.calibration import calibration_batch
+    from crossvit.export.precision import convert_precision
+    from crossvit.runtime.artifact import read_artifact
+
+    written = []
+    for precision in variants:
+        try:
+            calib = calibration_batch(read_artifact(fp32).raw, calibration,
+                                      need=get_precision(precision).calibration == "required")
+            written.append(convert_precision(fp32, out / f"{name}.{precision}.onnx", precision, calib,
+                                             progress=say))
+        except CrossViTError as e:
+            result.skipped.append(f"{precision} variant: {e}")
+            say(f"skipped {precision}: {e}")
+    return written
+
+
+def parity_stage(artifacts: list[Path], loaded, images, batch, out: Path, result: DeployResult,
+                 say: Progress) -> dict:
+    """The gate on every artifact; each report is saved beside it."""
+    from crossvit.export.parity import check_parity
+
+    reports = {}
+    for path in artifacts:
+        report = check_parity(path, loaded, images=images, batch_sizes=[1, 7, batch.max], progress=None)
+        report.save(out / f"{path.stem}.parity.json")
+        result.reports[path.name] = report.to_dict()
+        reports[path] = report
+        say(f"{path.name}: {report.verdict}")
+    return reports
+
+
+def tensorrt_status() -> str | None:
+    """None when engines can be built here, else the reason they cannot."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "TensorRT engines: no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT engines: TensorRT is not installed (pip install crossvit[gpu] from NVIDIA's index)"
+    return "TensorRT engines: engine building is not implemented in this version yet"
+
+
+def engines_stage(result: DeployResult, say: Progress) -> None:
+    reason = tensorrt_status()
+    say(f"[4/{STAGES}] " + (reason or "TensorRT engines"))
+    if reason:
+        result.skipped.append(reason)
+
+
+def latency_stage(loaded, reports: dict, name: str, *, batch: int, runs: int, max_seconds: float) -> list[Row]:
+    """PyTorch eager and every artifact ONNX Runtime can run, timed by the benchmark code."""
+    from crossvit.benchmarks.latency import BASELINE, time_cpu_backends
+
+    acc_ref = next((r.accuracy[0] for r in reports.values() if r.accuracy[0] is not None), None)
+    torch_row = Row(artifact=loaded.source.name if loaded.source else name, backend="torch (cpu)",
+                    precision="fp32", size_mb=loaded.source.stat().st_size / 1e6 if loaded.source else None,
+                    parity="ref", accuracy=acc_ref, note="PyTorch eager, reference")
+    rows, timed = [torch_row], {}
+    for path, report in reports.items():
+        row = Row(artifact=path.name, backend="onnxruntime", precision=report.precision,
+                  size_mb=path.stat().st_size / 1e6, parity=report.verdict, accuracy=report.accuracy[1])
+        rows.append(row)
+        target = get_precision(report.precision).target
+        if report.not_run:
+            row.note = "ONNX Runtime (CPU) has no kernels for it; meant for TensorRT"
+            continue
+        if target == "cpu":
+            row.note = "ONNX Runtime int8 for CPUs; not for TensorRT"
+        elif target == "tensorrt":
+            row.note = "TensorRT-oriented graph; CPU speed is not its purpose"
+        timed[path.name] = path
+    lat, failed = time_cpu_backends(loaded.model, timed, batch=batch, runs=runs, max_seconds=max_seconds)
+    base = lat[BASELINE]
+    torch_row.latency, torch_row.speedup = base.to_dict(), 1.0
+    for row in rows[1:]:
+        if row.artifact in lat:
+            row.latency = lat[row.artifact].to_dict()
+            row.speedup = base.p50_ms / lat[row.artifact].p50_ms
+        elif row.artifact in failed:
+            row.note = failed[row.artifact]
+    return rows
+
+
+# -- the whole path --------------------------------------------------------------------------
+
+def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_NAMES,
+           calibration: str | Path | None = None, images: str | Path | None = None, batch=None,
+           bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
+           progress: Progress | None = None) -> DeployResult:
+    from crossvit.export.onnx import BatchRange
+    from crossvit.model import RANDOM_WEIGHTS_NOTE
+
+    say = progress or (lambda m: None)
+    batch = batch or BatchRange(1, 64)
+    start = time.perf_counter()
+    out = check_output_dir(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = loaded.info.name or (loaded.source.stem if loaded.source else "model")
+    result = DeployResult(out_dir=out)
+    if loaded.info.random_weights:
+        result.warnings.append(f"{name}: {RANDOM_WEIGHTS_NOTE}")
+        say(f"WARNING: {name}: {RANDOM_WEIGHTS_NOTE}")
+
+    say(f"[1/{STAGES}] export {name} to ONNX (fp32)")
+    fp32 = export_stage(loaded, out, name, batch, say)
+    say(f"[2/{STAGES}] precision variants: {', '.join(variants) or 'none'}")
+    artifacts = [fp32, *variants_stage(fp32, out, name, variants, calibration, result, say)]
+    say(f"[3/{STAGES}] parity gate on random inputs and real images")
+    reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
+    engines_stage(result, say)
+    say(f"[5/{STAGES}] latency at batch {bench_batch} ({bench_runs} runs each in 3 turns, "
+        f"at most ~{bench_seconds:.0f} s a backend)")
+    result.rows = latency_stage(loaded, reports, name, batch=bench_batch, runs=bench_runs,
+                                max_seconds=bench_seconds)
+    result.seconds = time.perf_counter() - start
+    text = to_json(result.to_dict(), indent=2)
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))
+    return result
