@@ -144,12 +144,14 @@ def validate_preprocessing(values: Mapping) -> dict:
     guessing would silently feed the model different pixels.
     """
     if not isinstance(values, Mapping):
-        raise ConfigError(f"preprocessing must be a JSON object, got {type(values).__name__}")
+        raise ConfigError(f"preprocessing must be a dict (a JSON object), got {type(values).__name__}")
     unknown = sorted(map(str, set(values) - set(PREPROCESSING_KEYS)))
     if unknown:
         raise ConfigError(f"unknown preprocessing keys: {', '.join(unknown)} "
                           f"(known: {', '.join(PREPROCESSING_KEYS)})")
-    size = values.get("input_size")
+    if "input_size" not in values:
+        raise ConfigError("preprocessing lacks input_size ([C, H, W])")
+    size = values["input_size"]
     if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 3 \
             or not all(_is_int(v) and v >= 1 for v in size):
         raise ConfigError(f"preprocessing input_size must be [C, H, W], positive integers, got {size!r}")

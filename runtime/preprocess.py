@@ -269,10 +269,14 @@ class Preprocessor:
     _mean: np.ndarray = field(init=False, repr=False, compare=False)
     _std: np.ndarray = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        size = self.input_size
+    @staticmethod
+    def _check_channels(size: object) -> None:
+        """Images decode to 1 (L) or 3 (RGB) channels; said before the mean/std length check."""
         if isinstance(size, Sequence) and len(size) == 3 and isinstance(size[0], int) and size[0] not in (1, 3):
             raise ConfigError(f"preprocessing input_size has {size[0]} channels; images give 1 (L) or 3 (RGB)")
+
+    def __post_init__(self) -> None:
+        self._check_channels(self.input_size)
         # the contract's validation, the same the model package applies when it writes the dict
         checked = validate_preprocessing({"input_size": self.input_size, "crop_pct": self.crop_pct,
                                           "interpolation": self.interpolation, "mean": self.mean,
@@ -287,6 +291,8 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, values: Mapping) -> "Preprocessor":
         """Build from the preprocessing dict in an artifact's metadata (checked by the contract)."""
+        if isinstance(values, Mapping):
+            cls._check_channels(values.get("input_size"))
         return cls(**validate_preprocessing(values))
 
     def to_dict(self) -> dict:
