@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prove the non-editable install works: build the wheel, install it into a fresh venv outside
+# the checkout, and run `crossvit deploy` and `crossvit predict` from another directory on the
+# images shipped inside the installed package. CI runs this after the test suite.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+TORCH="${TORCH:-torch==2.13.0}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/crossvit-wheel-check.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+echo "== building the wheel"
+"$PYTHON" -m venv "$work/build-env"
+"$work/build-env/bin/pip" wheel -q --no-deps -w "$work/dist" "$repo"
+wheel="$(ls "$work"/dist/crossvit-*.whl)"
+echo "   $(basename "$wheel") ($(du -k "$wheel" | cut -f1) kB)"
+
+echo "== installing it into a fresh venv"
+"$PYTHON" -m venv "$work/v"
+"$work/v/bin/pip" install -q "$TORCH" "$wheel"
+
+cd "$work"  # nowhere near the checkout: nothing can be found through the source tree
+if "$work/v/bin/python" -c "import crossvit, sys; sys.exit(not crossvit.__file__.startswith('$repo'))"; then
+    echo "crossvit was imported from the checkout, not from the wheel" >&2
+    exit 1
+fi
+images="$("$work/v/bin/python" -c 'from crossvit.assets import heldout_images; print(heldout_images())')"
+echo "== crossvit deploy (from $work, images in $images)"
+"$work/v/bin/crossvit" deploy -o "$work/out" --variants int8-cpu
+echo "== crossvit predict on the shipped images"
+"$work/v/bin/crossvit" predict "$work/out/crossvit_digits.fp32.onnx" "$images" --top-k 1 > "$work/predict.txt"
+n="$(wc -l < "$work/predict.txt")"
+[ "$n" -eq 360 ] || { echo "predict answered $n images, expected 360" >&2; exit 1; }
+echo "wheel check: passed (deploy and predict ran from a wheel install; $n images answered)"
