@@ -170,12 +170,18 @@ class Session:
         for start in range(0, len(items), batch_size):
             group = items[start:start + batch_size]
             array, good, errors = preprocess_files(group, self.preprocessor)
-            probs = softmax(self.infer(array)) if len(good) else np.zeros((0, self.info.num_classes))
+            logits = self.infer(array) if len(good) else np.zeros((0, self.info.num_classes), np.float32)
+            finite = np.isfinite(logits).all(axis=1)
+            probs = softmax(np.where(finite[:, None], logits, 0))
             top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
             gi = ei = 0
             for j, item in enumerate(group):  # good and errors are both in input order
                 name = str(item) if isinstance(item, (str, Path)) else f"image {start + j}"
-                if gi < len(good) and good[gi] is item:
+                if gi < len(good) and good[gi] is item and not finite[gi]:
+                    results.append(Prediction(source=name, error=f"{name}: the model gave non-finite "
+                                                                 "logits (NaN or infinity) for this image"))
+                    gi += 1
+                elif gi < len(good) and good[gi] is item:
                     idx = tuple(int(i) for i in top[gi])
                     results.append(Prediction(source=name, labels=tuple(self.labels[i] for i in idx),
                                               indices=idx, probs=tuple(float(probs[gi, i]) for i in idx)))

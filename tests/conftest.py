@@ -2,13 +2,48 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "crossvit" / "assets"
+
+# The one tiny seed config: unequal branch widths, heads and depths, fast enough for every test.
+TINY_SEED = dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
+                 sm_enc_depth=1, sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64,
+                 lg_enc_depth=2, lg_enc_heads=3, lg_enc_dim_head=8, lg_enc_mlp_dim=96,
+                 cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=16, depth=2)
+
+
+def run_crossvit(*args, cwd=None, timeout: float = 900, stdin=None) -> subprocess.CompletedProcess:
+    """`python -m crossvit ARGS...` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, input=stdin)
+
+
+def check_one_line_error(proc: subprocess.CompletedProcess, words: str, code: int = 1) -> str:
+    """The bad-input contract: exit `code`, no traceback, and exactly one error line on stderr,
+    which contains `words`. Returns that line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert words in errors[0], (words, errors[0])
+    return errors[0]
+
+
+@pytest.fixture
+def cli():
+    """Run the `crossvit` command: `cli("predict", path, ...)` -> CompletedProcess."""
+    return run_crossvit
+
+
+@pytest.fixture
+def one_line_error():
+    """`one_line_error(proc, words, code=1)`: see `check_one_line_error`."""
+    return check_one_line_error
 
 
 def _has_cuda() -> bool:
@@ -50,11 +85,8 @@ def vit_pytorch_cross_vit():
 
 @pytest.fixture
 def tiny_seed_kwargs():
-    """A small seed config with unequal branches, fast enough for every test."""
-    return dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
-                sm_enc_depth=1, sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64,
-                lg_enc_depth=2, lg_enc_heads=3, lg_enc_dim_head=8, lg_enc_mlp_dim=96,
-                cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=16, depth=2)
+    """TINY_SEED, a fresh copy for each test."""
+    return dict(TINY_SEED)
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +99,7 @@ def small_artifacts(tmp_path_factory):
 
     torch.manual_seed(3)
     root = tmp_path_factory.mktemp("small")
-    model = CrossViT(image_size=32, num_classes=10, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
-                     sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64, lg_enc_depth=1, lg_enc_heads=3,
-                     lg_enc_dim_head=8, lg_enc_mlp_dim=96, cross_attn_depth=1, cross_attn_heads=2,
-                     cross_attn_dim_head=16, depth=1)
+    model = CrossViT(**{**TINY_SEED, "num_classes": 10})
     ckpt = save_checkpoint(model, root / "small.safetensors", labels=[str(i) for i in range(10)],
                            preprocessing=dict(input_size=[3, 32, 32], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
     onnx_path = export_onnx(load_checkpoint(ckpt), root / "small.onnx", batch=BatchRange(1, 8)).path

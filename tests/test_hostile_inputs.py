@@ -1,0 +1,429 @@
+"""Inputs a careless or hostile user hands us, one test each: one clear line and a non-zero exit
+(or a clear exception from the API), never a traceback, a huge allocation, a hang, output that
+is not JSON, a forged line of output, or a half-written file."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_SEED
+from crossvit.contract import FORMAT_VERSION, METADATA_KEY, TEMP_TAG, encode_metadata
+from crossvit.errors import ArtifactError, CheckpointError, ConfigError, InputError
+
+
+def _strict_json(line: str):
+    """json.loads that refuses NaN/Infinity, as RFC 8259 parsers do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A TINY_SEED checkpoint with 3 classes and its ONNX export."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny")
+    model = CrossViT(**{**TINY_SEED, "num_classes": 3})
+    ckpt = save_checkpoint(model, root / "tiny.safetensors", labels=["a", "b", "c"],
+                           preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    onnx_path = export_onnx(load_checkpoint(ckpt), root / "tiny.onnx", batch=BatchRange(1, 4)).path
+    return ckpt, onnx_path
+
+
+def _image(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# -- untrusted configs and weights --------------------------------------------------------------
+
+def test_config_asking_for_a_huge_model_is_refused_before_allocating(tmp_path, cli, one_line_error):
+    from safetensors.torch import save_file
+
+    from crossvit.model import get_spec
+
+    meta = {"format": "crossvit-checkpoint", "format_version": 1, "architecture": "seed", "name": None,
+            "config": {**get_spec("crossvit_digits").config, "sm_dim": 4096, "sm_enc_mlp_dim": 65536},
+            "labels": [str(i) for i in range(10)], "preprocessing": {"input_size": [3, 32, 32]},
+            "provenance": {}}
+    path = tmp_path / "bomb.safetensors"
+    save_file({"sm_mlp_head.0.weight": torch.zeros(4)}, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    assert path.stat().st_size < 3000
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = cli("info", path)
+    elapsed = time.perf_counter() - start
+    one_line_error(proc, "does not fit")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # torch + onnx imported weigh ~0.5 GB; the model the config asks for would be 4.4 GB
+    assert peak_mb < 1500 or before / 1024 >= 1500, peak_mb
+    assert elapsed < 60
+
+
+def test_config_over_the_parameter_limit_is_refused_on_the_meta_device():
+    from crossvit.model.checkpoint import _meta_state_dict
+    from crossvit.model.registry import get_architecture, get_spec
+
+    cfg = {**get_spec("crossvit_digits").config, "sm_dim": 100_000, "sm_enc_mlp_dim": 400_000, "sm_enc_depth": 40}
+    with pytest.raises(ConfigError, match="parameters; the limit is"):
+        _meta_state_dict(get_architecture("seed"), cfg)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_with_the_tensor_name(tmp_path, tiny, value, cli, one_line_error):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny[0]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["sm_mlp_head.1.weight"][0, 0] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    from crossvit.model import load_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"sm_mlp_head\.1\.weight holds NaN or infinite values"):
+        load_checkpoint(bad)
+    one_line_error(cli("export", bad, "-o", tmp_path / "bad.onnx"), "NaN or infinite")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_saving_a_model_with_non_finite_weights_is_refused(tmp_path):
+    from crossvit.model import CrossViT, save_checkpoint
+
+    model = CrossViT(**TINY_SEED)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        save_checkpoint(model, tmp_path / "m.safetensors", labels=[str(i) for i in range(7)])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_infer_refuses_non_finite_input(tiny, value):
+    from crossvit.runtime.session import open_session
+
+    x = np.zeros((3, 3, 32, 32), np.float32)
+    x[1, 0, 5, 5] = value
+    with open_session(tiny[1]) as s, pytest.raises(InputError, match="NaN or infinite values .*image 1"):
+        s.infer(x)
+
+
+def test_predict_json_is_valid_json_even_when_the_model_overflows(tmp_path, cli):
+    """A (finite) model whose logits overflow to inf: the image gets an error, the line stays JSON."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+
+    model = CrossViT(**{**TINY_SEED, "num_classes": 3})
+    with torch.no_grad():
+        for head in (model.sm_mlp_head[1], model.lg_mlp_head[1]):
+            head.weight.fill_(3e38)
+    ckpt = save_checkpoint(model, tmp_path / "hot.safetensors", labels=["a", "b", "c"],
+                           preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    onnx_path = export_onnx(load_checkpoint(ckpt), tmp_path / "hot.onnx", batch=BatchRange(1, 4)).path
+    proc = cli("predict", onnx_path, _image(tmp_path / "x.png"), "--json")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = _strict_json(lines[0])
+    assert "non-finite" in record["error"] and proc.returncode == 1
+
+
+def test_to_json_never_writes_nan():
+    from crossvit.contract import to_json
+
+    assert _strict_json(to_json({"p": float("nan"), "q": [float("inf"), 1.0], "r": np.float32(np.nan)})) == \
+        {"p": None, "q": [None, 1.0], "r": None}
+
+
+# -- argument values ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "-1"], "--batch: expected an integer >= 1, got -1"),
+    (["--batch", "0"], "--batch: expected an integer >= 1, got 0"),
+    (["--top-k", "0"], "--top-k: expected an integer >= 1, got 0"),
+    (["--top-k", "two"], "--top-k: expected an integer >= 1, got 'two'"),
+])
+def test_predict_refuses_bad_numbers_in_one_line(tiny, tmp_path, cli, one_line_error, args, words):
+    proc = cli("predict", tiny[1], _image(tmp_path / "x.png"), *args)
+    one_line_error(proc, words, code=2)
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_api_refuses_bad_numbers(tiny, tmp_path):
+    from crossvit.runtime.session import open_session
+
+    img = _image(tmp_path / "x.png")
+    with open_session(tiny[1]) as s:
+        for kwargs in ({"top_k": 0}, {"top_k": -3}, {"batch_size": -1}, {"batch_size": 0}):
+            with pytest.raises(ConfigError):
+                s.predict([img], **kwargs)
+
+
+def test_export_refuses_an_absurd_batch_range_before_exporting(tmp_path, cli, one_line_error):
+    proc = cli("export", "-o", tmp_path / "x.onnx", "--batch", "1:99999999999999999999")
+    one_line_error(proc, "over the limit")
+    assert "exporting" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+# -- output paths ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ["export", "-o", "{dir}"],
+    ["export", "--precision", "int8-cpu", "-o", "{dir}"],
+    ["convert", "-o", "{dir}"],
+    ["export", "-o", "/proc/crossvit-test/x.onnx"],
+    ["export", "-o", "/proc/x.onnx"],
+    ["check", "{onnx}", "--json", "{dir}"],
+    ["deploy", "-o", "{file}"],
+])
+def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path, cli, one_line_error, command):
+    folder = tmp_path / "existing.onnx"
+    folder.mkdir()
+    (tmp_path / "file").write_text("x")
+    args = [a.format(dir=folder, onnx=tiny[1], file=tmp_path / "file") for a in command]
+    if command[0] == "convert":
+        folder = tmp_path / "existing.safetensors"
+        folder.mkdir()
+        args[-1] = str(folder)
+    proc = cli(*args, timeout=120)
+    line = one_line_error(proc, "")
+    assert any(w in line for w in ("is a directory", "cannot write there", "is not a folder")), line
+    assert "internal error" not in line
+    assert "exporting" not in proc.stderr and "random inputs" not in proc.stderr  # refused before the work
+
+
+def test_int8_cpu_export_creates_a_missing_folder_like_fp32(tmp_path, cli):
+    for precision in ("fp32", "int8-cpu"):
+        out = tmp_path / precision / "new" / "dir" / "x.onnx"
+        proc = cli("export", "--precision", precision, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        assert out.is_file() and oct(out.stat().st_mode & 0o777) == "0o644"
+
+
+def test_variants_are_written_0644(tmp_path, tiny):
+    from crossvit.export.precision import convert_precision
+
+    out = convert_precision(tiny[1], tmp_path / "t.int8-cpu.onnx", "int8-cpu", None)
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+
+
+# -- metadata that lies about the graph ---------------------------------------------------------
+
+def _rewrite_metadata(src: Path, dst: Path, change) -> Path:
+    import onnx
+
+    proto = onnx.load(str(src))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    change(meta)
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = encode_metadata(meta)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("input name", lambda m: m["inputs"][0].update(name="pixels"), "it names input 'pixels'"),
+    ("output name", lambda m: m["outputs"][0].update(name="probs"), "it names output 'probs'"),
+    ("shape", lambda m: (m["inputs"][0].update(shape=["batch", 3, 64, 64]),
+                         m["model"]["preprocessing"].update(input_size=[3, 64, 64])), "the metadata says"),
+    ("channels", lambda m: (m["inputs"][0].update(shape=["batch", 1, 32, 32]),
+                            m["model"]["preprocessing"].update(input_size=[1, 32, 32], mean=[0.5], std=[0.5])),
+     "the metadata says"),
+    ("labels", lambda m: m["model"].update(labels=["a", "b", "c", "d"]), "the metadata has 4 labels"),
+    ("inconsistent", lambda m: m["inputs"][0].update(shape=["batch", 3, 64, 64]), "inconsistent"),
+    ("newer format", lambda m: m.update(format_version=FORMAT_VERSION + 1), "upgrade crossvit"),
+])
+def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_error, name, change, words):
+    from crossvit.runtime.session import open_session
+
+    bad = _rewrite_metadata(tiny[1], tmp_path / "lying.onnx", change)
+    with pytest.raises(ArtifactError, match=words):
+        open_session(bad)
+    proc = cli("predict", bad, _image(tmp_path / "x.png"))
+    one_line_error(proc, words)
+
+
+def test_checkpoint_from_a_newer_format_asks_for_an_upgrade(tiny, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from crossvit.model import load_checkpoint
+
+    with safe_open(str(tiny[0]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    meta["format_version"] = FORMAT_VERSION + 1
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="newer crossvit .*upgrade crossvit"):
+        load_checkpoint(tmp_path / "new.safetensors")
+
+
+# -- text that would forge output ---------------------------------------------------------------
+
+def test_labels_and_file_names_with_control_characters_are_escaped(tmp_path, cli):
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+
+    evil = ["ok\nforged.png  cat 99.00%", "\x1b[31mred\x1b[0m", "c"]
+    ckpt = save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 3}), tmp_path / "m.safetensors", labels=evil,
+                           preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    onnx_path = export_onnx(load_checkpoint(ckpt), tmp_path / "m.onnx", batch=BatchRange(1, 4)).path
+    img = _image(tmp_path / "we\nird\x1b[2J.png")
+    proc = cli("predict", onnx_path, img, "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout + proc.stderr
+    assert len(proc.stdout.splitlines()) == 1  # one image, one line
+    assert "\\n" in proc.stdout and "\\x1b[31mred" in proc.stdout
+    # --json keeps the real strings (JSON escapes them itself)
+    record = _strict_json(cli("predict", onnx_path, img, "--json", "--top-k", "3").stdout)
+    assert {t["label"] for t in record["top"]} == set(evil) and record["source"] == str(img)
+
+
+# -- interrupted writes -------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.slow
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "export", "--precision", "int8-cpu",
+                             "-o", out / "x.onnx"], stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:  # wait until the export is under way
+        if "exporting" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, rest
+    assert "terminated" in rest and "Traceback" not in rest
+    assert list(tmp.iterdir()) == []
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_one(tmp_path, cli):
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    pid = _dead_pid()
+    stale = [out / f".x.onnx.{TEMP_TAG}-{pid}-abcd", tmp / f"{TEMP_TAG}-{pid}-efgh"]
+    for d in stale:
+        d.mkdir()
+        (d / "x.onnx").write_bytes(b"half")
+    alive = out / f".y.onnx.{TEMP_TAG}-{os.getpid()}-ijkl"  # a live writer's: kept
+    alive.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "crossvit", "export", "--precision", "int8-cpu", "-o",
+                           out / "x.onnx"], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    assert not any(d.exists() for d in stale) and alive.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["x.onnx", alive.name])
+
+
+# -- messages that say what the file is ----------------------------------------------------------
+
+@pytest.mark.parametrize("name, content, words", [
+    ("random.pth", os.urandom(4096), "not a PyTorch checkpoint or a safetensors file"),
+    ("notes.pt", b"just some notes\nabout a model\n", "a text file, not a checkpoint"),
+    ("config.bin", b'{"sm_dim": 64}', "a JSON or text file, not a checkpoint"),
+])
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, name, content, words):
+    from crossvit.model import load_checkpoint
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=words) as e:
+        load_checkpoint(tmp_path / name, name="crossvit_digits")
+    assert "Python objects" not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pth"])
+def test_an_onnx_given_as_a_checkpoint_is_called_an_onnx_model(tiny, tmp_path, suffix):
+    from crossvit.model import load_checkpoint
+
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(tiny[1].read_bytes())
+    with pytest.raises(CheckpointError, match="an ONNX model, not a checkpoint"):
+        load_checkpoint(path, name="crossvit_digits")
+
+
+def test_legacy_pickle_refusal_prints_no_torch_warning(tmp_path, cli, one_line_error):
+    import argparse
+
+    torch.save({"model": argparse.Namespace(w=torch.zeros(2))}, tmp_path / "obj.pth",
+               _use_new_zipfile_serialization=False)
+    proc = cli("info", tmp_path / "obj.pth", "--model", "crossvit_digits")
+    one_line_error(proc, "refused")
+    assert "Warning" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_model_name_for_a_foreign_checkpoint_names_the_one_that_fits(tmp_path):
+    from crossvit.model import create_model, load_checkpoint
+
+    torch.save({"model": create_model("crossvit_tiny_240").state_dict()}, tmp_path / "ibm.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit 'crossvit_small_240': shape mismatch .*"
+                                              r"The file fits crossvit_tiny_240: use --model crossvit_tiny_240"):
+        load_checkpoint(tmp_path / "ibm.pth", name="crossvit_small_240")
+
+
+# -- random weights are said to be random -------------------------------------------------------
+
+@pytest.mark.slow
+def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli):
+    proc = cli("export", "--model", "crossvit_tiny_240", "--batch", "1:2", "-o", tmp_path / "t.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "no checkpoint: random weights, for speed measurements only" in proc.stderr
+    from crossvit.runtime.artifact import read_artifact
+
+    info = read_artifact(tmp_path / "t.onnx")
+    assert info.random_weights and info.raw["source"]["random_weights"] is True
+    proc = cli("predict", tmp_path / "t.onnx", _image(tmp_path / "x.png"))
+    assert proc.returncode == 0 and "random weights" in proc.stderr and "mean nothing" in proc.stderr
+
+
+def test_a_trained_model_gets_no_random_weights_warning(tiny, tmp_path, cli):
+    proc = cli("predict", tiny[1], _image(tmp_path / "x.png"))
+    assert proc.returncode == 0 and "random" not in proc.stderr
+
+
+# -- smaller ones -------------------------------------------------------------------------------
+
+def test_a_fifo_given_as_an_image_is_refused_without_hanging(tiny, tmp_path, cli):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    proc = cli("predict", tiny[1], fifo, timeout=60)
+    assert proc.returncode == 1 and "not a regular file" in proc.stdout
+
+
+def test_a_fifo_given_as_a_checkpoint_or_artifact_is_refused(tmp_path, cli, one_line_error):
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    one_line_error(cli("info", fifo, timeout=60), "not a regular file")
+    one_line_error(cli("export", fifo, "-o", tmp_path / "x.onnx", timeout=60), "not a regular file")
+
+
+def test_session_predict_accepts_one_path(tiny, tmp_path):
+    from crossvit.runtime.session import open_session
+
+    img = _image(tmp_path / "x.png")
+    with open_session(tiny[1]) as s:
+        one, many = s.predict(str(img)), s.predict([img])
+    assert len(one) == 1 and one[0].ok and one[0].indices == many[0].indices
