@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_latency_benchmark_writes_results_with_ratios(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "crossvit.benchmarks.latency", "--batch", "1,2", "--runs", "6",
                            "--out", tmp_path], capture_output=True, text=True, timeout=600)

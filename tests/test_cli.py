@@ -1,8 +1,6 @@
 """The `crossvit` command: models, info, convert; errors are one line, never a traceback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,33 +8,28 @@ import torch
 from crossvit.model import load_checkpoint
 
 
-def crossvit(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_models_lists_every_registered_name_with_parameter_counts():
-    proc = crossvit("models")
+def test_models_lists_every_registered_name_with_parameter_counts(cli):
+    proc = cli("models")
     assert proc.returncode == 0, proc.stderr
     assert "crossvit_digits" in proc.stdout and "[weights shipped]" in proc.stdout
     line = next(l for l in proc.stdout.splitlines() if l.startswith("crossvit_15_240 "))
     assert "27.53M" in line and "3x240x240" in line  # timm's crossvit_15_240: 27,528,464 params
 
 
-def test_convert_foreign_checkpoint_then_info_reads_it(tmp_path, vit_pytorch_cross_vit):
+def test_convert_foreign_checkpoint_then_info_reads_it(tmp_path, vit_pytorch_cross_vit, cli):
     from crossvit.model import create_model
 
     cfg = create_model("crossvit_digits").config.to_dict()
     ref = vit_pytorch_cross_vit.CrossViT(**cfg).eval()
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "vp.pth")
-    proc = crossvit("convert", tmp_path / "vp.pth", "--model", "crossvit_digits", "-o", tmp_path / "ours.safetensors")
+    proc = cli("convert", tmp_path / "vp.pth", "--model", "crossvit_digits", "-o", tmp_path / "ours.safetensors")
     assert proc.returncode == 0, proc.stderr
     loaded = load_checkpoint(tmp_path / "ours.safetensors")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (loaded.model(x) - ref(x)).abs().max() <= 1e-5
     assert loaded.info.provenance["source"] == "vp.pth"
-    proc = crossvit("info", tmp_path / "ours.safetensors")
+    proc = cli("info", tmp_path / "ours.safetensors")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["architecture"] == "seed" and info["labels"][:3] == ["0", "1", "2"]
@@ -52,16 +45,15 @@ def test_convert_foreign_checkpoint_then_info_reads_it(tmp_path, vit_pytorch_cro
     (["convert", "{tmp}/foreign.pth", "--config", "{tmp}/weird.json", "-o", "{tmp}/o.safetensors"],
      "cannot tell the architecture"),
 ])
-def test_checkpoint_errors_are_one_line_with_nonzero_exit(tmp_path, args, words):
+def test_checkpoint_errors_are_one_line_with_nonzero_exit(tmp_path, args, words, cli, one_line_error):
     torch.save({"w": torch.zeros(2)}, tmp_path / "foreign.pth")
     (tmp_path / "weird.json").write_text(json.dumps({"width": 3}))
-    proc = crossvit(*[a.format(tmp=tmp_path) for a in args])
-    assert proc.returncode == 1
-    assert words in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli(*[a.format(tmp=tmp_path) for a in args])
+    one_line_error(proc, words)
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_no_subcommand_prints_help():
-    proc = crossvit()
+def test_no_subcommand_prints_help(cli):
+    proc = cli()
     assert proc.returncode == 0 and "deploy" in proc.stdout

@@ -192,11 +192,9 @@ def test_imagenet_labels_ship_with_the_package():
     assert names[0] == "tench" and names[999] == "toilet tissue"
 
 
-def test_named_model_loads_a_timm_style_checkpoint_by_name_and_through_the_cli(tmp_path):
+def test_named_model_loads_a_timm_style_checkpoint_by_name_and_through_the_cli(tmp_path, cli):
     """`create_model(name, checkpoint=PATH)` and `crossvit convert --model NAME` with a nested,
     IBM-named .pth of a real-size named variant (random weights stand in for released ones)."""
-    import subprocess
-    import sys
 
     torch.manual_seed(0)
     ref = create_model("crossvit_tiny_240").eval()
@@ -208,9 +206,7 @@ def test_named_model_loads_a_timm_style_checkpoint_by_name_and_through_the_cli(t
     x = torch.randn(2, 3, 240, 240)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
-    proc = subprocess.run([sys.executable, "-m", "crossvit", "convert", str(tmp_path / "ibm.pth"), "--model",
-                           "crossvit_tiny_240", "-o", str(tmp_path / "tiny.safetensors")],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("convert", tmp_path / "ibm.pth", "--model", "crossvit_tiny_240", "-o", tmp_path / "tiny.safetensors")
     assert proc.returncode == 0, proc.stderr
     loaded = load_checkpoint(tmp_path / "tiny.safetensors")
     assert loaded.info.name == "crossvit_tiny_240" and len(loaded.info.labels) == 1000

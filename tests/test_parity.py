@@ -1,8 +1,6 @@
 """The parity gate: passes what computes the same function, fails what does not, never loosens."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -96,12 +94,12 @@ def test_thresholds_match_the_issue():
         assert THRESHOLDS[p].top1_agreement == 0.97 and THRESHOLDS[p].accuracy_drop == 1.0
 
 
-def check(*args):
-    return subprocess.run([sys.executable, "-m", "crossvit", "check", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def check(cli):
+    return lambda *args: cli("check", *args)
 
 
-def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_path):
+def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_path, check, one_line_error):
     ckpt, onnx_path = small_artifacts
     ok = check(onnx_path, "--reference", ckpt, "--batch-sizes", "1,3", "--json", tmp_path / "ok.json")
     assert ok.returncode == 0, ok.stderr
@@ -109,7 +107,7 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     bad = check(corrupted, "--reference", ckpt, "--batch-sizes", "2")
     assert bad.returncode == 2 and "verdict: FAIL" in bad.stdout
     loose = check(onnx_path, "--reference", ckpt, "--max-abs", "0.5")
-    assert loose.returncode == 1 and "looser" in loose.stderr and "Traceback" not in loose.stderr
+    one_line_error(loose, "looser")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -120,7 +118,7 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     (["--images", "{tmp}/junk"], "none of its 2 images could be read"),
     (["--reference", "{tmp}/nope.safetensors"], "no such file"),
 ])
-def test_check_cli_bad_input(small_artifacts, tmp_path, args, words):
+def test_check_cli_bad_input(small_artifacts, tmp_path, args, words, check, one_line_error):
     ckpt, onnx_path = small_artifacts
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk").mkdir()
@@ -129,11 +127,10 @@ def test_check_cli_bad_input(small_artifacts, tmp_path, args, words):
     extra = [a.format(tmp=tmp_path) for a in args]
     if "--reference" not in extra:
         extra += ["--reference", str(ckpt)]
-    proc = check(onnx_path, *extra)
-    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(check(onnx_path, *extra), words)
 
 
-def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpoint(small_artifacts, tmp_path):
+def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpoint(small_artifacts, tmp_path, check):
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.model import load_model
 

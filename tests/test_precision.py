@@ -112,6 +112,7 @@ def _metadata(path: Path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+@pytest.mark.slow  # builds precision variants
 @pytest.mark.parametrize("precision,dtype", [("fp16", "float16"), ("bf16", "bfloat16")])
 def test_autocast_keeps_layernorm_softmax_and_io_fp32(variants, precision, dtype):
     summary = graph_precision_summary(variants(precision))
@@ -125,6 +126,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean() * 100)
 
 
+@pytest.mark.slow  # builds precision variants
 def test_fp16_variant_passes_the_gate_on_real_images(variants, probe):
     x, ref, labels = probe
     err = _errors(ref, _run_ort(variants("fp16"), x))
@@ -133,6 +135,7 @@ def test_fp16_variant_passes_the_gate_on_real_images(variants, probe):
     assert err["rel_l2"] <= t.rel_l2 and err["top1"] >= t.top1_agreement, err
 
 
+@pytest.mark.slow  # builds precision variants
 def test_bf16_variant_passes_the_gate_in_the_onnx_reference_evaluator(variants, probe):
     """ONNX Runtime's CPU provider has no bf16 MatMul; the ONNX reference evaluator runs the graph."""
     from onnx.reference import ReferenceEvaluator
@@ -145,6 +148,7 @@ def test_bf16_variant_passes_the_gate_in_the_onnx_reference_evaluator(variants, 
     assert err["rel_l2"] <= t.rel_l2 and err["top1"] >= t.top1_agreement, err
 
 
+@pytest.mark.slow  # builds precision variants
 def test_bf16_variant_in_onnxruntime_cpu(variants, probe):
     """Either ORT CPU runs bf16 within the gate, or it refuses at load with NOT_IMPLEMENTED (1.32)."""
     x, ref, _ = probe
@@ -158,6 +162,7 @@ def test_bf16_variant_in_onnxruntime_cpu(variants, probe):
     assert err["rel_l2"] <= THRESHOLDS["bf16"].rel_l2, err
 
 
+@pytest.mark.slow  # builds precision variants
 @pytest.mark.parametrize("precision,qdtype", [("int8", "int8"), ("fp8", "float8e4m3fn")])
 def test_quantized_variant_has_qdq_and_passes_the_gate_on_real_images(variants, probe, precision, qdtype):
     path = variants(precision)
@@ -175,6 +180,7 @@ def test_quantized_variant_has_qdq_and_passes_the_gate_on_real_images(variants, 
     assert acc_ref - acc_got <= t.accuracy_drop
 
 
+@pytest.mark.slow  # builds precision variants
 def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calibration(fp32_onnx, probe, tmp_path,
                                                                                       monkeypatch):
     import onnx
@@ -195,6 +201,7 @@ def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calib
     assert meta["precision"] == "int8-cpu" and meta["precision_tool"]["target"] == "onnxruntime-cpu"
 
 
+@pytest.mark.slow  # builds precision variants
 def test_variants_are_self_contained_and_pass_full_check(variants, fp32_onnx):
     import onnx
 
@@ -207,6 +214,7 @@ def test_variants_are_self_contained_and_pass_full_check(variants, fp32_onnx):
     assert sorted(p.name for p in fp32_onnx.parent.iterdir()) == before
 
 
+@pytest.mark.slow  # builds precision variants
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "fp8"])
 def test_variants_have_no_placeholder_dims_shared_across_sizes(variants, precision):
     """AutoCast leaves dim "unk" on tensors of different sizes; ORT then crashes on buffer reuse."""
@@ -217,6 +225,7 @@ def test_variants_have_no_placeholder_dims_shared_across_sizes(variants, precisi
     assert "unk" not in dims
 
 
+@pytest.mark.slow  # builds precision variants
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_metadata_precision_updated_and_rest_kept(variants, precision):
     meta = _metadata(variants(precision))
@@ -261,6 +270,7 @@ def test_unknown_precision_is_refused(fp32_onnx, tmp_path):
         convert_precision(fp32_onnx, tmp_path / "out.onnx", "int4", None)
 
 
+@pytest.mark.slow  # builds precision variants
 def test_modelopt_failure_is_one_line_and_leaves_no_file(fp32_onnx, calibration, tmp_path, monkeypatch):
     import modelopt.onnx.quantization as q
 

@@ -176,16 +176,15 @@ def test_onnx_without_crossvit_metadata_is_refused(tmp_path):
         open_session(tmp_path / "plain.onnx")
 
 
-def test_predict_cli_prints_table_json_and_exits_1_on_a_bad_file(small_artifacts, images, tmp_path):
+def test_predict_cli_prints_table_json_and_exits_1_on_a_bad_file(small_artifacts, images, tmp_path, cli):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    cmd = [sys.executable, "-m", "crossvit", "predict", str(small_artifacts[1])]
-    proc = subprocess.run(cmd + [str(tmp_path), "--top-k", "2", "--json"], capture_output=True, text=True, timeout=120)
+    proc = cli("predict", small_artifacts[1], tmp_path, "--top-k", "2", "--json")
     assert proc.returncode == 1
     rows = [json.loads(l) for l in proc.stdout.splitlines()]
     assert len(rows) == 4 and sum("error" in r for r in rows) == 1
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run(cmd + [str(p) for p in images], capture_output=True, text=True, timeout=120)
+    proc = cli("predict", small_artifacts[1], *images)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3 and "%" in proc.stdout
 
@@ -237,3 +236,12 @@ def test_torch_backend_on_cuda_without_a_gpu_says_so(small_artifacts):
         pytest.skip("this machine has CUDA")
     with pytest.raises(BackendUnavailable, match="no CUDA device"):
         open_session(small_artifacts[0], device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_backend_matches_onnxruntime_on_each_device(small_artifacts, device):
+    ckpt, onnx_path = small_artifacts
+    x = np.random.default_rng().standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with open_session(onnx_path, device="cpu") as ref, open_session(ckpt, backend="torch", device=device) as s:
+        assert s.device == device
+        assert np.abs(s.infer(x) - ref.infer(x)).max() <= 1e-4
