@@ -45,7 +45,10 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from crossvit.model import CrossViT, load_checkpoint, save_checkpoint  # noqa: E402
-from crossvit.model.registry import ASSETS, get_spec  # noqa: E402
+from crossvit.model.registry import get_spec  # noqa: E402
+
+# This script regenerates the shipped files in the checkout (not in an installed package).
+ASSETS = Path(__file__).resolve().parent.parent / "crossvit" / "assets"
 
 NAME = "crossvit_digits"
 SEED = 0

@@ -206,6 +206,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path, cli, one
     assert "exporting" not in proc.stderr and "random inputs" not in proc.stderr  # refused before the work
 
 
+@pytest.mark.slow
 def test_int8_cpu_export_creates_a_missing_folder_like_fp32(tmp_path, cli):
     for precision in ("fp32", "int8-cpu"):
         out = tmp_path / precision / "new" / "dir" / "x.onnx"
@@ -321,6 +322,7 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_removed_by_the_next_one(tmp_path, cli):
     tmp, out = tmp_path / "tmp", tmp_path / "out"
     tmp.mkdir()
