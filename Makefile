@@ -22,6 +22,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed-run
 	# torchvision, which the CPU torch build lacks, so it is installed without dependencies
 	# and the tests load its cross_vit.py file directly.
 	$(BIN)/pip install -q --no-deps "vit-pytorch==1.26.11"
+	# The real TensorRT runtime bindings (the lean runtime: a real wheel on PyPI, unlike the full
+	# builder) and cuda-python, so tests/test_tensorrt.py checks every TensorRT and CUDA runtime
+	# name our session uses against them. They import without a GPU; no object is ever created.
+	$(BIN)/pip install -q "tensorrt-lean-cu12==11.4.0.106" "cuda-bindings>=12.9"
 	touch $@
 
 deploy: $(VENV)/.installed-run

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crossvit import __version__
 from crossvit.contract import PRECISION_NAMES, VARIANT_NAMES
+from crossvit.runtime.session import BACKEND_NAMES
 from crossvit.errors import ConfigError, CrossViTError
 
 
@@ -249,6 +250,19 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_build(args) -> int:
+    from crossvit.export.engine import BuildOptions, build_engine
+
+    options = BuildOptions(batch=args.batch, workspace_gib=args.workspace, opt_level=args.opt_level,
+                           timing_cache=args.timing_cache, hardware_compat=args.hardware_compat,
+                           version_compatible=args.version_compatible)
+    manifest = build_engine(args.onnx, args.output, options, progress=_say)
+    b = manifest["batch"]
+    print(f"wrote {args.output} ({manifest['precision']}, batch {b['min']}..{b['max']} tuned for {b['opt']}, "
+          f"TensorRT {manifest['tensorrt']['version']}, {manifest['device']['name']})")
+    return 0
+
+
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
@@ -308,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the embedded model)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("check", help="parity gate: ONNX Runtime vs the PyTorch reference")
-    p.add_argument("artifact", type=Path, metavar="MODEL.onnx")
+    p = sub.add_parser("check", help="parity gate: the artifact (ONNX Runtime or TensorRT) vs the PyTorch reference")
+    p.add_argument("artifact", type=Path, metavar="MODEL.onnx|MODEL.plan")
     p.add_argument("--reference", type=Path, metavar="CHECKPOINT",
                    help="reference checkpoint (default: --model's, or the embedded model)")
     p.add_argument("--model", metavar="NAME", help="registered model name of the reference")
@@ -325,15 +339,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("predict", help="classify image files or folders with an artifact")
-    p.add_argument("artifact", type=Path, metavar="ARTIFACT", help=".onnx file (or a checkpoint with --backend torch)")
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT",
+                   help=".onnx, a TensorRT .plan (from `crossvit build`) or a checkpoint (torch backend)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="images per inference call (default: the artifact's largest batch, at most 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
+                   help="auto: by the artifact's kind (a .plan that cannot run here falls back to its ONNX); "
+                        "ort-tensorrt: ONNX Runtime's TensorRT provider")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("build", help="build a TensorRT engine (.plan + manifest) from an ONNX (needs a GPU)",
+                       description="Build a TensorRT engine from a crossvit ONNX (fp32 or a TensorRT variant "
+                                   "from `export --precision`): a strongly typed network, so the engine computes "
+                                   "in the ONNX's precision. Writes MODEL.plan and MODEL.plan.json (the manifest "
+                                   "the runtime checks against the machine). Needs an NVIDIA GPU, TensorRT 10/11 "
+                                   "and cuda-python.")
+    p.add_argument("onnx", type=Path, metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.plan")
+    p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
+                   help="optimization profile (default: the ONNX's batch range, tuned for a middle size)")
+    p.add_argument("--workspace", type=float, default=None, metavar="GiB", help="builder workspace limit")
+    p.add_argument("--opt-level", type=int, default=None, metavar="0-5",
+                   help="builder optimization level (TensorRT's default 3; higher builds longer)")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                   help="kernel timing cache: loaded if present, saved after the build")
+    p.add_argument("--hardware-compat", default="none", choices=("none", "ampere+", "same-cc"),
+                   help="run on other GPUs: ampere+ (any compute capability >= 8.0, slower kernels) or "
+                        "same-cc (any GPU of this compute capability)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="runs on later TensorRT versions of the same major version")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
     _add_model_source(p)

@@ -10,6 +10,7 @@ no torch (the runtime imports it) and nothing heavy at module level.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -37,6 +38,13 @@ ENGINE_FORMAT = "crossvit-engine"
 INPUT_NAME = "input"  # float32 [batch, C, H, W], preprocessed
 OUTPUT_NAME = "logits"  # float32 [batch, classes]
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def manifest_path(plan: str | Path) -> Path:
+    """An engine's manifest: `MODEL.plan` -> `MODEL.plan.json`, beside it."""
+    plan = Path(plan)
+    return plan.with_name(plan.name + ".json")
 
 # -- size limits -----------------------------------------------------------------------------
 
@@ -264,6 +272,14 @@ def write_onnx_metadata(proto, meta: dict, others: list[tuple[str, str]] | None 
 
 
 # -- files in, files out ---------------------------------------------------------------------
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 def first_line(e: BaseException) -> str:
     """An exception as one line: its message's first line, or its type's name."""

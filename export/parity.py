@@ -23,7 +23,7 @@ from crossvit.errors import ConfigError, CrossViTError, ParityFailure
 from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.images import ImageSet, list_images, load_image_set
-from crossvit.runtime.session import OnnxRuntimeSession
+from crossvit.runtime.session import AUTO_BACKEND, artifact_kind, open_session
 
 
 @dataclass
@@ -151,8 +151,14 @@ def _reference_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) ->
 
 def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | Path | None = None,
                  batch_sizes: list[int] | None = None, thresholds: Thresholds | None = None,
-                 seed: int | None = None, progress: Callable[[str], None] | None = None) -> ParityReport:
-    """Run the gate; returns the report (check `bool(report)`)."""
+                 seed: int | None = None, progress: Callable[[str], None] | None = None,
+                 backend: str | None = None) -> ParityReport:
+    """Run the gate; returns the report (check `bool(report)`).
+
+    The artifact runs through the session that would serve it: ONNX Runtime on the CPU for an
+    .onnx, TensorRT for a .plan (never a fallback: the gate judges the file it was given), or
+    `backend` when given.
+    """
     say = progress or (lambda m: None)
     start = time.perf_counter()
     info = read_artifact(artifact)
@@ -161,8 +167,10 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
         raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "
                           f"the reference takes {expected} with {len(reference.info.labels)}: not the same model")
     t = thresholds or get_precision(info.precision).thresholds
+    kind = artifact_kind(Path(artifact))
+    backend = backend or AUTO_BACKEND[kind]
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
-                          precision=info.precision, backend="onnxruntime (cpu)", thresholds=dataclasses.asdict(t))
+                          precision=info.precision, backend=backend, thresholds=dataclasses.asdict(t))
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
     bad = [b for b in sizes if b < 1]
     if bad:
@@ -170,10 +178,11 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     rng = np.random.default_rng(seed)
     model = reference.model.eval()
     try:
-        session = OnnxRuntimeSession(info, device="cpu")
+        session = open_session(artifact, backend=backend, device="cpu" if kind == "onnx" else "auto")
     except CrossViTError as e:
         report.not_run = str(e)
         return report
+    report.backend = session.describe()
     with session:
         try:
             for b in sizes:
@@ -200,7 +209,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
         except CrossViTError:
             raise
         except Exception as e:  # the backend could not execute the graph (e.g. fp8 on CPU)
-            report.not_run = f"ONNX Runtime (CPU) cannot run this {info.precision} graph: {first_line(e)}"
+            report.not_run = f"{report.backend} cannot run this {info.precision} artifact: {first_line(e)}"
     report.seconds = time.perf_counter() - start
     return report
 

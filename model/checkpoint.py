@@ -11,7 +11,6 @@ without any other input. Foreign checkpoints (vit-pytorch/timm/IBM state dicts i
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import pickle
 import warnings
@@ -23,7 +22,7 @@ from torch import nn
 
 from crossvit import __version__
 from crossvit.contract import (CHECKPOINT_FORMAT, MAX_PARAMETERS, METADATA_KEY, atomic_write, check_input_file,
-                               decode_metadata, encode_metadata, first_line, new_metadata,
+                               decode_metadata, encode_metadata, first_line, new_metadata, sha256_file,
                                validate_preprocessing)
 from crossvit.errors import CheckpointError, ConfigError
 
@@ -82,14 +81,6 @@ class LoadedModel:
     info: ModelInfo
     source: Path | None = None
     sha256: str | None = None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, *, labels: list[str] | str | None = None,

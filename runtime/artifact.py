@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, MAX_BATCH, check_input_file, decode_metadata,
-                               read_onnx_metadata, validate_preprocessing)
+from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIXES, MAX_BATCH, check_input_file,
+                               decode_metadata, manifest_path, read_onnx_metadata, validate_preprocessing)
 from crossvit.errors import ArtifactError, ConfigError
 
 
@@ -112,8 +112,8 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
         info = ArtifactInfo.from_metadata(path, "onnx", meta)
         check_against_graph(info, proto.graph)
         return info
-    if suffix in (".plan", ".engine"):
-        manifest = path.with_name(path.name + ".json")
+    if suffix in ENGINE_SUFFIXES:
+        manifest = manifest_path(path)
         check_input_file(path, ArtifactError)
         if not manifest.is_file():
             raise ArtifactError(f"{path}: its manifest {manifest.name} is missing (built by crossvit build)")

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from crossvit.errors import BackendUnavailable
 
-TENSORRT_INSTALL = ("install TensorRT on a machine with an NVIDIA GPU: pip install 'crossvit[gpu]' (the "
-                    "tensorrt package fetches its wheels from NVIDIA's package index)")
-CUDA_PYTHON_INSTALL = "pip install 'cuda-python>=12.6.1' (part of crossvit[gpu])"
+TENSORRT_INSTALL = ("on a machine with an NVIDIA GPU, pip install 'crossvit[gpu]' (TensorRT and cuda-python; "
+                    "the tensorrt package fetches its wheels from NVIDIA's package index)")
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,8 @@ def cudart():
         try:
             from cuda import cudart as runtime  # cuda-python < 12.6.1; removed in cuda-bindings 13
         except ImportError:
-            raise BackendUnavailable(f"TensorRT needs cuda-python: {CUDA_PYTHON_INSTALL}") from None
+            raise BackendUnavailable(f"TensorRT engines need cuda-python, which is not installed: "
+                                     f"{TENSORRT_INSTALL}") from None
     return runtime
 
 
@@ -79,6 +79,23 @@ def import_tensorrt():
     except ImportError:
         raise BackendUnavailable(f"TensorRT is not installed: {TENSORRT_INSTALL}") from None
     return tensorrt
+
+
+def make_logger(trt):
+    """A TensorRT logger that keeps every warning and error (the reasons a build or load failed)."""
+
+    sev = trt.ILogger.Severity
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (sev.INTERNAL_ERROR, sev.ERROR, sev.WARNING):
+                self.messages.append(" ".join(str(msg).split()))
+
+    return Logger()
 
 
 def tensorrt_unavailable() -> str | None:

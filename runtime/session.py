@@ -16,14 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
-from crossvit.contract import CHECKPOINT_SUFFIXES, INPUT_NAME, OUTPUT_NAME, first_line
+from crossvit.contract import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, first_line
 from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
 
 from .artifact import ArtifactInfo, read_artifact
 
 log = logging.getLogger("crossvit.runtime")
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+# backend -> the artifact kind it runs; "auto" picks by kind (AUTO_BACKEND).
+BACKENDS = {
+    "onnxruntime": "onnx",  # ONNX Runtime: CPU, or its CUDA provider with onnxruntime-gpu
+    "ort-tensorrt": "onnx",  # ONNX Runtime's TensorRT execution provider (onnxruntime-gpu)
+    "tensorrt": "engine",  # our engines (`crossvit build`), runtime/tensorrt.py
+    "torch": "checkpoint",  # PyTorch, for comparisons
+}
+AUTO_BACKEND = {"onnx": "onnxruntime", "engine": "tensorrt", "checkpoint": "torch"}
+BACKEND_NAMES = ("auto", *BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -315,23 +323,62 @@ class TorchSession(Session):
             return self.model(t).float().cpu().numpy()
 
 
-def open_session(artifact: str | Path, backend: str = "auto", device: str = "auto", **options) -> Session:
-    """Open `artifact` (.onnx, .plan, or a checkpoint) with the fastest available backend."""
-    path = Path(artifact)
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if not path.exists():
-        raise ArtifactError(f"{path}: no such file")
+def artifact_kind(path: Path) -> str:
     suffix = path.suffix.lower()
-    if backend == "torch" or (backend == "auto" and suffix in CHECKPOINT_SUFFIXES):
-        if suffix not in CHECKPOINT_SUFFIXES:
-            raise ArtifactError(f"{path}: the torch backend runs checkpoints "
-                                f"({', '.join(CHECKPOINT_SUFFIXES)}), not {suffix} files")
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in ENGINE_SUFFIXES:
+        return "engine"
+    if suffix in CHECKPOINT_SUFFIXES:
+        return "checkpoint"
+    raise ArtifactError(f"{path}: unknown artifact type {path.suffix!r} (expected .onnx, .plan or a checkpoint)")
+
+
+def _open(backend: str, path: Path, device: str, options: dict) -> Session:
+    if backend == "torch":
         return TorchSession(path, device, **options)
     info = read_artifact(path)
-    if info.kind == "engine" or backend == "tensorrt" and suffix != ".onnx":
-        raise BackendUnavailable(f"{path}: TensorRT engines are not supported by this version "
-                                 "(run the .onnx with onnxruntime)")
     if backend == "tensorrt":
-        return OnnxRuntimeSession(info, "tensorrt", **options)
-    return OnnxRuntimeSession(info, device, **options)
+        from .tensorrt import TensorRTSession
+
+        return TensorRTSession(info, device, **options)
+    return OnnxRuntimeSession(info, "tensorrt" if backend == "ort-tensorrt" else device, **options)
+
+
+def _fallback_onnx(plan: Path) -> Path | None:
+    """The ONNX an engine was built from, when it is beside the plan and unchanged since."""
+    from crossvit.contract import sha256_file
+
+    source = read_artifact(plan).raw.get("source") or {}
+    onnx = plan.parent / str(source.get("onnx") or "")
+    if not source.get("onnx") or not onnx.is_file():
+        return None
+    return onnx if sha256_file(onnx) == source.get("sha256") else None
+
+
+def open_session(artifact: str | Path, backend: str = "auto", device: str = "auto", **options) -> Session:
+    """Open `artifact` (.onnx, .plan or a checkpoint) with `backend`, or the one for its kind.
+
+    With backend="auto", an engine that cannot run here (no GPU or TensorRT, or built for
+    another GPU or TensorRT version) falls back to the ONNX it was built from, when that file is
+    beside it and unchanged, with the reason logged.
+    """
+    path = Path(artifact)
+    if backend not in BACKEND_NAMES:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_NAMES)}")
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    kind = artifact_kind(path)
+    chosen = AUTO_BACKEND[kind] if backend == "auto" else backend
+    if BACKENDS[chosen] != kind:
+        runs = {"onnx": ".onnx files", "engine": "TensorRT engines (.plan from `crossvit build`)",
+                "checkpoint": f"checkpoints ({', '.join(CHECKPOINT_SUFFIXES)})"}[BACKENDS[chosen]]
+        raise ArtifactError(f"{path}: the {chosen} backend runs {runs}, not {path.suffix} files")
+    try:
+        return _open(chosen, path, device, options)
+    except (ArtifactError, BackendUnavailable) as e:
+        onnx = _fallback_onnx(path) if backend == "auto" and kind == "engine" else None
+        if onnx is None:
+            raise
+        log.warning("%s cannot run here (%s); using %s with ONNX Runtime instead", path.name, e, onnx.name)
+        return _open("onnxruntime", onnx, device, options)
