@@ -114,6 +114,20 @@ def torch_cuda_variants(model, x, runs):
     return out
 
 
+def time_engines(plans: list[Path], *, batch: int, runs: int = 30, max_seconds: float | None = None
+                 ) -> dict[Path, Latency]:
+    """Each TensorRT engine through its session (which synchronizes the stream every call)."""
+    from crossvit.runtime.session import open_session
+
+    out = {}
+    for plan in plans:
+        with open_session(plan, backend="tensorrt") as s:
+            c, h, w = s.info.input_shape
+            x = np.random.default_rng(0).standard_normal((batch, c, h, w), dtype=np.float32)
+            out[plan] = measure(lambda: s.infer(x), batch=batch, runs=runs, max_seconds=max_seconds)
+    return out
+
+
 def run(args) -> list[dict]:
     import onnxruntime as ort
 

@@ -110,29 +110,43 @@ def parity_stage(artifacts: list[Path], loaded, images, batch, out: Path, result
     return reports
 
 
-def tensorrt_status() -> str | None:
-    """None when engines can be built here, else the reason they cannot."""
-    import torch
+def engines_stage(reports: dict, loaded, images, batch, out: Path, result: DeployResult, say: Progress) -> dict:
+    """A TensorRT engine for each artifact meant for TensorRT that this GPU computes in, gated
+    like its ONNX; without a GPU or TensorRT, the skip line says what is missing."""
+    from crossvit.runtime.gpu import cuda_device, tensorrt_unavailable
 
-    if not torch.cuda.is_available():
-        return "TensorRT engines: no CUDA GPU on this machine (torch.cuda.is_available() is False)"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT engines: TensorRT is not installed (pip install crossvit[gpu] from NVIDIA's index)"
-    return "TensorRT engines: engine building is not implemented in this version yet"
-
-
-def engines_stage(result: DeployResult, say: Progress) -> None:
-    reason = tensorrt_status()
-    say(f"[4/{STAGES}] " + (reason or "TensorRT engines"))
+    reason = tensorrt_unavailable()
+    say(f"[4/{STAGES}] TensorRT engines" + (f": skipped ({reason})" if reason else ""))
     if reason:
-        result.skipped.append(reason)
+        result.skipped.append(f"TensorRT engines: {reason}")
+        return {}
+    from crossvit.export.engine import BuildOptions, build_engine, check_device
+    from crossvit.export.parity import check_parity
+
+    device, engines = cuda_device(), {}
+    for onnx_path, report in reports.items():
+        if get_precision(report.precision).target == "cpu":
+            continue
+        plan = onnx_path.with_suffix(".plan")
+        try:
+            check_device(report.precision, device)
+            build_engine(onnx_path, plan, BuildOptions(), progress=say)
+        except CrossViTError as e:
+            result.skipped.append(f"{plan.name}: {e}")
+            say(f"skipped {plan.name}: {e}")
+            continue
+        gate = check_parity(plan, loaded, images=images, batch_sizes=[1, 7, batch.max])
+        gate.save(out / f"{plan.stem}.plan.parity.json")
+        result.reports[plan.name] = gate.to_dict()
+        engines[plan] = gate
+        say(f"{plan.name}: {gate.verdict}")
+    return engines
 
 
-def latency_stage(loaded, reports: dict, name: str, *, batch: int, runs: int, max_seconds: float) -> list[Row]:
-    """PyTorch eager and every artifact ONNX Runtime can run, timed by the benchmark code."""
-    from crossvit.benchmarks.latency import BASELINE, time_cpu_backends
+def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int,
+                  max_seconds: float) -> list[Row]:
+    """PyTorch eager, every artifact ONNX Runtime can run and every engine, timed by the benchmark code."""
+    from crossvit.benchmarks.latency import BASELINE, time_cpu_backends, time_engines
 
     acc_ref = next((r.accuracy[0] for r in reports.values() if r.accuracy[0] is not None), None)
     torch_row = Row(artifact=loaded.source.name if loaded.source else name, backend="torch (cpu)",
@@ -155,6 +169,12 @@ def latency_stage(loaded, reports: dict, name: str, *, batch: int, runs: int, ma
     lat, failed = time_cpu_backends(loaded.model, timed, batch=batch, runs=runs, max_seconds=max_seconds)
     base = lat[BASELINE]
     torch_row.latency, torch_row.speedup = base.to_dict(), 1.0
+    engine_lat = time_engines(list(engines), batch=batch, runs=runs, max_seconds=max_seconds) if engines else {}
+    for plan, gate in engines.items():
+        rows.append(Row(artifact=plan.name, backend="tensorrt", precision=gate.precision,
+                        size_mb=plan.stat().st_size / 1e6, parity=gate.verdict, accuracy=gate.accuracy[1],
+                        note="TensorRT engine on the GPU; ratio against PyTorch eager on the CPU"))
+        lat[plan.name] = engine_lat[plan]
     for row in rows[1:]:
         if row.artifact in lat:
             row.latency = lat[row.artifact].to_dict()
@@ -190,10 +210,10 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     artifacts = [fp32, *variants_stage(fp32, out, name, variants, calibration, result, say)]
     say(f"[3/{STAGES}] parity gate on random inputs and real images")
     reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
-    engines_stage(result, say)
+    engines = engines_stage(reports, loaded, images, batch, out, result, say)
     say(f"[5/{STAGES}] latency at batch {bench_batch} ({bench_runs} runs each in 3 turns, "
         f"at most ~{bench_seconds:.0f} s a backend)")
-    result.rows = latency_stage(loaded, reports, name, batch=bench_batch, runs=bench_runs,
+    result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,
                                 max_seconds=bench_seconds)
     result.seconds = time.perf_counter() - start
     text = to_json(result.to_dict(), indent=2)

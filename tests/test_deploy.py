@@ -63,12 +63,14 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
 
 
 def test_tensorrt_skip_reasons(monkeypatch):
-    import torch
+    import crossvit.runtime.gpu as gpu
+    from crossvit.errors import BackendUnavailable
 
-    from crossvit.pipeline import tensorrt_status
+    def no_gpu():
+        raise BackendUnavailable("TensorRT needs an NVIDIA GPU: no CUDA device on this machine")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "no CUDA GPU" in tensorrt_status()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "cuda_device", no_gpu)
+    assert "NVIDIA GPU" in gpu.tensorrt_unavailable()
+    monkeypatch.setattr(gpu, "cuda_device", lambda: gpu.CudaDevice(0, "NVIDIA H100", (9, 0), "12.8", "12.8"))
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    assert "TensorRT is not installed" in tensorrt_status()
+    assert "TensorRT is not installed" in gpu.tensorrt_unavailable()
