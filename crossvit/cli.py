@@ -390,7 +390,12 @@ class _Terminated(BaseException):
     """Raised in the main thread by SIGTERM; BaseException so no `except Exception` swallows it."""
 
 
+_terminated = False
+
+
 def _terminate(signum, frame):
+    global _terminated
+    _terminated = True  # a library may wrap the exception in its own (torch.export does)
     raise _Terminated()
 
 
@@ -404,24 +409,30 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args) or 0
-    except CrossViTError as e:
-        print(f"crossvit {args.command}: error: {printable(str(e))}", file=sys.stderr)
+    except BaseException as e:
+        return _report(args.command, e)
+
+
+def _report(command: str, e: BaseException) -> int:
+    """One line for whatever ended the command, and its exit code."""
+    if _terminated:  # checked first: a library may have wrapped our _Terminated in its own error
+        print(f"crossvit {command}: terminated", file=sys.stderr)
+        return 143
+    if isinstance(e, CrossViTError):
+        print(f"crossvit {command}: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
-    except BrokenPipeError:  # `crossvit ... | head`
+    if isinstance(e, BrokenPipeError):  # `crossvit ... | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print(f"crossvit {args.command}: interrupted", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):
+        print(f"crossvit {command}: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
-        print(f"crossvit {args.command}: terminated", file=sys.stderr)
-        return 143
-    except Exception as e:  # a bug: still one line unless asked for the traceback
-        if os.environ.get("CROSSVIT_DEBUG"):
-            raise
-        print(f"crossvit {args.command}: internal error: {type(e).__name__}: {printable(str(e))} "
-              "(set CROSSVIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 70
+    if not isinstance(e, Exception) or os.environ.get("CROSSVIT_DEBUG"):
+        raise e
+    # a bug: still one line unless asked for the traceback
+    print(f"crossvit {command}: internal error: {type(e).__name__}: {printable(str(e))} "
+          "(set CROSSVIT_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 70
 
 
 if __name__ == "__main__":

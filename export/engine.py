@@ -13,7 +13,9 @@ found a GPU (a TensorRT object created without one segfaults later).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +220,25 @@ def _config(trt, builder, info: ArtifactInfo, profile: Profile, options: BuildOp
     return config
 
 
+@contextlib.contextmanager
+def _heartbeat(say: Progress, every: float = 20.0):
+    """A progress line every `every` seconds while TensorRT builds (it says nothing for minutes)."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            say(f"still building ({time.perf_counter() - start:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOptions = BuildOptions(), *,
                  progress: Progress | None = None) -> dict:
     """Build, verify and write `plan_path` and its manifest `plan_path + '.json'`; returns the manifest."""
@@ -246,7 +267,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOpt
     config = _config(trt, builder, info, profile, options)
     say(f"building for {device.name} (batch {profile.min}..{profile.max}, tuned for {profile.opt}); "
         "this can take minutes")
-    plan = builder.build_serialized_network(network, config)
+    with _heartbeat(say):
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         reasons = "; ".join(logger.messages[-5:]) or "no reason logged"
         raise ExportError(f"TensorRT could not build an engine from {onnx_path.name}: {reasons}")

@@ -290,12 +290,6 @@ def check_weights(model: nn.Module | dict, state_dict: dict, source: str, what: 
                                   "model that cannot give meaningful outputs")
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Strict load with one clear line for missing/unexpected keys, shapes and bad values."""
-    check_weights(model, state_dict, source, type(model).__name__)
-    model.load_state_dict(state_dict, strict=True)  # copies, casting to the model's dtype
-
-
 def _read_config_file(path: str | Path) -> dict:
     path = Path(path)
     try:

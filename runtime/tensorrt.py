@@ -153,7 +153,7 @@ class TensorRTSession(Session):
             out_count = n * info.num_classes
             check(rt.cudaMemcpyAsync(self._device[inp], self._host[inp].ptr, x.nbytes, h2d, self._stream),
                   "cudaMemcpyAsync (to the GPU)")
-            if not self._context.execute_async_v3(self._stream):
+            if not self._context.execute_async_v3(int(self._stream)):  # TensorRT takes the handle as an int
                 raise ArtifactError(f"TensorRT failed to run the engine ({'; '.join(self._logger.messages[-2:])})")
             check(rt.cudaMemcpyAsync(self._host[out].ptr, self._device[out], out_count * 4, d2h, self._stream),
                   "cudaMemcpyAsync (from the GPU)")

@@ -10,8 +10,12 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/crossvit-wheel-check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 echo "== building the wheel"
+# from a copy of the tracked (and new, not ignored) files: a stale build/ folder in the checkout
+# could otherwise put deleted modules into the wheel
+mkdir "$work/src"
+(cd "$repo" && git ls-files -co --exclude-standard -z | tar -cf - --null -T -) | tar -xf - -C "$work/src"
 "$PYTHON" -m venv "$work/build-env"
-"$work/build-env/bin/pip" wheel -q --no-deps -w "$work/dist" "$repo"
+"$work/build-env/bin/pip" wheel -q --no-deps -w "$work/dist" "$work/src"
 wheel="$(ls "$work"/dist/crossvit-*.whl)"
 echo "   $(basename "$wheel") ($(du -k "$wheel" | cut -f1) kB)"
 

@@ -345,3 +345,17 @@ def test_engines_of_the_embedded_model_pass_the_gate_and_predict(digits_onnx, tm
     x = np.zeros((2, 3, 32, 32), np.float32)
     with open_session(plan) as s:  # auto: falls back to the ONNX only if it sits beside the plan
         assert s.infer(x).shape == (2, 10)
+
+
+def test_long_builds_report_progress():
+    import time
+
+    from crossvit.export.engine import _heartbeat
+
+    lines = []
+    with _heartbeat(lines.append, every=0.05):
+        time.sleep(0.3)
+    assert lines and lines[0].startswith("still building")
+    n = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == n  # stopped with the build
