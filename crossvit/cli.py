@@ -263,6 +263,23 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from crossvit.runtime.serving.server import ServeOptions, Server, is_loopback
+
+    options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                           model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                           max_queue=args.max_queue, backend=args.backend, device=args.device)
+    if not is_loopback(args.host):
+        print(f"crossvit serve: warning: listening on {printable(args.host)}, beyond this machine; the server "
+              "has no authentication: put it behind a proxy that has", file=sys.stderr)
+    server = Server(args.artifact, options, say=_say)
+    _warn_random(server.session.info.random_weights, args.artifact.name)
+    asyncio.run(server.run())
+    return 0
+
+
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
@@ -373,6 +390,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-compatible", action="store_true",
                    help="runs on later TensorRT versions of the same major version")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="serve an artifact over the Open Inference Protocol (HTTP + gRPC, as Triton)",
+                       description="Serve one artifact (.onnx, or a TensorRT .plan) over KServe v2 / the Open "
+                                   "Inference Protocol, HTTP and gRPC, as Triton Inference Server speaks it, so "
+                                   "tritonclient and KServe clients work unchanged. Concurrent requests are "
+                                   "batched dynamically. SIGINT/SIGTERM answer the requests in flight, then exit 0. "
+                                   "Needs the [serve] extra.")
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT", help=".onnx or .plan")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
+    p.add_argument("--model-name", default=None, help="name clients use (default: the artifact's model name)")
+    p.add_argument("--max-batch", type=_positive_int, default=32,
+                   help="rows per session call; larger requests are split (default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=2.0,
+                   help="how long the first request of a batch waits for others (default 2 ms)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests waiting beyond this are refused at once with 503 (default 256)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
     _add_model_source(p)

@@ -1,0 +1,324 @@
+"""The Open Inference Protocol (KServe v2) as Triton speaks it: requests in, responses out.
+
+Plain functions over bytes, dicts and numpy arrays, shared by the HTTP and gRPC front ends:
+they know the protocol, not the web framework. What a model accepts:
+
+- input `input` (the artifact's input name), FP32 `[N, C, H, W]`, preprocessed, as JSON data
+  (flat or nested) or in the binary tensor extension; or
+- the same name (or any name) as BYTES `[N]` (or `[N, 1]`): encoded image files that the
+  server decodes and preprocesses with the runtime's own preprocessing;
+- output `logits` FP32 `[N, classes]`, as JSON or binary, or with the classification extension
+  (`"classification": K`) as BYTES `[N, K]` of "score:index:label", Triton's exact format.
+
+Errors are `ProtocolError(status, message)`; the status is Triton's HTTP status for the
+case, and `GRPC_CODES` maps it for gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crossvit.errors import InputError
+
+# Triton's HTTP statuses, and the gRPC codes (by name) it uses for the same cases.
+BAD_REQUEST, NOT_FOUND, METHOD_NOT_ALLOWED, TOO_LARGE, UNAVAILABLE, INTERNAL = 400, 404, 405, 413, 503, 500
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED",
+              503: "UNAVAILABLE", 500: "INTERNAL"}
+HEADER_LENGTH = "inference-header-content-length"
+DTYPE_SIZES = {"FP32": 4}
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: object = None  # JSON data (list) or None when binary
+    binary_size: int | None = None
+    raw: bytes | None = None
+
+
+@dataclass
+class OutputRequest:
+    name: str
+    binary: bool | None = None  # None: the request's default
+    classification: int | None = None
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[OutputRequest] = field(default_factory=list)
+    binary_output: bool = False  # request-level "binary_data_output"
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent by tritonclient (gzip or deflate allowed), never expanded past `limit`."""
+    encoding = (encoding or "identity").lower()
+    if encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise ProtocolError(BAD_REQUEST, f"unsupported Content-Encoding {encoding!r} (gzip, deflate)")
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(BAD_REQUEST, f"body is not valid {encoding} data ({e})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise ProtocolError(TOO_LARGE, f"decompressed body is over the {limit} byte limit")
+    return out
+
+
+def _shape(value, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise ProtocolError(BAD_REQUEST, f"{what}: 'shape' must be a list of non-negative integers, got {value!r}")
+    return value
+
+
+def parse_http_request(body: bytes, header_length: str | None) -> InferRequest:
+    """A JSON request, or a JSON header followed by binary tensors (the binary extension)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(BAD_REQUEST, f"bad Inference-Header-Content-Length {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(BAD_REQUEST, f"Inference-Header-Content-Length {n} does not fit a "
+                                             f"{len(body)} byte body")
+        header, rest = body[:n], body[n:]
+    else:
+        header, rest = body, b""
+    try:
+        doc = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(BAD_REQUEST, f"malformed JSON in the request ({e})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(BAD_REQUEST, "the request must be a JSON object")
+    inputs_doc = doc.get("inputs")
+    if not isinstance(inputs_doc, list) or not inputs_doc:
+        raise ProtocolError(BAD_REQUEST, "the request needs a non-empty 'inputs' list")
+    inputs, offset = [], 0
+    for i, t in enumerate(inputs_doc):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("datatype"), str):
+            raise ProtocolError(BAD_REQUEST, f"inputs[{i}] needs 'name', 'datatype' and 'shape'")
+        params = t.get("parameters") or {}
+        tensor = InputTensor(name=t["name"], datatype=t["datatype"], shape=_shape(t.get("shape"), f"input {t['name']!r}"))
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r}: bad binary_data_size {size!r}")
+            if offset + size > len(rest):
+                raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r}: binary data truncated ({len(rest) - offset}"
+                                                 f" bytes left, binary_data_size says {size})")
+            tensor.raw, offset = rest[offset:offset + size], offset + size
+        elif "data" in t:
+            tensor.data = t["data"]
+        else:
+            raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r} has neither 'data' nor binary_data_size")
+        inputs.append(tensor)
+    if offset != len(rest):
+        raise ProtocolError(BAD_REQUEST, f"{len(rest) - offset} bytes of binary data after the last tensor")
+    params = doc.get("parameters") or {}
+    request = InferRequest(id=str(doc["id"]) if doc.get("id") is not None else None, inputs=inputs,
+                           binary_output=bool(params.get("binary_data_output", False)) if isinstance(params, dict)
+                           else False)
+    for o in doc.get("outputs") or []:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError(BAD_REQUEST, "each requested output needs a 'name'")
+        p = o.get("parameters") or {}
+        request.outputs.append(OutputRequest(name=o["name"], binary=p.get("binary_data"),
+                                             classification=_classification(p.get("classification"), o["name"])))
+    return request
+
+
+def _classification(value, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolError(BAD_REQUEST, f"output {name!r}: classification must be an integer >= 1, got {value!r}")
+    return value
+
+
+def deserialize_bytes(raw: bytes, what: str) -> list[bytes]:
+    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise ProtocolError(BAD_REQUEST, f"{what}: truncated BYTES element length")
+        (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise ProtocolError(BAD_REQUEST, f"{what}: BYTES element {len(out)} truncated")
+        out.append(raw[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+# -- the model's view ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the protocol needs to know of the model (from the session's ArtifactInfo)."""
+
+    name: str
+    version: str
+    input_name: str
+    input_shape: tuple[int, int, int]
+    output_name: str
+    labels: tuple[str, ...]
+    platform: str
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": [self.version], "platform": self.platform,
+                "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}],
+                "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.labels)]}]}
+
+
+def to_batch(request: InferRequest, model: ModelView, preprocess) -> np.ndarray:
+    """The request's one input as the model's float32 batch; images decoded with `preprocess`
+    (a runtime Preprocessor) when the input is BYTES."""
+    if len(request.inputs) != 1:
+        raise ProtocolError(BAD_REQUEST, f"the model takes one input, got {len(request.inputs)}")
+    t = request.inputs[0]
+    for o in request.outputs:
+        if o.name != model.output_name:
+            raise ProtocolError(BAD_REQUEST, f"unknown output {o.name!r}; the model has {model.output_name!r}")
+    if t.datatype == "BYTES":
+        return _images(t, preprocess)
+    if t.name != model.input_name:
+        raise ProtocolError(BAD_REQUEST, f"unknown input {t.name!r}; the model takes {model.input_name!r} "
+                                         "(FP32 [N, C, H, W], or BYTES [N] of image files)")
+    if t.datatype != "FP32":
+        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} must be FP32 (or BYTES images), got {t.datatype}")
+    c, h, w = model.input_shape
+    if len(t.shape) != 4 or tuple(t.shape[1:]) != (c, h, w) or t.shape[0] < 1:
+        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} must have shape [N, {c}, {h}, {w}] with N >= 1, "
+                                         f"got {t.shape}")
+    count = int(np.prod(t.shape))
+    if t.raw is not None:
+        if len(t.raw) != count * 4:
+            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: {len(t.raw)} bytes of data for shape {t.shape} "
+                                             f"(expected {count * 4})")
+        x = np.frombuffer(t.raw, dtype="<f4").reshape(t.shape)
+    else:
+        try:
+            with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+                x = np.asarray(t.data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: 'data' must be numbers") from None
+        if x.size != count:
+            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: {x.size} values for shape {t.shape} "
+                                             f"(expected {count})")
+        x = x.reshape(t.shape)
+    if not np.isfinite(x).all():
+        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} holds NaN or infinite values")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _images(t: InputTensor, preprocess) -> np.ndarray:
+    if not (len(t.shape) == 1 or len(t.shape) == 2 and t.shape[1] == 1) or t.shape[0] < 1:
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r} must have shape [N] or [N, 1], got {t.shape}")
+    if t.raw is not None:
+        items = deserialize_bytes(t.raw, f"input {t.name!r}")
+    elif isinstance(t.data, list):
+        flat = t.data if all(not isinstance(d, list) for d in t.data) else [x for row in t.data for x in row]
+        if not all(isinstance(d, str) for d in flat):
+            raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: JSON data must be strings")
+        items = [d.encode("latin-1", errors="replace") for d in flat]
+    else:
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: 'data' must be a list")
+    if len(items) != t.shape[0]:
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: {len(items)} elements for shape {t.shape}")
+    out = np.empty((len(items), *preprocess.input_size), np.float32)
+    for i, item in enumerate(items):
+        try:
+            out[i] = preprocess(item)
+        except InputError as e:
+            message = str(e).replace("<bytes>: ", "")
+            raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r} element {i} is not a usable image: "
+                                             f"{message}") from None
+    return out
+
+
+# -- encoding -----------------------------------------------------------------------------------
+
+def classify(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[bytes]:
+    """Triton's classification extension: per row the top k as "score:index:label", highest first,
+    the score printed like C++ std::to_string (six decimals)."""
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return [f"{logits[r, i]:f}:{i}:{labels[i]}".encode() for r in range(len(logits)) for i in top[r]]
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray | None = None  # FP32
+    items: list[bytes] | None = None  # BYTES
+
+    def raw(self) -> bytes:
+        return self.array.astype("<f4").tobytes() if self.array is not None else serialize_bytes(self.items)
+
+    def json_data(self) -> list:
+        if self.array is not None:
+            return self.array.reshape(-1).tolist()
+        return [b.decode("utf-8", errors="replace") for b in self.items]
+
+
+def outputs_for(request: InferRequest, logits: np.ndarray, model: ModelView) -> list[tuple[OutputTensor, bool]]:
+    """The requested outputs (all of them when none is named), each with whether to send it binary."""
+    wanted = request.outputs or [OutputRequest(model.output_name)]
+    out = []
+    for o in wanted:
+        binary = request.binary_output if o.binary is None else bool(o.binary)
+        if o.classification:
+            k = min(o.classification, logits.shape[1])
+            t = OutputTensor(o.name, "BYTES", [len(logits), k], items=classify(logits, k, model.labels))
+        else:
+            t = OutputTensor(o.name, "FP32", list(logits.shape), array=logits)
+        out.append((t, binary))
+    return out
+
+
+def http_response(request: InferRequest, logits: np.ndarray, model: ModelView) -> tuple[bytes, dict]:
+    """(body, extra headers): JSON, or JSON header + binary tensors when any output is binary."""
+    doc = {"model_name": model.name, "model_version": model.version, "outputs": []}
+    if request.id is not None:
+        doc["id"] = request.id
+    blobs = []
+    for t, binary in outputs_for(request, logits, model):
+        entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if binary:
+            blob = t.raw()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = t.json_data()
+        doc["outputs"].append(entry)
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream",
+                                      HEADER_LENGTH: str(len(header))}

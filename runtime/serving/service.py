@@ -1,0 +1,96 @@
+"""The model behind both front ends: one session, its batcher, its numbers, its readiness.
+
+The hooks, as LitServe or Triton's Python backend would name them: `decode` (protocol request
+-> float32 batch), `predict` (the batcher), `encode` (in each front end). No model code here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from crossvit import __version__
+
+from .batcher import BackendFailed, Batcher, QueueFull
+from .protocol import (BAD_REQUEST, INTERNAL, NOT_FOUND, UNAVAILABLE, InferRequest, ModelView, ProtocolError,
+                       to_batch)
+from .stats import Stats
+
+EXTENSIONS = ["classification", "binary_tensor_data", "statistics", "model_configuration"]
+SERVER_NAME = "crossvit"
+
+
+class ModelService:
+    def __init__(self, session, *, name: str, max_batch: int, max_delay_ms: float, max_queue: int,
+                 version: str = "1"):
+        info = session.info
+        self.session = session
+        self.view = ModelView(name=name, version=version, input_name=info.input_name,
+                              input_shape=info.input_shape, output_name=info.output_name, labels=info.labels,
+                              platform=f"crossvit_{session.backend}")
+        self.max_batch = min(max_batch, info.batch_max) if info.kind == "engine" else max_batch
+        self.stats = Stats(name, version)
+        self.batcher = Batcher(session, max_batch=self.max_batch, max_delay_s=max_delay_ms / 1000,
+                               max_queue=max_queue, stats=self.stats)
+        self.ready = False
+
+    async def start(self) -> None:
+        self.batcher.start()
+        self.ready = True
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def check_model(self, name: str, version: str | None) -> None:
+        if name != self.view.name:
+            raise ProtocolError(NOT_FOUND, f"unknown model {name!r}; this server serves {self.view.name!r}")
+        if version not in (None, "", self.view.version):
+            raise ProtocolError(NOT_FOUND, f"unknown version {version!r} of model {name!r}; "
+                                           f"it has version {self.view.version}")
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    def model_config(self) -> dict:
+        """The subset of Triton's model configuration a client needs to build requests."""
+        c, h, w = self.view.input_shape
+        return {"name": self.view.name, "platform": self.view.platform, "max_batch_size": self.max_batch,
+                "input": [{"name": self.view.input_name, "data_type": "TYPE_FP32", "dims": [c, h, w]}],
+                "output": [{"name": self.view.output_name, "data_type": "TYPE_FP32",
+                            "dims": [len(self.view.labels)]}],
+                "dynamic_batching": {"max_queue_delay_microseconds": int(self.batcher.max_delay_s * 1e6)}}
+
+    # -- inference -------------------------------------------------------------------------------
+    async def infer(self, request: InferRequest, protocol: str) -> np.ndarray:
+        """Logits for a parsed request; ProtocolError with Triton's status on failure."""
+        start = time.perf_counter_ns()
+        reason = None
+        try:
+            if not self.ready:
+                raise ProtocolError(UNAVAILABLE, "the server is not ready (starting or shutting down)")
+            if request.inputs and request.inputs[0].datatype == "BYTES":  # decoding images is CPU work
+                x = await asyncio.get_running_loop().run_in_executor(
+                    None, to_batch, request, self.view, self.session.preprocessor)
+            else:
+                x = to_batch(request, self.view, self.session.preprocessor)
+            try:
+                logits = await self.batcher.infer(x)
+            except QueueFull as e:
+                raise ProtocolError(UNAVAILABLE, str(e)) from None
+            except BackendFailed as e:
+                raise ProtocolError(INTERNAL, str(e)) from None
+            if not np.isfinite(logits).all():
+                raise ProtocolError(INTERNAL, "the model gave non-finite logits (NaN or infinity)")
+            return logits
+        except ProtocolError as e:
+            reason = {BAD_REQUEST: "bad_request", UNAVAILABLE: "unavailable", INTERNAL: "backend",
+                      NOT_FOUND: "not_found"}.get(e.status, str(e.status))
+            raise
+        finally:
+            self.stats.request(protocol, time.perf_counter_ns() - start, ok=reason is None, reason=reason)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, answer the ones accepted, stop the worker."""
+        self.ready = False
+        await self.batcher.drain(timeout)
+        await self.batcher.close()

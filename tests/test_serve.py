@@ -1,0 +1,448 @@
+"""`crossvit serve` against the real tritonclient HTTP and gRPC clients (sync and asyncio),
+on loopback, every request bounded in time."""
+
+import asyncio
+import gzip
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="serving tests need the [serve] extra")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from crossvit.runtime.serving.server import ServeOptions, Server  # noqa: E402
+
+
+class Running:
+    """A server on its own event loop in a thread, on free loopback ports."""
+
+    def __init__(self, artifact, **options):
+        self.server = Server(artifact, ServeOptions(http_port=0, grpc_port=0, **options))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+        self.http = f"127.0.0.1:{self.server.http_port}"
+        self.grpc = f"127.0.0.1:{self.server.grpc_port}"
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def raw(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=30)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r.status, data
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory):
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    return export_onnx(load_model(name="crossvit_digits"), tmp_path_factory.mktemp("serve") / "digits.onnx",
+                       batch=BatchRange(1, 64)).path
+
+
+@pytest.fixture(scope="module")
+def server(onnx_path):
+    s = Running(onnx_path, max_batch=16, max_delay_ms=5)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(onnx_path):
+    from crossvit.runtime.session import open_session
+
+    with open_session(onnx_path) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    from crossvit.assets import heldout_images
+    from crossvit.runtime.images import list_images
+
+    images = list_images(heldout_images())
+    return [p.read_bytes() for p in images.files[:6]], images.labels[:6]
+
+
+def _x(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)
+
+
+def _http_infer(client, x, *, binary=True, class_count=0, **kwargs):
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=class_count)
+    return client.infer("crossvit_digits", [inp], outputs=[out], **kwargs)
+
+
+def _grpc_infer(client, x, class_count=0):
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer("crossvit_digits", [inp], outputs=[grpcclient.InferRequestedOutput("logits", class_count=class_count)])
+
+
+# -- metadata and health -------------------------------------------------------------------------
+
+def test_health_and_metadata_over_http_and_grpc(server):
+    h = httpclient.InferenceServerClient(server.http)
+    assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("crossvit_digits")
+    meta = h.get_model_metadata("crossvit_digits")
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert "classification" in h.get_server_metadata()["extensions"]
+    assert h.get_model_config("crossvit_digits")["max_batch_size"] == 16
+    g = grpcclient.InferenceServerClient(server.grpc)
+    assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("crossvit_digits", "1")
+    gm = g.get_model_metadata("crossvit_digits", as_json=True)
+    assert gm["inputs"][0]["shape"] == ["-1", "3", "32", "32"] and gm["versions"] == ["1"]
+    assert g.get_server_metadata(as_json=True)["name"] == "crossvit"
+    assert g.get_model_config("crossvit_digits", as_json=True)["config"]["max_batch_size"] == 16
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_http_inference_matches_the_session(server, reference, binary, compression):
+    x = _x(3, seed=1)
+    client = httpclient.InferenceServerClient(server.http)
+    r = _http_infer(client, x, binary=binary, request_compression_algorithm=compression)
+    np.testing.assert_allclose(r.as_numpy("logits"), reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_inference_matches_the_session(server, reference):
+    x = _x(5, seed=2)
+    r = _grpc_infer(grpcclient.InferenceServerClient(server.grpc), x)
+    np.testing.assert_allclose(r.as_numpy("logits"), reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_requests_larger_than_max_batch_are_split_not_refused(server, reference):
+    x = _x(40, seed=3)  # max_batch is 16
+    r = _http_infer(httpclient.InferenceServerClient(server.http), x)
+    np.testing.assert_allclose(r.as_numpy("logits"), reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_image_files_as_bytes_are_decoded_and_classified(server, reference, pngs, protocol):
+    files, labels = pngs
+    data = np.array(files, dtype=np.object_)
+    expected = reference.predict(files, top_k=1)
+    if protocol == "http":
+        inp = httpclient.InferInput("images", [len(files)], "BYTES")
+        inp.set_data_from_numpy(data)
+        r = httpclient.InferenceServerClient(server.http).infer(
+            "crossvit_digits", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=2)])
+    else:
+        inp = grpcclient.InferInput("images", [len(files)], "BYTES")
+        inp.set_data_from_numpy(data)
+        r = grpcclient.InferenceServerClient(server.grpc).infer(
+            "crossvit_digits", [inp], outputs=[grpcclient.InferRequestedOutput("logits", class_count=2)])
+    top = r.as_numpy("logits")
+    assert top.shape == (len(files), 2)
+    for row, p, label in zip(top, expected, labels):
+        score, index, name = row[0].decode().split(":")
+        assert int(index) == p.indices[0] and name == p.labels[0] == label
+        assert len(score.split(".")[1]) == 6  # std::to_string's six decimals, as Triton prints
+
+
+def test_json_classification_strings_are_triton_format(server, reference):
+    x = _x(2, seed=4)
+    r = _http_infer(httpclient.InferenceServerClient(server.http), x, binary=False, class_count=3)
+    logits = reference.infer(x)
+    first = r.as_numpy("logits")[0][0]
+    first = first.decode() if isinstance(first, bytes) else first
+    i = int(np.argmax(logits[0]))
+    assert first == f"{logits[0, i]:f}:{i}:{i}"
+
+
+def test_concurrent_clients_each_get_their_own_rows_and_are_batched(server, reference):
+    xs = [_x(1 + i % 3, seed=100 + i) for i in range(32)]
+    results = [None] * 32
+
+    def call(i):
+        client = httpclient.InferenceServerClient(server.http)
+        results[i] = _http_infer(client, xs[i]).as_numpy("logits")
+
+    before = server.server.service.stats.triton()["model_stats"][0]["execution_count"]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for x, out in zip(xs, results):
+        np.testing.assert_allclose(out, reference.infer(x), rtol=1e-5, atol=1e-5)
+    stats = httpclient.InferenceServerClient(server.http).get_inference_statistics("crossvit_digits")
+    executions = stats["model_stats"][0]["execution_count"] - before
+    assert executions < 32  # some requests shared a session call
+    assert any(b["batch_size"] > 3 for b in stats["model_stats"][0]["batch_stats"])
+
+
+def test_asyncio_clients(server, reference):
+    import tritonclient.grpc.aio as agrpc
+    import tritonclient.http.aio as ahttp
+
+    x = _x(2, seed=5)
+
+    async def main():
+        h = ahttp.InferenceServerClient(server.http)
+        g = agrpc.InferenceServerClient(server.grpc)
+        try:
+            hi = ahttp.InferInput("input", [2, 3, 32, 32], "FP32")
+            hi.set_data_from_numpy(x)
+            gi = agrpc.InferInput("input", [2, 3, 32, 32], "FP32")
+            gi.set_data_from_numpy(x)
+            rh, rg = await asyncio.gather(h.infer("crossvit_digits", [hi]), g.infer("crossvit_digits", [gi]))
+            return rh.as_numpy("logits"), rg.as_numpy("logits")
+        finally:
+            await h.close()
+            await g.close()
+
+    for out in asyncio.run(main()):
+        np.testing.assert_allclose(out, reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_and_metrics_agree(server):
+    _http_infer(httpclient.InferenceServerClient(server.http), _x(2))
+    stats = grpcclient.InferenceServerClient(server.grpc).get_inference_statistics("crossvit_digits", as_json=True)
+    s = stats["model_stats"][0]
+    assert int(s["inference_count"]) >= 2 and int(s["inference_stats"]["success"]["count"]) >= 1
+    status, text = server.raw("GET", "/metrics")
+    text = text.decode()
+    assert status == 200 and "crossvit_batch_size_bucket" in text and "crossvit_queue_seconds" in text
+    assert 'crossvit_requests_total{outcome="success",protocol="http"}' in text
+
+
+# -- bad requests get Triton's statuses, and the server stays healthy ----------------------------
+
+def _json(x_shape=(1, 3, 32, 32), name="input", datatype="FP32", data=None):
+    n = int(np.prod(x_shape))
+    return json.dumps({"inputs": [{"name": name, "shape": list(x_shape), "datatype": datatype,
+                                   "data": data if data is not None else [0.0] * n}]}).encode()
+
+
+INFER = "/v2/models/crossvit_digits/infer"
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, words", [
+    ("POST", INFER, b"{not json", {}, 400, "malformed JSON"),
+    ("POST", INFER, b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
+    ("POST", INFER, b'{"inputs": [{"name": "input"}]}', {}, 400, "needs 'name', 'datatype' and 'shape'"),
+    ("POST", INFER, _json((1, 3, 16, 16)), {}, 400, "must have shape [N, 3, 32, 32]"),
+    ("POST", INFER, _json(datatype="INT32"), {}, 400, "must be FP32"),
+    ("POST", INFER, _json(name="pixels"), {}, 400, "unknown input 'pixels'"),
+    ("POST", INFER, _json(data=[0.0] * 10), {}, 400, "10 values for shape"),
+    ("POST", INFER, _json(data=["a"] * 3072), {}, 400, "must be numbers"),
+    ("POST", INFER, json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                            "parameters": {"binary_data_size": 12288}}]}).encode() + b"\0" * 100,
+     {"Inference-Header-Content-Length": None}, 400, "binary data truncated"),
+    ("POST", INFER, json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES",
+                                            "data": ["not an image", "neither"]}]}).encode(), {}, 400,
+     "element 0 is not a usable image"),
+    ("POST", INFER, b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+    ("POST", "/v2/models/resnet50/infer", _json(), {}, 404, "unknown model 'resnet50'"),
+    ("POST", "/v2/models/crossvit_digits/versions/7/infer", _json(), {}, 404, "unknown version '7'"),
+    ("GET", INFER, None, {}, 405, "not allowed"),
+    ("GET", "/v2/nowhere", None, {}, 404, "no route"),
+])
+def test_bad_http_requests_get_their_status(server, method, path, body, headers, status, words):
+    if "Inference-Header-Content-Length" in headers:
+        headers = {"Inference-Header-Content-Length": str(len(body) - 100)}
+    got, data = server.raw(method, path, body, headers)
+    assert got == status, data
+    assert words in json.loads(data)["error"]
+    assert _http_infer(httpclient.InferenceServerClient(server.http), _x(1)).as_numpy("logits").shape == (1, 10)
+
+
+def test_a_nan_input_is_a_bad_request(server):
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": [0.0] * 3071 + [1e39]}]}).encode()  # overflows float32 to inf
+    status, data = server.raw("POST", INFER, body)
+    assert status == 400 and "NaN or infinite" in json.loads(data)["error"]
+
+
+@pytest.mark.parametrize("call, code", [
+    (lambda c: c.infer("resnet50", [grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")]), "NOT_FOUND"),
+    (lambda c: _grpc_infer(c, np.zeros((1, 3, 8, 8), np.float32)), "INVALID_ARGUMENT"),
+    (lambda c: c.get_model_metadata("resnet50"), "NOT_FOUND"),
+])
+def test_bad_grpc_requests_get_their_status_code(server, call, code):
+    client = grpcclient.InferenceServerClient(server.grpc)
+    with pytest.raises(InferenceServerException) as e:
+        call(client)
+    assert code in str(e.value.status())
+    assert client.is_server_ready()
+
+
+def test_oversized_bodies_are_refused_with_413(onnx_path):
+    s = Running(onnx_path, max_body=100_000)
+    try:
+        status, data = s.raw("POST", INFER, _json((16, 3, 32, 32)))  # ~ 200 kB of JSON
+        assert status == 413 and "limit" in json.loads(data)["error"]
+        bomb = gzip.compress(b" " * 5_000_000)
+        status, _ = s.raw("POST", INFER, bomb, {"Content-Encoding": "gzip"})
+        assert status == 413
+    finally:
+        s.stop()
+
+
+# -- a slow or failing backend ------------------------------------------------------------------
+
+class _Slow:
+    """Wraps a session: each call takes `seconds`; a batch holding the value 123 raises."""
+
+    def __init__(self, session, seconds):
+        self.session, self.seconds = session, seconds
+
+    def __call__(self, x):
+        time.sleep(self.seconds)
+        if (x == 123.0).any():
+            raise RuntimeError("backend exploded")
+        return self.original(x)
+
+
+def _slow(running, seconds):
+    wrapper = _Slow(running.server.session, seconds)
+    wrapper.original = running.server.session.infer
+    running.server.session.infer = wrapper
+    return wrapper
+
+
+def test_a_backend_exception_fails_only_its_batch(onnx_path):
+    s = Running(onnx_path, max_batch=4, max_delay_ms=0)
+    _slow(s, 0.0)
+    try:
+        client = httpclient.InferenceServerClient(s.http)
+        with pytest.raises(InferenceServerException, match="backend exploded"):
+            _http_infer(client, np.full((1, 3, 32, 32), 123.0, np.float32))
+        assert _http_infer(client, _x(1)).as_numpy("logits").shape == (1, 10)
+        assert client.is_server_ready()
+    finally:
+        s.stop()
+
+
+def test_a_full_queue_is_refused_at_once_with_503(onnx_path):
+    s = Running(onnx_path, max_batch=1, max_delay_ms=0, max_queue=2)
+    _slow(s, 0.5)
+    codes = []
+
+    def call():
+        codes.append(s.raw("POST", INFER, _json())[0])
+
+    try:
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert 503 in codes and 200 in codes, codes
+        assert time.perf_counter() - start < 10
+    finally:
+        s.stop()
+
+
+def test_shutdown_answers_the_requests_in_flight_then_refuses(onnx_path):
+    s = Running(onnx_path, max_batch=2, max_delay_ms=0)
+    _slow(s, 0.3)
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(s.raw("POST", INFER, _json())[0])) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # all four accepted and waiting
+    s.stop()
+    for t in threads:
+        t.join(30)
+    assert codes == [200] * 4
+
+
+def test_not_ready_is_503(onnx_path):
+    s = Running(onnx_path)
+    try:
+        s.server.service.ready = False
+        status, data = s.raw("POST", INFER, _json())
+        assert status == 503 and "not ready" in json.loads(data)["error"]
+        assert s.raw("GET", "/v2/health/ready")[0] == 400 and s.raw("GET", "/v2/health/live")[0] == 200
+    finally:
+        s.server.service.ready = True
+        s.stop()
+
+
+# -- the command -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_serve_command_answers_then_drains_on_sigterm(onnx_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", str(onnx_path), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1])], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving 'crossvit_digits'" in line, line
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        assert _http_infer(client, _x(2)).as_numpy("logits").shape == (2, 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+def test_serve_refuses_a_taken_port_in_one_line(onnx_path, server, cli, one_line_error):
+    proc = cli("serve", onnx_path, "--http-port", server.server.http_port, "--grpc-port", "0", timeout=60)
+    one_line_error(proc, "cannot listen on 127.0.0.1")
+
+
+def test_non_loopback_host_warns_about_authentication(onnx_path, cli):
+    proc = cli("serve", onnx_path, "--host", "0.0.0.0", "--http-port", "-5", timeout=60)
+    assert "no authentication" in proc.stderr and proc.returncode == 1
+
+
+def test_the_server_and_the_tensorrt_session_import_no_torch(onnx_path):
+    code = f"""
+import asyncio, sys
+import crossvit.runtime.tensorrt
+from crossvit.runtime.serving.server import ServeOptions, Server
+import tritonclient.http as httpclient
+import numpy as np
+
+async def main():
+    s = Server({str(onnx_path)!r}, ServeOptions(http_port=0, grpc_port=0))
+    await s.start()
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{{s.http_port}}")
+    inp = httpclient.InferInput("input", [1, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+    await asyncio.get_running_loop().run_in_executor(None, client.infer, "crossvit_digits", [inp])
+    await s.stop()
+
+asyncio.run(main())
+print("IMPORTED", sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "crossvit.model",
+                                                                                  "crossvit.export"))))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMPORTED []" in proc.stdout
