@@ -95,6 +95,9 @@ class Server:
         o = self.options
         try:  # bound here, so a taken port is one clear line (uvicorn would exit the process)
             sock = socket.create_server((o.host, o.http_port))
+            # inherited by accepted connections: without it a response's header and body writes
+            # wait on the client's delayed ACK (measured: 48 ms per request instead of 1.7)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as e:
             raise ConfigError(f"cannot listen on {o.host}:{o.http_port} ({e.strerror or e})") from None
         self.http_port = sock.getsockname()[1]
