@@ -412,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_serve)
 
+    from crossvit.export.triton import add_parser as add_triton_repo
+
+    add_triton_repo(sub)
+
     p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
     _add_model_source(p)
     p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
