@@ -2,11 +2,14 @@
 
     python -m crossvit.benchmarks.serve_load [--model NAME] [--clients 16] [--seconds 10] [--out DIR]
 
-Two measurements, each against a server started in this process on loopback ports:
-1. throughput of `--clients` closed-loop clients (each sends one image, waits, repeats) with
-   dynamic batching (max batch 32) and with `--max-batch 1`, and the ratio of the two;
+Two measurements, each against `crossvit serve` started as its own process on loopback ports
+(so the clients in this process do not share its interpreter):
+1. throughput of `--clients` closed-loop clients (tritonclient's asyncio HTTP client: each sends
+   one image, waits, repeats) with dynamic batching (max batch 32) and with `--max-batch 1`, and
+   the ratio of the two;
 2. the latency the server adds at batch 1: one client in turns with a direct `session.infer`
-   call on the same input, over HTTP (binary) and gRPC; p50/p99 of each and the p50 difference.
+   call on the same input in this process, over HTTP (binary) and gRPC; p50/p99 of each and
+   the p50 difference.
 Every phase is bounded by `--seconds`. Results go to DIR/serve.json with the machine description.
 """
 
@@ -14,29 +17,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-def _start(onnx_path: Path, **options):
-    from crossvit.runtime.serving.server import ServeOptions, Server
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    server = Server(onnx_path, ServeOptions(http_port=0, grpc_port=0, **options))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
 
-    def stop():
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-    return server, stop
+@contextlib.contextmanager
+def _serve(onnx_path: Path, *args: str):
+    """`crossvit serve` in its own process; yields (http address, grpc address)."""
+    http_port, grpc_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", str(onnx_path), "--http-port", str(http_port),
+                             "--grpc-port", str(grpc_port), *args], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"crossvit serve did not start: {line}{proc.stderr.read()[-2000:]}")
+        yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _client(kind: str, address: str):
@@ -54,51 +68,64 @@ def _infer(mod, client, model: str, x: np.ndarray):
 
 
 def throughput(onnx_path: Path, model: str, x: np.ndarray, clients: int, seconds: float, max_batch: int) -> dict:
-    server, stop = _start(onnx_path, max_batch=max_batch, max_delay_ms=2.0)
-    counts, latencies = [0] * clients, []
-    end = time.perf_counter() + seconds
+    import tritonclient.http.aio as ahttp
 
-    def loop(i):
-        mod, client = _client("http", f"127.0.0.1:{server.http_port}")
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            _infer(mod, client, model, x)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            counts[i] += 1
+    latencies: list[float] = []
 
-    try:
-        threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(seconds + 60)
-        elapsed = time.perf_counter() - start
-        stats = server.service.stats.triton()["model_stats"][0]
-    finally:
-        stop()
+    async def run(address: str) -> tuple[int, float, dict]:
+        client = ahttp.InferenceServerClient(address, conn_limit=clients)
+        end = time.perf_counter() + seconds
+
+        async def one() -> int:
+            n = 0
+            while time.perf_counter() < end:
+                inp = ahttp.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                t0 = time.perf_counter()
+                await client.infer(model, [inp])
+                latencies.append((time.perf_counter() - t0) * 1000)
+                n += 1
+            return n
+
+        try:
+            await client.infer(model, [_aio_input(ahttp, x)])  # warm up the connection and the session
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one() for _ in range(clients)))
+            elapsed = time.perf_counter() - start
+            stats = (await client.get_inference_statistics(model))["model_stats"][0]
+        finally:
+            await client.close()
+        return sum(counts), elapsed, stats
+
+    with _serve(onnx_path, "--max-batch", str(max_batch), "--max-delay-ms", "2") as (address, _):
+        requests, elapsed, stats = asyncio.run(run(address))
     lat = np.asarray(latencies)
-    return {"max_batch": max_batch, "clients": clients, "requests": sum(counts), "seconds": elapsed,
-            "images_per_s": sum(counts) * len(x) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+    return {"max_batch": max_batch, "clients": clients, "requests": requests, "seconds": elapsed,
+            "images_per_s": requests * len(x) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
             "mean_batch": stats["inference_count"] / max(stats["execution_count"], 1)}
+
+
+def _aio_input(ahttp, x):
+    inp = ahttp.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
 
 
 def overhead(onnx_path: Path, model: str, x: np.ndarray, seconds: float) -> dict:
     from crossvit.runtime.timing import measure_interleaved
 
-    server, stop = _start(onnx_path, max_batch=1, max_delay_ms=0.0)
-    try:
-        hmod, hclient = _client("http", f"127.0.0.1:{server.http_port}")
-        gmod, gclient = _client("grpc", f"127.0.0.1:{server.grpc_port}")
-        session = server.session
+    from crossvit.runtime.session import open_session
+
+    with _serve(onnx_path, "--max-batch", "1", "--max-delay-ms", "0") as (http_address, grpc_address), \
+            open_session(onnx_path) as session:
+        hmod, hclient = _client("http", http_address)
+        gmod, gclient = _client("grpc", grpc_address)
         lat = measure_interleaved({
             "session.infer (direct)": lambda: session.infer(x),
             "HTTP binary": lambda: _infer(hmod, hclient, model, x),
             "gRPC": lambda: _infer(gmod, gclient, model, x),
         }, batch=len(x), runs=200, max_seconds=seconds)
-    finally:
-        stop()
     base = lat["session.infer (direct)"].p50_ms
     return {name: {**l.to_dict(), "added_p50_ms": l.p50_ms - base} for name, l in lat.items()}
 
