@@ -73,13 +73,15 @@ class Server:
                  say: Callable[[str], None] | None = None):
         options.check()
         _import_serving()
-        from crossvit.runtime.session import open_session
+        from crossvit.runtime.session import artifact_kind, open_session
 
         from .service import ModelService
 
         self.options = options
         self.say = say or (lambda m: None)
-        self.session = open_session(artifact, backend=options.backend, device=options.device)
+        # ONNX Runtime's threads must not spin between calls: the event loop needs that CPU
+        extra = {"spin": False} if artifact_kind(Path(artifact)) == "onnx" else {}
+        self.session = open_session(artifact, backend=options.backend, device=options.device, **extra)
         name = options.model_name or self.session.info.model.get("name") or Path(artifact).stem.split(".")[0]
         self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
