@@ -280,6 +280,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from crossvit.benchmarks.suite import main as bench
+
+    return bench(args, _say)
+
+
+def _batch_list(text: str) -> list[int]:
+    sizes = _batch_sizes(text)
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return sizes
+
+
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
@@ -411,6 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="every backend side by side against this machine's GEMM rates",
+                       description="Time PyTorch eager fp32 (the baseline), bf16 autocast (CPUs with bf16), "
+                                   "torch.compile (--compile), ONNX Runtime per .onnx and TensorRT per .plan, in "
+                                   "one process on the same inputs, in interleaved turns. Reports p50/p90/p99, "
+                                   "images/s, achieved GFLOP/s, the fraction of the best GEMM rate of the precision "
+                                   "measured here, and the ratio to eager; flags rows whose turns disagree. Without "
+                                   "artifacts, exports the model's fp32 and --precisions variants first.")
+    p.add_argument("artifacts", nargs="*", type=Path, metavar="ARTIFACT", help=".onnx or .plan files")
+    p.add_argument("--model", metavar="NAME", help="registered model for the PyTorch baseline (default: the "
+                                                   "artifact's, or the embedded model)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint for the PyTorch baseline")
+    p.add_argument("--precisions", type=lambda t: [x for x in t.split(",") if x], default=["fp32", "int8-cpu"],
+                   metavar="fp32,int8-cpu", help="variants to build when no artifact is given")
+    p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], metavar="1,8,32")
+    p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="time limit per backend and batch")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the parity/accuracy column")
+    p.add_argument("--json", type=Path, metavar="OUT.json")
+    p.add_argument("--csv", type=Path, metavar="OUT.csv")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="latency and throughput vs batch (matplotlib)")
+    p.set_defaults(func=cmd_bench)
 
     from crossvit.export.triton import add_parser as add_triton_repo
 

@@ -1,0 +1,321 @@
+"""`crossvit bench`: every backend side by side, against this machine's own limits.
+
+For each batch size, all backends run in one process on the same input, timed in interleaved
+turns (`measure_interleaved`: A B C, A B C, ...). Each row reports p50/p90/p99, images/s,
+achieved model GFLOP/s, the ratio to PyTorch eager fp32 of the same run, and the fraction of
+the best GEMM rate measured for its precision on this machine in the same process. When the
+per-turn medians of a backend disagree by more than `SPREAD_WARNING`, the row says so: on a
+shared machine that is noise, not a result.
+
+Backends: PyTorch eager fp32 (the baseline), PyTorch bf16 autocast (on CPUs with bf16
+instructions), `torch.compile` (opt-in: compiling takes minutes), ONNX Runtime for each
+`.onnx` given or built, TensorRT for each `.plan` (GPU). Model FLOPs are counted once with
+`torch.utils.flop_counter` (matmuls and convolutions, 2 per multiply-add).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from crossvit.benchmarks.latency import BASELINE, machine_description
+from crossvit.runtime.timing import Latency, measure_interleaved
+
+SPREAD_WARNING = 0.25  # per-turn medians further apart than this (relative) make a row "noisy"
+PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
+                   "int8-cpu": "int8"}
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+    gflops: float  # achieved model GFLOP/s at the median
+    vs_eager: float  # PyTorch eager fp32 p50 / this p50, same batch, same run
+    of_peak: float | None  # achieved GFLOP/s / the best measured GEMM rate of its precision
+    spread: float  # (max - min) / min of the per-turn medians
+    note: str = ""
+
+
+@dataclass
+class Result:
+    model: str
+    gflops_per_image: float
+    rows: list[Row] = field(default_factory=list)
+    gemm: dict = field(default_factory=dict)  # "library precision" -> GFLOP/s
+    accuracy: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    command: str = ""
+
+    def table(self) -> str:
+        head = (f"{'backend':<36} {'prec':<8} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'img/s':>9} "
+                f"{'GFLOP/s':>8} {'of peak':>7} {'vs eager':>8}  note")
+        lines = [f"{self.model}: {self.gflops_per_image:.2f} GFLOP per image", head, "-" * len(head)]
+        for r in self.rows:
+            peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
+            lines.append(f"{r.backend:<36} {r.precision:<8} {r.batch:>5} {r.p50_ms:9.3f} {r.p99_ms:9.3f} "
+                         f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {r.vs_eager:7.2f}x  {r.note}")
+        if self.gemm:
+            lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
+        for name, acc in self.accuracy.items():
+            lines.append(f"accuracy {name}: " + ", ".join(f"{k} {v}" for k, v in acc.items()))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "gflops_per_image": self.gflops_per_image, "rows": [asdict(r) for r in self.rows],
+                "gemm_gflops": self.gemm, "accuracy": self.accuracy, "machine": self.machine, "command": self.command}
+
+
+# -- the machine's limits ----------------------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) or platform.machine() == "arm64"
+
+
+def model_gflops(model: torch.nn.Module) -> float:
+    """GFLOP of one image (2 per multiply-add of matmuls and convolutions), by PyTorch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, h, w = model.input_shape
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(torch.zeros(1, c, h, w))
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_rates(n: int = 2048, seconds: float = 1.0) -> dict[str, float]:
+    """Square n x n GEMM rates through each library and precision, in GFLOP/s (best of turns)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    flops = 2 * n**3
+    rng = np.random.default_rng(0)
+    a32, b32 = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ta, tb = torch.from_numpy(a32), torch.from_numpy(b32)
+    fns: dict[str, Callable] = {"torch fp32": lambda: ta @ tb}
+    if has_bf16():
+        ha, hb = ta.bfloat16(), tb.bfloat16()
+        fns["torch bf16"] = lambda: ha @ hb
+
+    def session(op: str, dtype, inputs):
+        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+                                  [helper.make_tensor_value_info("a", dtype, [n, n]),
+                                   helper.make_tensor_value_info("b", dtype, [n, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT if op == "MatMul"
+                                                                 else TensorProto.INT32, [n, n])])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return lambda: s.run(None, inputs)
+
+    fns["onnxruntime fp32"] = session("MatMul", TensorProto.FLOAT, {"a": a32, "b": b32})
+    u8a, u8b = (rng.integers(0, 255, (n, n), dtype=np.uint8) for _ in range(2))
+    fns["onnxruntime int8"] = session("MatMulInteger", TensorProto.UINT8, {"a": u8a, "b": u8b})
+    lat = measure_interleaved(fns, batch=1, runs=10, max_seconds=seconds * 3)
+    return {k: flops / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
+
+
+def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
+    cls = PRECISION_CLASS.get(precision, precision)
+    rates = [v for k, v in gemm.items() if k.endswith(" " + cls)]
+    return max(rates) if rates else None
+
+
+# -- the backends ------------------------------------------------------------------------------
+
+def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool) -> dict[tuple[str, str], Callable]:
+    model = model.eval()
+    fns = {(BASELINE, "fp32"): lambda: model(x)}
+    if has_bf16():
+        def bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+        fns[("torch autocast (cpu)", "bf16")] = bf16
+    if compile:
+        compiled = torch.compile(model)
+        fns[("torch.compile (cpu)", "fp32")] = lambda: compiled(x)
+    return fns
+
+
+def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
+        max_seconds: float, compile: bool = False, progress: Callable[[str], None] | None = None) -> Result:
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.session import open_session
+
+    say = progress or (lambda m: None)
+    result = Result(model=name, gflops_per_image=model_gflops(model), machine=machine_description(),
+                    command=" ".join(sys.argv))
+    say("measuring GEMM rates (the machine's own limits)")
+    result.gemm = gemm_rates()
+    for i, b in enumerate(batch_sizes, 1):
+        say(f"[{i}/{len(batch_sizes)}] batch {b}: {2 + len(artifacts)} backends in interleaved turns")
+        x = np.random.default_rng(b).standard_normal((b, *model.input_shape), dtype=np.float32)
+        xt = torch.from_numpy(x)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            fns = torch_backends(model, xt, compile=compile)
+            for path in artifacts:
+                info = read_artifact(path)
+                try:
+                    s = stack.enter_context(open_session(path, backend="onnxruntime" if info.kind == "onnx"
+                                                         else "tensorrt", device="cpu" if info.kind == "onnx"
+                                                         else "auto"))
+                    s.infer(x)
+                except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
+                    say(f"skipped {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                    continue
+                fns[(f"{s.backend} ({path.stem})", info.precision)] = (lambda s: lambda: s.infer(x))(s)
+            lat, spreads = _timed(fns, b, runs, max_seconds)
+        base = lat[(BASELINE, "fp32")].p50_ms
+        for (backend, precision), l in lat.items():
+            gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
+            peak = peak_for(precision, result.gemm)
+            spread = spreads[(backend, precision)]
+            result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
+                                   p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
+                                   vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
+                                   spread=spread, note="noisy: turns disagree" if spread > SPREAD_WARNING else ""))
+    return result
+
+
+def _timed(fns: dict, batch: int, runs: int, max_seconds: float) -> tuple[dict, dict]:
+    """measure_interleaved, plus the spread of each backend's per-turn medians."""
+    turns = [measure_interleaved(fns, batch=batch, runs=max(runs // 3, 3), rounds=1, max_seconds=max_seconds / 3)
+             for _ in range(3)]
+    pooled, spreads = {}, {}
+    for key in fns:
+        medians = [t[key].p50_ms for t in turns]
+        spreads[key] = (max(medians) - min(medians)) / min(medians)
+        pooled[key] = _pool([t[key] for t in turns])
+    return pooled, spreads
+
+
+def _pool(parts: list[Latency]) -> Latency:
+    """Latency of several turns together (weighted by their run counts; percentiles approximated by the
+    turn whose median is the median, p99 by the worst turn)."""
+    parts = sorted(parts, key=lambda l: l.p50_ms)
+    mid = parts[len(parts) // 2]
+    runs = sum(p.runs for p in parts)
+    return Latency(batch=mid.batch, runs=runs, p50_ms=mid.p50_ms, p90_ms=max(p.p90_ms for p in parts),
+                   p99_ms=max(p.p99_ms for p in parts),
+                   mean_ms=sum(p.mean_ms * p.runs for p in parts) / runs)
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def write_csv(result: Result, path: Path) -> None:
+    from crossvit.contract import atomic_write
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(asdict(result.rows[0])))
+    w.writeheader()
+    w.writerows(asdict(r) for r in result.rows)
+    text = buf.getvalue()
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_plot(result: Result, path: Path) -> None:
+    """Latency and throughput against batch size, one line per backend (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from crossvit.errors import BackendUnavailable
+
+        raise BackendUnavailable("--plot needs matplotlib: pip install 'crossvit[bench]'") from None
+    from crossvit.contract import atomic_write
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = sorted({(r.backend, r.precision) for r in result.rows})
+    for key in keys:
+        rows = sorted((r for r in result.rows if (r.backend, r.precision) == key), key=lambda r: r.batch)
+        label = f"{key[0]} ({key[1]})"
+        left.plot([r.batch for r in rows], [r.p50_ms for r in rows], marker="o", label=label)
+        right.plot([r.batch for r in rows], [r.images_per_s for r in rows], marker="o", label=label)
+    for ax, what in ((left, "p50 latency (ms)"), (right, "throughput (images/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.suptitle(f"{result.model} on {result.machine.get('processor')} ({time.strftime('%Y-%m-%d')})")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def main(args, say: Callable[[str], None]) -> int:
+    """`crossvit bench`: see the module docstring."""
+    from crossvit.contract import atomic_write, check_output_path, temporary_folder, to_json
+    from crossvit.errors import ConfigError
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.export.parity import check_parity
+    from crossvit.export.precision import convert_precision
+    from crossvit.model import DEFAULT_MODEL, load_model
+    from crossvit.runtime.artifact import read_artifact
+
+    for out in (args.json, args.csv, args.plot):
+        if out is not None:
+            check_output_path(out)
+    artifacts = [Path(a) for a in args.artifacts]
+    infos = [read_artifact(a) for a in artifacts]
+    name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL
+    if args.checkpoint is None and infos and not args.model and name is None:
+        raise ConfigError("give --model NAME or --checkpoint for the PyTorch baseline")
+    loaded = load_model(args.checkpoint, name=name)
+    batch_sizes = args.batch_sizes
+    with temporary_folder() as tmp:
+        if not artifacts:  # build the ONNX variants of the model here
+            fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, max(max(batch_sizes), 2)),
+                               progress=say).path
+            artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
+                                  for p in args.precisions if p != "fp32"]
+        result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
+                     max_seconds=args.max_seconds, compile=args.compile, progress=say)
+        if not args.no_accuracy:
+            for path in artifacts:
+                report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)])
+                ref, art = report.accuracy
+                result.accuracy[path.name] = {"verdict": report.verdict,
+                                              "top1_agreement_images": next((c.top1_agreement for c in report.cases
+                                                                             if c.source == "images"), None),
+                                              "accuracy": art, "accuracy_reference": ref}
+    print(result.table())
+    if args.json:
+        text = to_json(result.to_dict(), indent=2) + "\n"
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(result, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

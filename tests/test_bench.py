@@ -1,0 +1,51 @@
+"""`crossvit bench`: all backends in one run, against the machine's own GEMM rates."""
+
+import csv
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_path, cli):
+    proc = cli("bench", "--batch-sizes", "1,2", "--runs", "3", "--max-seconds", "2",
+               "--json", tmp_path / "b.json", "--csv", tmp_path / "b.csv", "--plot", tmp_path / "b.png")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = data["rows"]
+    backends = {(r["backend"], r["precision"]) for r in rows}
+    assert ("torch eager (cpu)", "fp32") in backends
+    assert {p for _, p in backends} >= {"fp32", "int8-cpu"}
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["images_per_s"] > 0 and r["gflops"] > 0
+        assert (r["note"] == "noisy: turns disagree") == (r["spread"] > 0.25)
+        if r["backend"] == "torch eager (cpu)":
+            assert r["vs_eager"] == 1.0
+    assert {"torch fp32", "onnxruntime fp32", "onnxruntime int8"} <= set(data["gemm_gflops"])
+    assert all(r["of_peak"] is not None for r in rows if r["precision"] in ("fp32", "int8-cpu"))
+    assert data["accuracy"]["crossvit_digits.fp32.onnx"]["verdict"] == "pass"
+    assert data["machine"]["onnxruntime"] and "bench" in data["command"]
+    assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == len(rows)
+    assert "GFLOP per image" in proc.stdout and "of peak" in proc.stdout
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name, params_m, paper_gflops", [("crossvit_tiny_240", 7.0, 1.6),
+                                                          ("crossvit_15_240", 27.4, 5.8)])
+def test_model_flops_agree_with_the_paper(name, params_m, paper_gflops):
+    """The paper counts multiply-adds as FLOPs; ours counts 2 per multiply-add (matmuls and convs
+    only, so a little lower than the paper's count, which also counts the other ops)."""
+    from crossvit.benchmarks.suite import model_gflops
+    from crossvit.model import create_model
+
+    model = create_model(name)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - params_m) / params_m < 0.02
+    macs = model_gflops(model) / 2
+    assert 0.8 < macs / paper_gflops < 1.05, macs
+
+
+def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
+    one_line_error(cli("bench", "--batch-sizes", "0,2"), "--batch-sizes", code=2)
+    one_line_error(cli("bench", tmp_path / "missing.onnx"), "no such file")
+    (tmp_path / "d").mkdir()
+    one_line_error(cli("bench", "--json", tmp_path / "d"), "is a directory")
