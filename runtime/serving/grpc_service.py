@@ -51,6 +51,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _fail(self, context, e: ProtocolError):
         await context.abort(getattr(grpc.StatusCode, GRPC_CODES.get(e.status, "INTERNAL")), e.message)
 
+    async def _check(self, context, name: str, version: str) -> None:
+        """Abort the call with NOT_FOUND unless it names this model (and its version)."""
+        try:
+            self.service.check_model(name, version)
+        except ProtocolError as e:
+            await self._fail(context, e)
+
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
@@ -58,36 +65,24 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ProtocolError as e:
-            await self._fail(context, e)
+        await self._check(context, request.name, request.version)
         return service_pb2.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(self.service.server_metadata(), service_pb2.ServerMetadataResponse())
 
     async def ModelMetadata(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ProtocolError as e:
-            await self._fail(context, e)
+        await self._check(context, request.name, request.version)
         return json_format.ParseDict(self.service.view.metadata(), service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ProtocolError as e:
-            await self._fail(context, e)
+        await self._check(context, request.name, request.version)
         config = json_format.ParseDict(self.service.model_config(), model_config_pb2.ModelConfig())
         return service_pb2.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            try:
-                self.service.check_model(request.name, request.version)
-            except ProtocolError as e:
-                await self._fail(context, e)
+            await self._check(context, request.name, request.version)
         return json_format.ParseDict(self.service.stats.triton(), service_pb2.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):

@@ -59,16 +59,10 @@ def create_app(service: ModelService, *, max_body: int = MAX_BODY) -> Starlette:
     async def model_metadata(request: Request) -> Response:
         return JSONResponse(service.view.metadata())
 
-    async def model_ready(request: Request) -> Response:
-        return _health(service.ready)
-
     async def model_config(request: Request) -> Response:
         return JSONResponse(service.model_config())
 
-    async def model_stats(request: Request) -> Response:
-        return JSONResponse(service.stats.triton())
-
-    async def all_stats(request: Request) -> Response:
+    async def stats(request: Request) -> Response:  # one model: the server's and the model's are the same
         return JSONResponse(service.stats.triton())
 
     async def infer(request: Request) -> Response:
@@ -98,15 +92,15 @@ def create_app(service: ModelService, *, max_body: int = MAX_BODY) -> Starlette:
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
-        Route("/v2/models/stats", all_stats, methods=["GET"]),
+        Route("/v2/models/stats", stats, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     for prefix in (m, v):
         routes += [
             Route(prefix, model_route(model_metadata), methods=["GET"]),
-            Route(prefix + "/ready", model_route(model_ready), methods=["GET"]),
+            Route(prefix + "/ready", model_route(ready), methods=["GET"]),
             Route(prefix + "/config", model_route(model_config), methods=["GET"]),
-            Route(prefix + "/stats", model_route(model_stats), methods=["GET"]),
+            Route(prefix + "/stats", model_route(stats), methods=["GET"]),
             Route(prefix + "/infer", model_route(infer), methods=["POST"]),
         ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
