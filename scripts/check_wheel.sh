@@ -28,6 +28,8 @@ if "$work/v/bin/python" -c "import crossvit, sys; sys.exit(not crossvit.__file__
     echo "crossvit was imported from the checkout, not from the wheel" >&2
     exit 1
 fi
+# every subpackage made it into the wheel (the serving code needs the [serve] extra to run, not to import)
+"$work/v/bin/python" -c "import crossvit.runtime.serving.protocol, crossvit.runtime.tensorrt, crossvit.export.engine, crossvit.export.triton, crossvit.benchmarks.suite, crossvit.pipeline"
 images="$("$work/v/bin/python" -c 'from crossvit.assets import heldout_images; print(heldout_images())')"
 echo "== crossvit deploy (from $work, images in $images)"
 "$work/v/bin/crossvit" deploy -o "$work/out" --variants int8-cpu
