@@ -10,7 +10,7 @@ shared machine that is noise, not a result.
 Backends: PyTorch eager fp32 (the baseline), PyTorch bf16 autocast (on CPUs with bf16
 instructions), `torch.compile` (opt-in: compiling takes minutes), ONNX Runtime for each
 `.onnx` given or built, TensorRT for each `.plan` (GPU). Model FLOPs are counted once with
-`torch.utils.flop_counter` (matmuls and convolutions, 2 per multiply-add).
+`torch.utils.flop_counter` plus the attention matmuls it misses (benchmarks/flops.py).
 """
 
 from __future__ import annotations
@@ -97,14 +97,11 @@ def has_bf16() -> bool:
 
 
 def model_gflops(model: torch.nn.Module) -> float:
-    """GFLOP of one image (2 per multiply-add of matmuls and convolutions), by PyTorch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """GFLOP of one image (2 per multiply-add of matmuls, convolutions and attention)."""
+    from crossvit.benchmarks.flops import count_flops
 
     c, h, w = model.input_shape
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.eval()(torch.zeros(1, c, h, w))
-    return counter.get_total_flops() / 1e9
+    return count_flops(model.eval(), torch.zeros(1, c, h, w)) / 1e9
 
 
 def gemm_rates(n: int = 2048, seconds: float = 1.0) -> dict[str, float]:
