@@ -11,6 +11,12 @@ Two measurements, each against `crossvit serve` started as its own process on lo
    call on the same input in this process, over HTTP (binary) and gRPC; p50/p99 of each and
    the p50 difference.
 Every phase is bounded by `--seconds`. Results go to DIR/serve.json with the machine description.
+
+`--rates 100,200,400` adds the open-loop measurement (MLPerf server scenario): requests arrive at
+exponential intervals at each given rate regardless of answers, against our server or any Open
+Inference Protocol server (`--url host:port`, e.g. Triton); for each rate the achieved
+throughput, p50/p90/p99 and errors, and the knee: the highest rate whose p99 stays under
+`--p99-bound-ms`. Loopback only; each rate is bounded by `--seconds` and `--max-requests`.
 """
 
 from __future__ import annotations
@@ -112,6 +118,51 @@ def _aio_input(ahttp, x):
     return inp
 
 
+async def open_loop(address: str, model: str, x: np.ndarray, rate: float, seconds: float,
+                    max_requests: int, seed: int = 0) -> dict:
+    """Poisson arrivals at `rate` requests/s for `seconds` (at most `max_requests`), each answered or
+    failed on its own; latency is measured from the planned arrival time (no coordinated omission)."""
+    import tritonclient.http.aio as ahttp
+
+    rng = np.random.default_rng(seed)
+    client = ahttp.InferenceServerClient(address, conn_limit=256)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(planned: float) -> None:
+        nonlocal errors
+        try:
+            await client.infer(model, [_aio_input(ahttp, x)])
+            latencies.append((time.perf_counter() - planned) * 1000)
+        except Exception:
+            errors += 1
+
+    tasks = []
+    try:
+        start = time.perf_counter()
+        at = start
+        while len(tasks) < max_requests:
+            at += rng.exponential(1.0 / rate)
+            if at - start > seconds:
+                break
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(at)))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
+    lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
+    return {"rate": rate, "sent": len(tasks), "answered": len(latencies), "errors": errors,
+            "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def knee(rows: list[dict], p99_bound_ms: float) -> float | None:
+    """The highest offered rate whose p99 stayed under the bound with no errors."""
+    ok = [r["rate"] for r in rows if r["errors"] == 0 and r["p99_ms"] < p99_bound_ms]
+    return max(ok) if ok else None
+
+
 def overhead(onnx_path: Path, model: str, x: np.ndarray, seconds: float) -> dict:
     from crossvit.runtime.timing import measure_interleaved
 
@@ -141,12 +192,41 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--rates", default=None, metavar="100,200,400",
+                   help="open-loop Poisson arrival rates (requests/s) to offer, one after another")
+    p.add_argument("--url", default=None, metavar="HOST:PORT",
+                   help="an already running Open Inference Protocol HTTP server (default: start ours)")
+    p.add_argument("--p99-bound-ms", type=float, default=50.0, help="the latency bound that defines the knee")
+    p.add_argument("--max-requests", type=int, default=20_000, help="per rate")
     args = p.parse_args(argv)
+    if args.url and not args.url.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
+        p.error("--url must be a loopback address")
     loaded = load_model(name=args.model)
     x = np.random.default_rng(0).standard_normal((1, *loaded.model.input_shape), dtype=np.float32)
+    name = loaded.info.name
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",")]
+        with temporary_folder() as tmp, contextlib.ExitStack() as stack:
+            address = args.url
+            if address is None:
+                onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
+                address, _ = stack.enter_context(_serve(onnx_path, "--max-batch", "32", "--max-delay-ms", "2"))
+            rows = [asyncio.run(open_loop(address, name, x, r, args.seconds, args.max_requests)) for r in rates]
+        result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
+                  "open_loop": rows, "p99_bound_ms": args.p99_bound_ms, "knee_rate": knee(rows, args.p99_bound_ms)}
+        print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
+              f"{'p99 ms':>8}")
+        for r in rows:
+            print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['throughput']:8.1f} "
+                  f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
+        print(f"knee (p99 < {args.p99_bound_ms:g} ms, no errors): {result['knee_rate']} requests/s")
+        if args.out:
+            text = to_json(result, indent=2) + "\n"
+            atomic_write(args.out / "serve_open_loop.json", lambda tmp: tmp.write_text(text))
+            print(f"wrote {args.out / 'serve_open_loop.json'}")
+        return 0
     with temporary_folder() as tmp:
         onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
-        name = loaded.info.name
         batched = throughput(onnx_path, name, x, args.clients, args.seconds, max_batch=32)
         single = throughput(onnx_path, name, x, args.clients, args.seconds, max_batch=1)
         added = overhead(onnx_path, name, x, args.seconds)

@@ -446,3 +446,14 @@ print("IMPORTED", sorted(m for m in sys.modules if m == "torch" or m.startswith(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "IMPORTED []" in proc.stdout
+
+
+def test_open_loop_load_is_bounded_and_finds_the_knee(server):
+    from crossvit.benchmarks.serve_load import knee, open_loop
+
+    row = asyncio.run(open_loop(server.http, "crossvit_digits", _x(1), rate=50, seconds=1.0, max_requests=40))
+    assert 0 < row["sent"] <= 40 and row["answered"] == row["sent"] and row["errors"] == 0
+    assert 0 < row["p50_ms"] <= row["p99_ms"]
+    rows = [{"rate": 100, "errors": 0, "p99_ms": 10}, {"rate": 200, "errors": 0, "p99_ms": 40},
+            {"rate": 400, "errors": 0, "p99_ms": 90}, {"rate": 800, "errors": 3, "p99_ms": 20}]
+    assert knee(rows, 50) == 200 and knee(rows, 5) is None
