@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="crossvit",
         description="Deploy CrossViT image classifiers: checkpoint -> verified ONNX -> precision "
-                    "variants -> parity report. Without a checkpoint, commands use the embedded "
-                    "default model (crossvit_digits).",
+                    "variants -> parity report -> TensorRT engine -> predict, serve (Open Inference "
+                    "Protocol) and benchmark. Without a checkpoint, commands use the embedded default "
+                    "model (crossvit_digits).",
         epilog="Set CROSSVIT_DEBUG=1 to see tracebacks of internal errors.")
     parser.add_argument("--version", action="version", version=f"crossvit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
