@@ -183,7 +183,7 @@ def overhead(onnx_path: Path, model: str, x: np.ndarray, seconds: float) -> dict
 
 def main(argv=None) -> int:
     from crossvit.benchmarks.latency import machine_description
-    from crossvit.contract import atomic_write, temporary_folder, to_json
+    from crossvit.contract import temporary_folder
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.model import DEFAULT_MODEL, load_model
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--p99-bound-ms", type=float, default=50.0, help="the latency bound that defines the knee")
     p.add_argument("--max-requests", type=int, default=20_000, help="per rate")
     args = p.parse_args(argv)
-    if args.url and not args.url.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
+    if args.url and args.url.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
         p.error("--url must be a loopback address")
     loaded = load_model(name=args.model)
     x = np.random.default_rng(0).standard_normal((1, *loaded.model.input_shape), dtype=np.float32)
@@ -220,10 +220,7 @@ def main(argv=None) -> int:
             print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['throughput']:8.1f} "
                   f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
         print(f"knee (p99 < {args.p99_bound_ms:g} ms, no errors): {result['knee_rate']} requests/s")
-        if args.out:
-            text = to_json(result, indent=2) + "\n"
-            atomic_write(args.out / "serve_open_loop.json", lambda tmp: tmp.write_text(text))
-            print(f"wrote {args.out / 'serve_open_loop.json'}")
+        _save(result, args.out, "serve_open_loop.json")
         return 0
     with temporary_folder() as tmp:
         onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
@@ -240,11 +237,18 @@ def main(argv=None) -> int:
     print(f"throughput ratio (batching / max batch 1): {result['throughput']['ratio']:.2f}x")
     for label, r in added.items():
         print(f"{label:<24} p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  added p50 {r['added_p50_ms']:6.3f} ms")
-    if args.out:
-        text = to_json(result, indent=2) + "\n"
-        atomic_write(args.out / "serve.json", lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.out / 'serve.json'}")
+    _save(result, args.out, "serve.json")
     return 0
+
+
+def _save(result: dict, out: Path | None, name: str) -> None:
+    from crossvit.contract import atomic_write, to_json
+
+    if out is None:
+        return
+    text = to_json(result, indent=2) + "\n"
+    atomic_write(out / name, lambda tmp: tmp.write_text(text))
+    print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":
