@@ -1,13 +1,17 @@
 """GPU acceptance: the CUDA paths of our own code, on a machine with an NVIDIA GPU.
 
-    python -m crossvit.benchmarks.gpu_acceptance [--model NAME] [--out DIR]
+    python -m crossvit.benchmarks.gpu_acceptance [--model NAME] [--out DIR] [--budget-seconds S]
 
 Checks, each printed as PASS/FAIL/SKIP, exit code 1 if any fails:
 1. the torch backend on CUDA gives the CPU's logits (fp32, TF32 off) within 1e-4;
 2. the ONNX Runtime session with the CUDA execution provider (needs onnxruntime-gpu instead of
    onnxruntime) gives the CPU session's logits within 1e-4, or reports why it fell back;
-3. the latency benchmark with the CUDA baselines (torch fp32/fp16/bf16 eager, torch.compile,
-   CUDA graphs), written to DIR as JSON + CSV;
+3. `crossvit bench`'s GPU rows (`benchmarks/suite.py`, the same code): PyTorch eager fp32 (TF32
+   off), fp16/bf16 autocast, a CUDA graph of the fp16 model and `torch.compile` at batch 1, 8,
+   64 and 256, for the model, crossvit_15_240 and crossvit_18_dagger_408, written to DIR as
+   bench_cuda.json, bench_cuda.csv and one PNG per model. Results are saved after each model, and
+   models (or their torch.compile rows) that would not fit in what is left of --budget-seconds
+   are skipped and said so;
 4. where TensorRT is installed: fp32/fp16/int8 engines of the model and of crossvit_15_240
    (`crossvit build`'s code), each gated against PyTorch and timed at batch 1, 8 and 64,
    written to DIR/tensorrt.json. Without TensorRT this step is reported as SKIP with the reason.
@@ -18,60 +22,121 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
+
+BENCH_MODELS = ("crossvit_15_240", "crossvit_18_dagger_408")
+BENCH_BATCHES = [1, 8, 64, 256]
 
 
 def main(argv=None) -> int:
     import torch
 
-    from crossvit.export.onnx import BatchRange, export_onnx
-    from crossvit.model import DEFAULT_MODEL, load_model
-    from crossvit.runtime.session import open_session
+    from crossvit.model import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=Path("gpu-acceptance"))
+    p.add_argument("--budget-seconds", type=float, default=480.0,
+                   help="time for the benchmark step; what would not fit is skipped (default 480)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_acceptance: no CUDA device (torch.cuda.is_available() is False); install a CUDA "
               "build of torch on a GPU machine", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = []
-    loaded = load_model(name=args.model)
-    c, h, w = loaded.model.input_shape
-    x = np.random.default_rng(0).standard_normal((8, c, h, w), dtype=np.float32)
-    tmp = Path(tempfile.mkdtemp(prefix="crossvit-gpu-"))
-    ckpt = loaded.source
-    with open_session(ckpt, backend="torch", device="cpu", name=args.model) as cpu, \
-            open_session(ckpt, backend="torch", device="cuda", name=args.model) as gpu:
-        diff = float(np.abs(cpu.infer(x) - gpu.infer(x)).max())
-    results.append(("torch backend cuda vs cpu", diff <= 1e-4, f"max abs {diff:.2e}"))
-
-    onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
-    with open_session(onnx_path, device="cpu") as cpu, open_session(onnx_path, device="cuda") as gpu:
-        if gpu.device != "cuda":
-            results.append(("onnxruntime CUDA provider", None, f"not available (providers {gpu.providers}); "
-                            "pip uninstall onnxruntime && pip install onnxruntime-gpu"))
-        else:
-            diff = float(np.abs(cpu.infer(x) - gpu.infer(x)).max())
-            results.append(("onnxruntime CUDA provider vs cpu", diff <= 1e-4, f"max abs {diff:.2e}"))
-
-    from crossvit.benchmarks import latency
-
-    code = latency.main(["--model", args.model, "--batch", "1,8,64", "--runs", "100", "--out", str(args.out)])
-    results.append(("latency benchmark with CUDA baselines", code == 0, f"results in {args.out}"))
-    results += tensorrt_step(args.model, tmp, args.out)
+    try:
+        results += parity_step(args.model)
+    except Exception as e:  # a failure here must not cost the benchmark its turn: report it and go on
+        results.append(("torch/ONNX Runtime on cuda", False, f"{type(e).__name__}: {e}"))
+    results += bench_step([args.model, *BENCH_MODELS], args.out, args.budget_seconds)
+    with tempfile.TemporaryDirectory(prefix="crossvit-gpu-") as tmp:
+        results += tensorrt_step(args.model, Path(tmp), args.out)
     failed = 0
     for name, ok, detail in results:
         word = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         failed += ok is False
         print(f"{word:<5} {name}: {detail}")
     return 1 if failed else 0
+
+
+def parity_step(model_name: str) -> list[tuple]:
+    """The torch backend and ONNX Runtime's CUDA provider against their CPU selves."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+    from crossvit.runtime.session import open_session
+
+    results = []
+    loaded = load_model(name=model_name)
+    c, h, w = loaded.model.input_shape
+    x = np.random.default_rng().standard_normal((8, c, h, w), dtype=np.float32)
+    ckpt = loaded.source
+    with open_session(ckpt, backend="torch", device="cpu", name=model_name) as cpu, \
+            open_session(ckpt, backend="torch", device="cuda", name=model_name) as gpu:
+        diff = float(np.abs(cpu.infer(x) - gpu.infer(x)).max())
+    results.append(("torch backend cuda vs cpu", diff <= 1e-4, f"max abs {diff:.2e}"))
+    with tempfile.TemporaryDirectory(prefix="crossvit-gpu-") as tmp:
+        onnx_path = export_onnx(loaded, Path(tmp) / "model.onnx", batch=BatchRange(1, 64)).path
+        with open_session(onnx_path, device="cpu") as cpu, open_session(onnx_path, device="cuda") as gpu:
+            if gpu.device != "cuda":
+                results.append(("onnxruntime CUDA provider", None,
+                                f"not available (providers {gpu.providers}); "
+                                "pip uninstall onnxruntime && pip install onnxruntime-gpu"))
+            else:
+                diff = float(np.abs(cpu.infer(x) - gpu.infer(x)).max())
+                results.append(("onnxruntime CUDA provider vs cpu", diff <= 1e-4, f"max abs {diff:.2e}"))
+    return results
+
+
+def bench_step(models: list[str], out: Path, budget: float) -> list[tuple]:
+    """`crossvit bench --device cuda` for each model, saved after each one."""
+    import torch
+
+    from crossvit.benchmarks.suite import run, write_csv, write_plot
+    from crossvit.contract import atomic_write, to_json
+    from crossvit.model import load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    start, spent, done, results = time.monotonic(), [], [], []
+    for name in dict.fromkeys(models):
+        left = budget - (time.monotonic() - start)
+        guess = max(spent, default=60.0)  # the next model costs about what the costliest one did
+        if left < guess:
+            results.append((f"bench {name} (cuda)", None, f"skipped: {left:.0f} s of the budget left"))
+            continue
+        compile = left > 2.5 * guess  # compiling costs about a model's own timing again
+        t0 = time.monotonic()
+        try:
+            model = load_model(name=name).model
+            result = run(model, name, [], batch_sizes=BENCH_BATCHES, runs=30, max_seconds=4.0, compile=compile,
+                         device="cuda", progress=lambda m, name=name: print(f"  {name}: {m}", flush=True))
+        except Exception as e:  # one model's failure is a FAIL line; the others still run
+            traceback.print_exc()
+            results.append((f"bench {name} (cuda)", False, f"{type(e).__name__}: {e}"))
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        spent.append(time.monotonic() - t0)
+        done.append(result)
+        print(result.table(), flush=True)
+        text = to_json({"results": [r.to_dict() for r in done]}, indent=2) + "\n"
+        atomic_write(out / "bench_cuda.json", lambda tmp, text=text: tmp.write_text(text))
+        write_csv(done, out / "bench_cuda.csv")
+        try:
+            write_plot(result, out / f"bench_cuda_{name}.png")
+        except Exception as e:  # matplotlib missing: the JSON and CSV are the results
+            print(f"  no plot: {e}")
+        best = max(result.rows, key=lambda r: r.vs_eager)
+        results.append((f"bench {name} (cuda)", True, f"{len(result.rows)} rows in {spent[-1]:.0f} s"
+                        f"{'' if compile else ' (torch.compile skipped: budget)'}; fastest {best.backend} "
+                        f"{best.precision} b{best.batch} {best.vs_eager:.1f}x eager"))
+    return results
 
 
 def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:

@@ -7,15 +7,23 @@ the best GEMM rate measured for its precision on this machine in the same proces
 per-turn medians of a backend disagree by more than `SPREAD_WARNING`, the row says so: on a
 shared machine that is noise, not a result.
 
-Backends: PyTorch eager fp32 (the baseline), PyTorch bf16 autocast (on CPUs with bf16
-instructions), `torch.compile` (opt-in: compiling takes minutes), ONNX Runtime for each
-`.onnx` given or built, TensorRT for each `.plan` (GPU). Model FLOPs are counted once with
-`torch.utils.flop_counter` plus the attention matmuls it misses (benchmarks/flops.py).
+Backends on a CPU (`--device cpu`): PyTorch eager fp32 (the baseline), PyTorch bf16 autocast
+(on CPUs with bf16 instructions), `torch.compile` (opt-in: compiling takes minutes), ONNX
+Runtime for each `.onnx` given or built. On a GPU (`--device cuda`): PyTorch eager fp32 with
+TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CUDA graph,
+`torch.compile` of the fp16 model (opt-in), TensorRT for each `.plan`, ONNX Runtime for each
+`.onnx` where onnxruntime-gpu is installed. PyTorch rows take their input already on the
+device; sessions take host arrays (their copies are in their times). GPU calls are timed with
+a synchronize before each clock read. Model FLOPs are counted once with
+`torch.utils.flop_counter` plus the attention matmuls it misses (benchmarks/flops.py). Each
+PyTorch row other than the baseline also reports its agreement with the baseline's logits
+(`export.parity.compare`), the ONNX/TensorRT rows their parity gate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import platform
@@ -34,6 +42,12 @@ from crossvit.runtime.timing import Latency, measure_interleaved
 SPREAD_WARNING = 0.25  # per-turn medians further apart than this (relative) make a row "noisy"
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
                    "int8-cpu": "int8"}
+DEVICES = ("cpu", "cuda")
+
+
+def baseline(device: str) -> tuple[str, str]:
+    """The row every ratio of a run on `device` is against: PyTorch eager fp32 there."""
+    return (BASELINE, "fp32") if device == "cpu" else (f"torch eager ({device})", "fp32")
 
 
 @dataclass
@@ -104,8 +118,12 @@ def model_gflops(model: torch.nn.Module) -> float:
     return count_flops(model.eval(), torch.zeros(1, c, h, w)) / 1e9
 
 
-def gemm_rates(n: int = 2048, seconds: float = 1.0) -> dict[str, float]:
-    """Square n x n GEMM rates through each library and precision, in GFLOP/s (best of turns)."""
+def gemm_rates(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict[str, float]:
+    """Square n x n GEMM rates through each library and precision, in GFLOP/s (best of turns).
+
+    On a GPU: PyTorch's fp32 (TF32 off), tf32, fp16 and bf16 matmuls at n = 8192."""
+    if device != "cpu":
+        return _gpu_gemm_rates(device, seconds)
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -135,6 +153,25 @@ def gemm_rates(n: int = 2048, seconds: float = 1.0) -> dict[str, float]:
     return {k: flops / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
 
 
+def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, float]:
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    half, bf = (a.half(), b.half()), (a.bfloat16(), b.bfloat16())
+
+    def tf32(on: bool):
+        def f():
+            torch.backends.cuda.matmul.allow_tf32 = on
+            try:
+                return a @ b
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+        return f
+
+    fns = {"torch fp32": tf32(False), "torch tf32": tf32(True), "torch fp16": lambda: half[0] @ half[1],
+           "torch bf16": lambda: bf[0] @ bf[1]}
+    lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize)
+    return {k: 2 * n**3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
+
+
 def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
     cls = PRECISION_CLASS.get(precision, precision)
     rates = [v for k, v in gemm.items() if k.endswith(" " + cls)]
@@ -143,50 +180,117 @@ def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
 
 # -- the backends ------------------------------------------------------------------------------
 
-def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool) -> dict[tuple[str, str], Callable]:
+def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, device: str = "cpu",
+                   say: Callable[[str], None] = lambda m: None) -> dict[tuple[str, str], Callable]:
+    """PyTorch's ways to run `model` on `x` (both already on `device`), keyed (backend, precision)."""
     model = model.eval()
-    fns = {(BASELINE, "fp32"): lambda: model(x)}
-    if has_bf16():
-        def bf16():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+    fns = {baseline(device): lambda: model(x)}
+    if device == "cpu":
+        if has_bf16():
+            def bf16():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x)
+            fns[("torch autocast (cpu)", "bf16")] = bf16
+        if compile:
+            compiled = torch.compile(model)
+            fns[("torch.compile (cpu)", "fp32")] = lambda: compiled(x)
+        return fns
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        def autocast(dtype=dtype):
+            with torch.autocast("cuda", dtype=dtype):
                 return model(x)
-        fns[("torch autocast (cpu)", "bf16")] = bf16
+        fns[(f"torch autocast ({device})", name)] = autocast
+    half, xh = copy.deepcopy(model).half(), x.half()
+    try:
+        fns[(f"torch CUDA graph ({device})", "fp16")] = _cuda_graph(half, xh)
+    except RuntimeError as e:  # a forward pass that syncs with the host cannot be captured
+        say(f"no CUDA graph row: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if compile:
-        compiled = torch.compile(model)
-        fns[("torch.compile (cpu)", "fp32")] = lambda: compiled(x)
+        compiled = torch.compile(half)
+        fns[(f"torch.compile ({device})", "fp16")] = lambda: compiled(xh)
     return fns
 
 
+def _cuda_graph(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Capture one forward pass on a static input; calling the result replays it."""
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside capture (cuBLAS handles, workspace)
+            model(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(static)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+    return replay
+
+
+def _agreement(fns: dict, key: tuple[str, str]) -> dict:
+    """Each PyTorch row's logits against the baseline's, through the parity code's measures."""
+    from crossvit.export.parity import compare
+
+    with torch.inference_mode():
+        ref = fns[key]().float().cpu().numpy()
+        out = {}
+        for k, fn in fns.items():
+            if k != key:
+                m = compare(ref, fn().float().cpu().numpy())
+                out[f"{k[0]} {k[1]}"] = {"rel_l2": m["rel_l2"], "cosine": m["cosine"],
+                                         "top1_agreement": m["top1_agreement"]}
+    return out
+
+
 def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
-        max_seconds: float, compile: bool = False, progress: Callable[[str], None] | None = None) -> Result:
+        max_seconds: float, compile: bool = False, device: str = "cpu",
+        progress: Callable[[str], None] | None = None) -> Result:
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.session import open_session
 
     say = progress or (lambda m: None)
+    cuda = device != "cpu"
+    if cuda:  # the fp32 baseline is fp32: no TF32 (a run's setting, recorded with the machine)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     result = Result(model=name, gflops_per_image=model_gflops(model), machine=machine_description(),
                     command=" ".join(sys.argv))
-    say("measuring GEMM rates (the machine's own limits)")
-    result.gemm = gemm_rates()
+    result.machine["bench_device"] = device
+    if cuda:
+        result.machine["tf32"] = False
+    say(f"measuring GEMM rates on {device} (the machine's own limits)")
+    result.gemm = gemm_rates(device=device)
+    on_device = copy.deepcopy(model).to(device).eval() if cuda else model.eval()
+    sync = torch.cuda.synchronize if cuda else None
+    base_key = baseline(device)
     for i, b in enumerate(batch_sizes, 1):
-        say(f"[{i}/{len(batch_sizes)}] batch {b}: {2 + len(artifacts)} backends in interleaved turns")
+        say(f"[{i}/{len(batch_sizes)}] batch {b}: PyTorch and {len(artifacts)} artifact(s) in interleaved turns")
         x = np.random.default_rng(b).standard_normal((b, *model.input_shape), dtype=np.float32)
-        xt = torch.from_numpy(x)
+        xt = torch.from_numpy(x).to(device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
-            fns = torch_backends(model, xt, compile=compile)
+            fns = torch_backends(on_device, xt, compile=compile, device=device, say=say)
+            if i == 1:
+                result.accuracy.update(_agreement(fns, base_key))
             for path in artifacts:
                 info = read_artifact(path)
+                kind = "onnxruntime" if info.kind == "onnx" else "tensorrt"
                 try:
-                    s = stack.enter_context(open_session(path, backend="onnxruntime" if info.kind == "onnx"
-                                                         else "tensorrt", device="cpu" if info.kind == "onnx"
+                    s = stack.enter_context(open_session(path, backend=kind, device=device if kind == "onnxruntime"
                                                          else "auto"))
+                    if kind == "onnxruntime" and s.device != device:
+                        raise RuntimeError(f"ONNX Runtime runs it on {s.device}, not {device} (providers "
+                                           f"{s.providers}); on a GPU it needs onnxruntime-gpu")
                     s.infer(x)
                 except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
                     say(f"skipped {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                     continue
                 fns[(f"{s.backend} ({path.stem})", info.precision)] = (lambda s: lambda: s.infer(x))(s)
-            lat, spreads = _timed(fns, b, runs, max_seconds)
-        base = lat[(BASELINE, "fp32")].p50_ms
+            lat, spreads = _timed(fns, b, runs, max_seconds, sync=sync)
+        base = lat[base_key].p50_ms
         for (backend, precision), l in lat.items():
             gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
             peak = peak_for(precision, result.gemm)
@@ -195,13 +299,16 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
                                    p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                    vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
                                    spread=spread, note="noisy: turns disagree" if spread > SPREAD_WARNING else ""))
+        if cuda:
+            torch.cuda.empty_cache()
     return result
 
 
-def _timed(fns: dict, batch: int, runs: int, max_seconds: float) -> tuple[dict, dict]:
+def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None
+           ) -> tuple[dict, dict]:
     """measure_interleaved, plus the spread of each backend's per-turn medians."""
-    turns = [measure_interleaved(fns, batch=batch, runs=max(runs // 3, 3), rounds=1, max_seconds=max_seconds / 3)
-             for _ in range(3)]
+    turns = [measure_interleaved(fns, batch=batch, runs=max(runs // 3, 3), rounds=1, max_seconds=max_seconds / 3,
+                                 sync=sync) for _ in range(3)]
     pooled, spreads = {}, {}
     for key in fns:
         medians = [t[key].p50_ms for t in turns]
@@ -223,13 +330,16 @@ def _pool(parts: list[Latency]) -> Latency:
 
 # -- output ------------------------------------------------------------------------------------
 
-def write_csv(result: Result, path: Path) -> None:
+def write_csv(results: Result | list[Result], path: Path) -> None:
+    """One row per backend, precision and batch (and model, for several results)."""
     from crossvit.contract import atomic_write
 
+    results = [results] if isinstance(results, Result) else results
+    rows = [{"model": res.model, **asdict(r)} for res in results for r in res.rows]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(asdict(result.rows[0])))
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
-    w.writerows(asdict(r) for r in result.rows)
+    w.writerows(rows)
     text = buf.getvalue()
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -268,6 +378,34 @@ def write_plot(result: Result, path: Path) -> None:
 
 # -- the command -------------------------------------------------------------------------------
 
+def resolve_device(device: str) -> str:
+    """"auto" is the GPU where PyTorch sees one; asking for "cuda" without one is a clear error."""
+    from crossvit.errors import BackendUnavailable
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda: PyTorch sees no CUDA device (a CPU build of torch, or no GPU)")
+    return device
+
+
+def _builds_onnx(device: str, say: Callable[[str], None]) -> bool:
+    """Without artifacts, ONNX variants are built where ONNX Runtime can run them on `device`."""
+    import onnxruntime as ort
+
+    if device == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers():
+        return True
+    say("no ONNX rows: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu), and the GPU rows "
+        "would time the CPU; give .plan files for TensorRT rows")
+    return False
+
+
+def _runs_on(precision: str, device: str) -> bool:
+    from crossvit.contract import get_precision
+
+    return device == "cpu" or get_precision(precision).target != "cpu"  # int8-cpu is no GPU graph
+
+
 def main(args, say: Callable[[str], None]) -> int:
     """`crossvit bench`: see the module docstring."""
     from crossvit.contract import atomic_write, check_output_path, temporary_folder, to_json
@@ -278,6 +416,7 @@ def main(args, say: Callable[[str], None]) -> int:
     from crossvit.model import DEFAULT_MODEL, load_model
     from crossvit.runtime.artifact import read_artifact
 
+    device = resolve_device(args.device)
     for out in (args.json, args.csv, args.plot):
         if out is not None:
             check_output_path(out)
@@ -289,13 +428,13 @@ def main(args, say: Callable[[str], None]) -> int:
     loaded = load_model(args.checkpoint, name=name)
     batch_sizes = args.batch_sizes
     with temporary_folder() as tmp:
-        if not artifacts:  # build the ONNX variants of the model here
+        if not artifacts and _builds_onnx(device, say):  # build the ONNX variants of the model here
             fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, max(max(batch_sizes), 2)),
                                progress=say).path
             artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
-                                  for p in args.precisions if p != "fp32"]
+                                  for p in args.precisions if p != "fp32" and _runs_on(p, device)]
         result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
-                     max_seconds=args.max_seconds, compile=args.compile, progress=say)
+                     max_seconds=args.max_seconds, compile=args.compile, device=device, progress=say)
         if not args.no_accuracy:
             for path in artifacts:
                 report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)])

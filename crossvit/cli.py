@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", type=lambda t: [x for x in t.split(",") if x], default=["fp32", "int8-cpu"],
                    metavar="fp32,int8-cpu", help="variants to build when no artifact is given")
     p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], metavar="1,8,32")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the PyTorch rows run (default: the GPU if PyTorch sees one); on cuda the rows are "
+                        "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time limit per backend and batch")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")

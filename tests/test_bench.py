@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -24,6 +26,9 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
     assert {"torch fp32", "onnxruntime fp32", "onnxruntime int8"} <= set(data["gemm_gflops"])
     assert all(r["of_peak"] is not None for r in rows if r["precision"] in ("fp32", "int8-cpu"))
     assert data["accuracy"]["crossvit_digits.fp32.onnx"]["verdict"] == "pass"
+    if ("torch autocast (cpu)", "bf16") in backends:  # CPUs with bf16 instructions
+        bf16 = data["accuracy"]["torch autocast (cpu) bf16"]
+        assert 0 < bf16["rel_l2"] < 5e-2 and bf16["cosine"] > 0.99
     assert data["machine"]["onnxruntime"] and "bench" in data["command"]
     assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == len(rows)
     assert "GFLOP per image" in proc.stdout and "of peak" in proc.stdout
@@ -49,6 +54,24 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", tmp_path / "missing.onnx"), "no such file")
     (tmp_path / "d").mkdir()
     one_line_error(cli("bench", "--json", tmp_path / "d"), "is a directory")
+
+
+def test_bench_on_cuda_without_a_gpu_says_so_in_one_line(cli, one_line_error):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    one_line_error(cli("bench", "--device", "cuda", "--no-accuracy"), "no CUDA device", code=3)
+
+
+def test_gpu_acceptance_says_plainly_when_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: run the script itself")
+    proc = subprocess.run([sys.executable, "-m", "crossvit.benchmarks.gpu_acceptance"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cls_cross_attention_fusion_is_linear_and_all_attention_quadratic_in_flops():

@@ -307,6 +307,41 @@ def test_cuda_runtime_names_exist_and_report_no_device_without_crashing():
         assert device.compute_capability >= (3, 0)
 
 
+@pytest.mark.gpu
+def test_cuda_python_path_of_the_session_round_trips_through_the_gpu():
+    """What TensorRTSession does around `execute_async_v3`, on a real GPU without TensorRT:
+    cuda_device() agrees with torch, and pinned host -> device -> pinned host copies on our own
+    stream return the data (fresh random values, the output buffer poisoned first)."""
+    import torch
+
+    from crossvit.runtime.gpu import check, cuda_device, cudart
+    from crossvit.runtime.tensorrt import _Pinned
+
+    device = cuda_device()
+    assert device.name == torch.cuda.get_device_name(0)
+    assert device.compute_capability == torch.cuda.get_device_capability(0)
+    rt = cudart()
+    shape = (3, 5, 7)
+    src, dst = _Pinned(shape), _Pinned(shape)
+    stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
+    buf = check(rt.cudaMalloc(src.nbytes), "cudaMalloc")
+    try:
+        values = np.random.default_rng().standard_normal(src.nbytes // 4).astype(np.float32)
+        src.array[:] = values
+        dst.array[:] = np.nan
+        check(rt.cudaMemcpyAsync(buf, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
+              "cudaMemcpyAsync")
+        check(rt.cudaMemcpyAsync(dst.ptr, buf, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+              "cudaMemcpyAsync")
+        check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        assert np.array_equal(dst.array, values)
+    finally:
+        rt.cudaFree(buf)
+        rt.cudaStreamDestroy(stream)
+        src.free()
+        dst.free()
+
+
 # -- on a GPU with TensorRT ----------------------------------------------------------------------
 
 def _need_tensorrt():
