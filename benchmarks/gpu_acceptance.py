@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("gpu-acceptance"))
     p.add_argument("--budget-seconds", type=float, default=480.0,
                    help="time for the benchmark step; what would not fit is skipped (default 480)")
+    p.add_argument("--bench-models", type=lambda t: [m for m in t.split(",") if m], default=None,
+                   metavar="A,B", help=f"models for the benchmark step (default: --model, {', '.join(BENCH_MODELS)})")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (compiling takes minutes)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_acceptance: no CUDA device (torch.cuda.is_available() is False); install a CUDA "
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
         results += parity_step(args.model)
     except Exception as e:  # a failure here must not cost the benchmark its turn: report it and go on
         results.append(("torch/ONNX Runtime on cuda", False, f"{type(e).__name__}: {e}"))
-    results += bench_step([args.model, *BENCH_MODELS], args.out, args.budget_seconds)
+    results += bench_step(args.bench_models or [args.model, *BENCH_MODELS], args.out, args.budget_seconds,
+                          compile=not args.no_compile)
     with tempfile.TemporaryDirectory(prefix="crossvit-gpu-") as tmp:
         results += tensorrt_step(args.model, Path(tmp), args.out)
     failed = 0
@@ -94,7 +98,7 @@ def parity_step(model_name: str) -> list[tuple]:
     return results
 
 
-def bench_step(models: list[str], out: Path, budget: float) -> list[tuple]:
+def bench_step(models: list[str], out: Path, budget: float, compile: bool = True) -> list[tuple]:
     """`crossvit bench --device cuda` for each model, saved after each one."""
     import torch
 
@@ -110,11 +114,11 @@ def bench_step(models: list[str], out: Path, budget: float) -> list[tuple]:
         if left < guess:
             results.append((f"bench {name} (cuda)", None, f"skipped: {left:.0f} s of the budget left"))
             continue
-        compile = left > 2.5 * guess  # compiling costs about a model's own timing again
+        with_compile = compile and left > 2.5 * guess  # compiling costs about a model's timing again
         t0 = time.monotonic()
         try:
             model = load_model(name=name).model
-            result = run(model, name, [], batch_sizes=BENCH_BATCHES, runs=30, max_seconds=4.0, compile=compile,
+            result = run(model, name, [], batch_sizes=BENCH_BATCHES, runs=30, max_seconds=4.0, compile=with_compile,
                          device="cuda", progress=lambda m, name=name: print(f"  {name}: {m}", flush=True))
         except Exception as e:  # one model's failure is a FAIL line; the others still run
             traceback.print_exc()
@@ -134,7 +138,7 @@ def bench_step(models: list[str], out: Path, budget: float) -> list[tuple]:
             print(f"  no plot: {e}")
         best = max(result.rows, key=lambda r: r.vs_eager)
         results.append((f"bench {name} (cuda)", True, f"{len(result.rows)} rows in {spent[-1]:.0f} s"
-                        f"{'' if compile else ' (torch.compile skipped: budget)'}; fastest {best.backend} "
+                        f"{'' if with_compile else ' (no torch.compile rows)'}; fastest {best.backend} "
                         f"{best.precision} b{best.batch} {best.vs_eager:.1f}x eager"))
     return results
 

@@ -224,7 +224,7 @@ def _cuda_graph(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.T
     with torch.cuda.graph(graph):
         out = model(static)
 
-    def replay() -> torch.Tensor:
+    def replay(keep=(model, static)) -> torch.Tensor:  # the graph reads their memory: keep them alive
         graph.replay()
         return out
     return replay
