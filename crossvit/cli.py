@@ -228,10 +228,12 @@ def cmd_predict(args) -> int:
         else:
             files.append(item)  # missing or bad files are reported per file, after the rest
     failed = 0
-    with open_session(args.artifact, backend=args.backend, device=args.device) as session:
+    with open_session(args.artifact, backend=args.backend, device=args.device, exact=args.exact) as session:
         _warn_random(session.info.random_weights, args.artifact.name)
         if not args.json:
-            print(f"# {printable(args.artifact.name)} on {session.describe()}", file=sys.stderr)
+            print(f"# {printable(session.info.path.name)} on {session.describe()}", file=sys.stderr)
+        if session.chosen:
+            print(f"# running {printable(session.chosen)}; --exact runs the file given", file=sys.stderr)
         step = args.batch or min(session.info.batch_max, 32)
         for start in range(0, len(files), step):
             if len(files) > step:
@@ -270,7 +272,7 @@ def cmd_serve(args) -> int:
 
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            model_name=args.model_name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                           max_queue=args.max_queue, backend=args.backend, device=args.device)
+                           max_queue=args.max_queue, backend=args.backend, device=args.device, exact=args.exact)
     if not is_loopback(args.host):
         print(f"crossvit serve: warning: listening on {printable(args.host)}, beyond this machine; the server "
               "has no authentication: put it behind a proxy that has", file=sys.stderr)
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: by the artifact's kind (a .plan that cannot run here falls back to its ONNX); "
                         "ort-tensorrt: ONNX Runtime's TensorRT provider")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--exact", action="store_true",
+                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
+                        "variant when one beside it was made from this file and passed the parity gate")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("build", help="build a TensorRT engine (.plan + manifest) from an ONNX (needs a GPU)",
@@ -424,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond this are refused at once with 503 (default 256)")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--exact", action="store_true",
+                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
+                        "variant when one beside it was made from this file and passed the parity gate")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="every backend side by side against this machine's GEMM rates",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from crossvit.assets import heldout_images
-from crossvit.contract import Thresholds, atomic_write, first_line, get_precision, to_json
+from crossvit.contract import Thresholds, atomic_write, first_line, get_precision, sha256_file, to_json
 from crossvit.errors import ConfigError, CrossViTError, ParityFailure
 from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
@@ -57,6 +57,7 @@ class ParityReport:
     not_run: str | None = None  # why the backend could not run the artifact at all
     image_errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    artifact_sha256: str = ""  # the file judged: a report is about these bytes only
 
     @property
     def verdict(self) -> str:
@@ -170,7 +171,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     kind = artifact_kind(Path(artifact))
     backend = backend or AUTO_BACKEND[kind]
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
-                          precision=info.precision, backend=backend, thresholds=dataclasses.asdict(t))
+                          precision=info.precision, backend=backend, thresholds=dataclasses.asdict(t),
+                          artifact_sha256=sha256_file(artifact))
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
     bad = [b for b in sizes if b < 1]
     if bad:

@@ -79,6 +79,7 @@ class Session:
     def __init__(self, info: ArtifactInfo):
         self.info = info
         self.device = "cpu"
+        self.chosen: str | None = None  # why open_session ran another file than the one given
         self._closed = False
         self._preprocessor = None
 
@@ -361,12 +362,64 @@ def _fallback_onnx(plan: Path) -> Path | None:
     return onnx if sha256_file(onnx) == source.get("sha256") else None
 
 
-def open_session(artifact: str | Path, backend: str = "auto", device: str = "auto", **options) -> Session:
+def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
+    """The faster CPU variant (int8-cpu) of the fp32 `onnx`, when one beside it passed the parity
+    gate: its metadata names this file, with the same sha256, as its source, and its parity
+    report beside it (`NAME.parity.json`, as `crossvit deploy` writes) says "pass" about the same
+    bytes. Returns (variant, why it was chosen) or None."""
+    import json
+
+    from crossvit.contract import PRECISION_TABLE, sha256_file
+    from crossvit.errors import CrossViTError
+
+    try:
+        if read_artifact(onnx).precision != "fp32":
+            return None
+    except CrossViTError:
+        return None
+    source_sha = None
+    for name, spec in PRECISION_TABLE.items():
+        if spec.target != "cpu":
+            continue
+        for candidate in sorted(onnx.parent.glob(f"*.{name}.onnx")):
+            report = candidate.with_name(candidate.stem + ".parity.json")
+            try:
+                info = read_artifact(candidate)
+                gate = json.loads(report.read_text())
+            except (CrossViTError, OSError, ValueError):
+                continue
+            source = info.raw.get("source") or {}
+            if info.precision != name or source.get("onnx") != onnx.name or gate.get("verdict") != "pass":
+                continue
+            source_sha = source_sha or sha256_file(onnx)
+            if source.get("sha256") == source_sha and gate.get("artifact_sha256") == sha256_file(candidate):
+                return candidate, f"{name}, made from {onnx.name} and passed the parity gate ({report.name})"
+    return None
+
+
+def _runs_on_cpu(device: str) -> bool:
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    try:
+        return "CUDAExecutionProvider" not in _ort().get_available_providers()
+    except BackendUnavailable:
+        return True
+
+
+def open_session(artifact: str | Path, backend: str = "auto", device: str = "auto", *, exact: bool = False,
+                 **options) -> Session:
     """Open `artifact` (.onnx, .plan or a checkpoint) with `backend`, or the one for its kind.
 
-    With backend="auto", an engine that cannot run here (no GPU or TensorRT, or built for
-    another GPU or TensorRT version) falls back to the ONNX it was built from, when that file is
-    beside it and unchanged, with the reason logged.
+    With backend="auto":
+    - an fp32 .onnx that will run on the CPU is replaced by its gated CPU variant
+      (`gated_cpu_variant`: int8-cpu, made from this very file, its parity report beside it
+      saying pass), the fastest CPU path; `exact=True` runs the file given;
+    - an engine that cannot run here (no GPU or TensorRT, or built for another GPU or TensorRT
+      version) falls back to the ONNX it was built from, when that file is beside it and
+      unchanged (and from there, as above, to its gated CPU variant).
+    The choice is logged and kept in `session.chosen` (None when the file given runs).
     """
     path = Path(artifact)
     if backend not in BACKEND_NAMES:
@@ -379,6 +432,8 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
         runs = {"onnx": ".onnx files", "engine": "TensorRT engines (.plan from `crossvit build`)",
                 "checkpoint": f"checkpoints ({', '.join(CHECKPOINT_SUFFIXES)})"}[BACKENDS[chosen]]
         raise ArtifactError(f"{path}: the {chosen} backend runs {runs}, not {path.suffix} files")
+    if backend == "auto" and kind == "onnx" and not exact:
+        return _open_preferring_cpu_variant(path, device, options)
     try:
         return _open(chosen, path, device, options)
     except (ArtifactError, BackendUnavailable) as e:
@@ -386,4 +441,19 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
         if onnx is None:
             raise
         log.warning("%s cannot run here (%s); using %s with ONNX Runtime instead", path.name, e, onnx.name)
+        if exact:
+            return _open("onnxruntime", onnx, device, options)
+        session = _open_preferring_cpu_variant(onnx, device, options)
+        session.chosen = session.chosen or f"{onnx.name}: {path.name} cannot run here"
+        return session
+
+
+def _open_preferring_cpu_variant(onnx: Path, device: str, options: dict) -> Session:
+    found = gated_cpu_variant(onnx) if _runs_on_cpu(device) else None
+    if found is None:
         return _open("onnxruntime", onnx, device, options)
+    variant, why = found
+    log.info("using %s instead of %s (%s; exact=True / --exact runs the file given)", variant.name, onnx.name, why)
+    session = _open("onnxruntime", variant, device, options)
+    session.chosen = f"{variant.name} for {onnx.name}: {why}"
+    return session

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossvit.contract import MIN_CALIBRATION_IMAGES, PRECISION_NAMES, PRECISION_TABLE
+from crossvit.contract import MIN_CALIBRATION_IMAGES, PRECISION_NAMES, PRECISION_TABLE, sha256_file
 from crossvit.errors import BackendUnavailable, ExportError
 from crossvit.export.precision import convert_precision, graph_precision_summary
 
@@ -188,9 +188,14 @@ def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calib
     for name in [n for n in sys.modules if n == "modelopt" or n.startswith("modelopt.")] + ["modelopt"]:
         monkeypatch.setitem(sys.modules, name, None)  # needs no ModelOpt
     path = convert_precision(fp32_onnx, tmp_path / "digits.int8-cpu.onnx", "int8-cpu", None)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    nodes = onnx.load(str(path)).graph.node
+    ops = {n.op_type for n in nodes}
     assert "MatMulInteger" in ops and "QuantizeLinear" not in ops
-    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(path)).graph.node)
+    # every attention is ONNX Runtime's fused MultiHeadAttention (a CPU-only graph): no Softmax is left,
+    # and that op is the only one outside the standard domain
+    fp32_softmax = sum(n.op_type == "Softmax" for n in onnx.load(str(fp32_onnx)).graph.node)
+    assert "Softmax" not in ops and fp32_softmax > 0
+    assert [n.op_type for n in nodes if n.domain == "com.microsoft"] == ["MultiHeadAttention"] * fp32_softmax
     x, ref, labels = probe
     got = _run_ort(path, x)
     err = _errors(ref, got)
@@ -199,6 +204,7 @@ def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calib
     assert err["top1"] >= t.top1_agreement and _accuracy(ref, labels) - _accuracy(got, labels) <= t.accuracy_drop
     meta = json.loads(_metadata(path)["crossvit"])
     assert meta["precision"] == "int8-cpu" and meta["precision_tool"]["target"] == "onnxruntime-cpu"
+    assert meta["source"] == {"onnx": fp32_onnx.name, "sha256": sha256_file(fp32_onnx)}
 
 
 @pytest.mark.slow  # builds precision variants

@@ -29,6 +29,7 @@ class ServeOptions:
     max_queue: int = 256
     backend: str = "auto"
     device: str = "auto"
+    exact: bool = False  # serve the file given, not its gated CPU variant (open_session)
     max_body: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
 
@@ -81,7 +82,10 @@ class Server:
         self.say = say or (lambda m: None)
         # ONNX Runtime's threads must not spin between calls: the event loop needs that CPU
         extra = {"spin": False} if artifact_kind(Path(artifact)) == "onnx" else {}
-        self.session = open_session(artifact, backend=options.backend, device=options.device, **extra)
+        self.session = open_session(artifact, backend=options.backend, device=options.device, exact=options.exact,
+                                    **extra)
+        if self.session.chosen:
+            self.say(f"serving {self.session.chosen} (--exact serves the file given)")
         name = options.model_name or self.session.info.model.get("name") or Path(artifact).stem.split(".")[0]
         self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)

@@ -1,0 +1,85 @@
+"""The fastest CPU path: an fp32 .onnx on a CPU runs as its gated int8-cpu variant, unless told not to."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from crossvit.runtime.session import gated_cpu_variant, open_session
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """What `crossvit deploy --variants int8-cpu` leaves: fp32, int8-cpu and int8-cpu's parity report."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.export.parity import check_parity
+    from crossvit.export.precision import convert_precision
+    from crossvit.model import load_model
+
+    out = tmp_path_factory.mktemp("deployed")
+    loaded = load_model(name="crossvit_digits")
+    fp32 = export_onnx(loaded, out / "crossvit_digits.fp32.onnx", batch=BatchRange(1, 16)).path
+    int8 = convert_precision(fp32, out / "crossvit_digits.int8-cpu.onnx", "int8-cpu", None)
+    report = check_parity(int8, loaded, batch_sizes=[1, 7])
+    assert report.verdict == "pass"
+    report.save(out / "crossvit_digits.int8-cpu.parity.json")
+    return out, fp32, int8
+
+
+def _copy(deployed, tmp_path):
+    out, fp32, int8 = deployed
+    for f in out.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path / fp32.name, tmp_path / int8.name, tmp_path / "crossvit_digits.int8-cpu.parity.json"
+
+
+def test_an_fp32_onnx_on_the_cpu_runs_as_its_gated_int8_variant(deployed):
+    _, fp32, int8 = deployed
+    x = np.random.default_rng().standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with open_session(fp32, device="cpu") as s, open_session(int8, device="cpu") as direct:
+        assert s.info.precision == "int8-cpu" and s.info.path == int8
+        assert "int8-cpu" in s.chosen and "passed the parity gate" in s.chosen
+        assert np.array_equal(s.infer(x), direct.infer(x))
+    for kwargs in ({"exact": True}, {"backend": "onnxruntime"}):  # forced: the file given
+        with open_session(fp32, device="cpu", **kwargs) as s:
+            assert s.info.precision == "fp32" and s.chosen is None
+
+
+def test_no_swap_without_a_passing_gate_about_these_very_files(deployed, tmp_path):
+    import onnx
+
+    fp32, int8, report = _copy(deployed, tmp_path)
+    assert gated_cpu_variant(fp32) is not None
+    gate = json.loads(report.read_text())
+
+    report.write_text(json.dumps({**gate, "verdict": "fail"}))  # the gate failed
+    assert gated_cpu_variant(fp32) is None
+    report.write_text(json.dumps({**gate, "artifact_sha256": "0" * 64}))  # the variant changed after the gate
+    assert gated_cpu_variant(fp32) is None
+    report.write_text(json.dumps(gate))
+    report_saved = report.read_bytes()
+    report.unlink()  # no report at all
+    assert gated_cpu_variant(fp32) is None
+    report.write_bytes(report_saved)
+    assert gated_cpu_variant(fp32) == (int8, gated_cpu_variant(fp32)[1])
+
+    proto = onnx.load(str(fp32))  # the fp32 file is not the one the variant was made from
+    proto.metadata_props.add(key="edited", value="after the variant was made")
+    onnx.save(proto, str(fp32))
+    assert gated_cpu_variant(fp32) is None
+    with open_session(fp32, device="cpu") as s:
+        assert s.info.precision == "fp32" and s.chosen is None
+
+
+def test_predict_says_which_file_ran_and_exact_runs_the_one_given(deployed, cli):
+    from crossvit.assets import heldout_images
+
+    _, fp32, _ = deployed
+    image = sorted(heldout_images().glob("*.png"))[0]
+    proc = cli("predict", fp32, image)
+    assert proc.returncode == 0, proc.stderr
+    assert "# crossvit_digits.int8-cpu.onnx on" in proc.stderr and "--exact runs the file given" in proc.stderr
+    proc = cli("predict", fp32, image, "--exact")
+    assert proc.returncode == 0, proc.stderr
+    assert "# crossvit_digits.fp32.onnx on" in proc.stderr and "int8-cpu" not in proc.stderr
