@@ -438,7 +438,13 @@ def main(args, say: Callable[[str], None]) -> int:
                                   for p in args.precisions if p != "fp32" and _runs_on(p, device)]
         result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
                      max_seconds=args.max_seconds, compile=args.compile, device=device, progress=say)
-        if not args.no_accuracy:
+        accuracy = not args.no_accuracy
+        if accuracy and args.artifacts and loaded.info.random_weights:
+            # a fresh random model is not the one the given files were exported from
+            say("no accuracy column: the PyTorch reference has random weights, not those of the given files; "
+                "give --checkpoint with the weights they were exported from")
+            accuracy = False
+        if accuracy:
             for path in artifacts:
                 report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)])
                 ref, art = report.accuracy

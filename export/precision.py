@@ -10,10 +10,12 @@ ModelOpt writes those graphs on CPU:
   QuantizeLinear/DequantizeLinear pairs, calibrated on a batch of real images, and casts the
   rest to fp16 — again with LayerNormalization and Softmax left in fp32.
 
-And one variant for the CPU, kept apart from those: int8-cpu is ONNX Runtime's own dynamic
-quantization (`onnxruntime.quantization.quantize_dynamic`: int8 weights, activations quantized
-per call, `MatMulInteger` kernels that use VNNI). It needs no calibration and no ModelOpt, is
-fast only in ONNX Runtime on a CPU, and is never meant for TensorRT.
+And one variant for the CPU, kept apart from those: int8-cpu is each attention fused into ONNX
+Runtime's `com.microsoft.MultiHeadAttention` (onnxscript's ORT fusions), then ONNX Runtime's own
+dynamic quantization (`onnxruntime.quantization.quantize_dynamic`: int8 weights, activations
+quantized per call, `MatMulInteger` kernels that use VNNI's u8 x s8 product). It needs no
+calibration and no ModelOpt, runs only in ONNX Runtime (a contrib op), and is never meant for
+TensorRT (`crossvit build` refuses it).
 
 These graphs are meant for TensorRT. ONNX Runtime on CPU runs fp16/int8/fp8 variants (slowly,
 through casts and Q/DQ emulation) which is enough to measure their accuracy; it has no CPU
@@ -310,7 +312,7 @@ def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: s
     Measured on crossvit_15_240 at batch 1 (2-core AMD EPYC, AVX-512 VNNI): the fused
     attention takes 6-8 % off the dynamic-int8 graph (the head transposes, splits and the
     separate Softmax go); static QDQ int8 (calibrated, per channel, attention MatMuls
-    included) was 1.6x *slower* (QLinearSoftmax and u8 x u8 QLinearMatMul kernels); fusing
+    included) was 1.4–1.65x *slower* (QLinearSoftmax and u8 x u8 QLinearMatMul kernels); fusing
     SkipLayerNormalization/BiasGelu as well was slower too."""
     import onnx
     import onnxruntime
