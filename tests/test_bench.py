@@ -49,6 +49,30 @@ def test_model_flops_agree_with_the_paper(name, params_m, paper_gflops):
     assert 0.97 < macs / paper_gflops < 1.05, macs
 
 
+@pytest.mark.parametrize("config", [
+    {},  # timm's defaults: 224 px, cross depth 1
+    {"img_size": 64, "img_scale": (1.0, 0.75), "patch_size": (8, 16), "embed_dim": (24, 48),
+     "depth": ((1, 2, 0), (2, 1, 2)), "num_heads": (2, 4), "mlp_ratio": (3.0, 2.5), "num_classes": 7},
+    {"img_size": (192, 96), "img_scale": (1.0, 0.5), "patch_size": (12, 16), "embed_dim": (16, 32),
+     "depth": ((1, 1, 1),), "num_heads": (2, 2), "mlp_ratio": (2.0, 4.0), "multi_conv": True, "crop_scale": True},
+    {"img_size": 56, "img_scale": (1.0, 1.0), "patch_size": (8, 14), "embed_dim": (20, 40), "depth": ((2, 1, 1),),
+     "num_heads": (2, 4), "multi_conv": False, "num_classes": 3},
+])
+def test_flops_from_the_config_equal_pytorchs_count(config):
+    """The analytic count (which `bench` uses) against torch.utils.flop_counter on small configs:
+    resize, dagger stems, centre crop, uneven depths, cross depth 0 and 2, unequal MLP ratios."""
+    import torch
+
+    from crossvit.benchmarks.flops import count_flops, official_flops
+    from crossvit.model.official import OfficialConfig, OfficialCrossViT
+
+    model = OfficialCrossViT.from_config(OfficialConfig(**config)).eval()
+    c, h, w = model.input_shape
+    analytic = official_flops(model.config)
+    assert analytic["total"] == count_flops(model, torch.zeros(1, c, h, w))
+    assert analytic["attention"] > 0 and analytic["linear"] > analytic["attention"] / 10
+
+
 def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", "--batch-sizes", "0,2"), "--batch-sizes", code=2)
     one_line_error(cli("bench", tmp_path / "missing.onnx"), "no such file")
