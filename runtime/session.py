@@ -372,28 +372,31 @@ def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
     from crossvit.contract import PRECISION_TABLE, sha256_file
     from crossvit.errors import CrossViTError
 
+    candidates = [(name, c) for name, spec in PRECISION_TABLE.items() if spec.target == "cpu"
+                  for c in sorted(onnx.parent.glob(f"*.{name}.onnx")) if c != onnx]
+    if not candidates:  # the common case costs one directory listing, no parsing or hashing
+        return None
     try:
         if read_artifact(onnx).precision != "fp32":
             return None
     except CrossViTError:
         return None
     source_sha = None
-    for name, spec in PRECISION_TABLE.items():
-        if spec.target != "cpu":
+    for name, candidate in candidates:
+        report = candidate.with_name(candidate.stem + ".parity.json")
+        try:
+            gate = json.loads(report.read_text())
+            if not isinstance(gate, dict) or gate.get("verdict") != "pass":
+                continue
+            info = read_artifact(candidate)
+        except (CrossViTError, OSError, ValueError):
             continue
-        for candidate in sorted(onnx.parent.glob(f"*.{name}.onnx")):
-            report = candidate.with_name(candidate.stem + ".parity.json")
-            try:
-                info = read_artifact(candidate)
-                gate = json.loads(report.read_text())
-            except (CrossViTError, OSError, ValueError):
-                continue
-            source = info.raw.get("source") or {}
-            if info.precision != name or source.get("onnx") != onnx.name or gate.get("verdict") != "pass":
-                continue
-            source_sha = source_sha or sha256_file(onnx)
-            if source.get("sha256") == source_sha and gate.get("artifact_sha256") == sha256_file(candidate):
-                return candidate, f"{name}, made from {onnx.name} and passed the parity gate ({report.name})"
+        source = info.raw.get("source") or {}
+        if info.precision != name or source.get("onnx") != onnx.name:
+            continue
+        source_sha = source_sha or sha256_file(onnx)
+        if source.get("sha256") == source_sha and gate.get("artifact_sha256") == sha256_file(candidate):
+            return candidate, f"{name}, made from {onnx.name} and passed the parity gate ({report.name})"
     return None
 
 

@@ -57,6 +57,9 @@ def test_no_swap_without_a_passing_gate_about_these_very_files(deployed, tmp_pat
     assert gated_cpu_variant(fp32) is None
     report.write_text(json.dumps({**gate, "artifact_sha256": "0" * 64}))  # the variant changed after the gate
     assert gated_cpu_variant(fp32) is None
+    for garbage in ("not json", "[]", '{"verdict": ["pass"]}'):  # a mangled report is no pass
+        report.write_text(garbage)
+        assert gated_cpu_variant(fp32) is None
     report.write_text(json.dumps(gate))
     report_saved = report.read_bytes()
     report.unlink()  # no report at all
