@@ -12,8 +12,10 @@ Backends on a CPU (`--device cpu`): PyTorch eager fp32 (the baseline), PyTorch b
 Runtime for each `.onnx` given or built. On a GPU (`--device cuda`): PyTorch eager fp32 with
 TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CUDA graph,
 `torch.compile` of the fp16 model (opt-in), TensorRT for each `.plan`, ONNX Runtime for each
-`.onnx` where onnxruntime-gpu is installed. PyTorch rows take their input already on the
-device; sessions take host arrays (their copies are in their times). GPU calls are timed with
+`.onnx` where onnxruntime-gpu is installed. With `--served`, the first `.onnx` also through
+`crossvit serve` (its own process, loopback) and the real tritonclient, over HTTP (binary
+tensors) and gRPC: the cost of the protocol on top of the session. PyTorch rows take their input
+already on the device; sessions and clients take host arrays (their copies are in their times). GPU calls are timed with
 a synchronize before each clock read. Model FLOPs are counted once with
 `torch.utils.flop_counter` plus the attention matmuls it misses (benchmarks/flops.py). Each
 PyTorch row other than the baseline also reports its agreement with the baseline's logits
@@ -253,12 +255,36 @@ def _agreement(fns: dict, key: tuple[str, str]) -> dict:
     return out
 
 
-def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
-        max_seconds: float, compile: bool = False, device: str = "cpu",
-        progress: Callable[[str], None] | None = None) -> Result:
+def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callable[[str], None]) -> dict:
+    """`crossvit serve ONNX` in its own process on loopback ports, and the real tritonclient
+    HTTP (binary) and gRPC clients: {(backend, precision): fn(x)} for the suite's rows, or {} with
+    the reason said when the serving extras are missing."""
+    from crossvit.benchmarks.serve_load import _client, _infer, _serve
     from crossvit.runtime.artifact import read_artifact
-    from crossvit.runtime.session import open_session
 
+    try:
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except ImportError:
+        say("no served rows: they need tritonclient (pip install 'crossvit[serve]' tritonclient[http])")
+        return {}
+    http, grpc = stack.enter_context(_serve(onnx, "--max-batch", str(max_batch), "--max-delay-ms", "0",
+                                            "--model-name", "bench", "--exact"))
+    precision = read_artifact(onnx).precision
+    fns = {}
+    for kind, address in (("HTTP", http), ("gRPC", grpc)):
+        mod, client = _client(kind.lower(), address)
+        stack.callback(client.close)
+        fns[(f"served {kind} ({onnx.stem})", precision)] = (
+            lambda mod, client: lambda x: _infer(mod, client, "bench", x))(mod, client)
+    return fns
+
+
+def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
+        max_seconds: float, compile: bool = False, device: str = "cpu", served: Path | None = None,
+        progress: Callable[[str], None] | None = None) -> Result:
+    """Every backend at every batch size (see the module docstring); `served`: also that ONNX file
+    through `crossvit serve` and the real tritonclient, over HTTP and gRPC."""
     say = progress or (lambda m: None)
     cuda = device != "cpu"
     if cuda:  # the fp32 baseline is fp32: no TF32 (a run's setting, recorded with the machine)
@@ -272,44 +298,59 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
     say(f"measuring GEMM rates on {device} (the machine's own limits)")
     result.gemm = gemm_rates(device=device)
     on_device = copy.deepcopy(model).to(device).eval() if cuda else model.eval()
-    sync = torch.cuda.synchronize if cuda else None
-    base_key = baseline(device)
-    for i, b in enumerate(batch_sizes, 1):
-        say(f"[{i}/{len(batch_sizes)}] batch {b}: PyTorch and {len(artifacts)} artifact(s) in interleaved turns")
-        x = np.random.default_rng(b).standard_normal((b, *model.input_shape), dtype=np.float32)
-        xt = torch.from_numpy(x).to(device)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            fns = torch_backends(on_device, xt, compile=compile, device=device, say=say)
-            if i == 1:
-                result.accuracy.update(_agreement(fns, base_key))
-            for path in artifacts:
-                info = read_artifact(path)
-                kind = "onnxruntime" if info.kind == "onnx" else "tensorrt"
-                try:
-                    s = stack.enter_context(open_session(path, backend=kind, device=device if kind == "onnxruntime"
-                                                         else "auto"))
-                    if kind == "onnxruntime" and s.device != device:
-                        raise RuntimeError(f"ONNX Runtime runs it on {s.device}, not {device} (providers "
-                                           f"{s.providers}); on a GPU it needs onnxruntime-gpu")
-                    s.infer(x)
-                except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
-                    say(f"skipped {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-                    continue
-                fns[(f"{s.backend} ({path.stem})", info.precision)] = (lambda s: lambda: s.infer(x))(s)
-            lat, spreads = _timed(fns, b, runs, max_seconds, sync=sync)
-        base = lat[base_key].p50_ms
-        for (backend, precision), l in lat.items():
-            gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
-            peak = peak_for(precision, result.gemm)
-            spread = spreads[(backend, precision)]
-            result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
-                                   p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
-                                   vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
-                                   spread=spread, note="noisy: turns disagree" if spread > SPREAD_WARNING else ""))
-        if cuda:
-            torch.cuda.empty_cache()
+    with contextlib.ExitStack() as stack:
+        served_fns = _served(stack, served, max(batch_sizes), say) if served is not None else {}
+        for i, b in enumerate(batch_sizes, 1):
+            _one_batch(result, f"[{i}/{len(batch_sizes)}]", b, model, on_device, artifacts, served_fns, runs=runs,
+                       max_seconds=max_seconds, compile=compile, device=device, say=say)
     return result
+
+
+def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_device: torch.nn.Module,
+               artifacts: list[Path], served_fns: dict, *, runs: int, max_seconds: float, compile: bool, device: str,
+               say: Callable[[str], None]) -> None:
+    """Every backend on one random batch of `b`, in interleaved turns; appends the rows."""
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.session import open_session
+
+    cuda = device != "cpu"
+    base_key = baseline(device)
+    say(f"{step} batch {b}: PyTorch, {len(artifacts)} artifact(s), {len(served_fns)} served, in interleaved turns")
+    x = np.random.default_rng(b).standard_normal((b, *model.input_shape), dtype=np.float32)
+    xt = torch.from_numpy(x).to(device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        fns = torch_backends(on_device, xt, compile=compile, device=device, say=say)
+        if not result.rows:  # the first batch: each PyTorch row against the baseline's logits
+            result.accuracy.update(_agreement(fns, base_key))
+        for path in artifacts:
+            info = read_artifact(path)
+            kind = "onnxruntime" if info.kind == "onnx" else "tensorrt"
+            try:
+                s = stack.enter_context(open_session(path, backend=kind, device=device if kind == "onnxruntime"
+                                                     else "auto"))
+                if kind == "onnxruntime" and s.device != device:
+                    raise RuntimeError(f"ONNX Runtime runs it on {s.device}, not {device} (providers "
+                                       f"{s.providers}); on a GPU it needs onnxruntime-gpu")
+                s.infer(x)
+            except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
+                say(f"skipped {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            fns[(f"{s.backend} ({path.stem})", info.precision)] = (lambda s: lambda: s.infer(x))(s)
+        for key, fn in served_fns.items():
+            fns[key] = (lambda fn: lambda: fn(x))(fn)
+        lat, spreads = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None)
+    base = lat[base_key].p50_ms
+    for (backend, precision), l in lat.items():
+        gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
+        peak = peak_for(precision, result.gemm)
+        spread = spreads[(backend, precision)]
+        result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
+                               p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
+                               vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
+                               spread=spread, note="noisy: turns disagree" if spread > SPREAD_WARNING else ""))
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None
@@ -441,8 +482,13 @@ def main(args, say: Callable[[str], None]) -> int:
                                progress=say).path
             artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
                                   for p in args.precisions if p != "fp32" and _runs_on(p, device)]
+        served = None
+        if args.served:  # the first .onnx (the fp32 one when bench built them): what `serve` would get
+            served = next((a for a in artifacts if a.suffix == ".onnx"), None)
+            if served is None:
+                raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
         result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
-                     max_seconds=args.max_seconds, compile=args.compile, device=device, progress=say)
+                     max_seconds=args.max_seconds, compile=args.compile, device=device, served=served, progress=say)
         accuracy = not args.no_accuracy
         if accuracy and args.artifacts and loaded.info.random_weights:
             # a fresh random model is not the one the given files were exported from

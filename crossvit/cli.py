@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time limit per backend and batch")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")
+    p.add_argument("--served", action="store_true",
+                   help="also time the first .onnx through `crossvit serve` with the real tritonclient, over HTTP "
+                        "and gRPC (needs the serve extra and tritonclient)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the parity/accuracy column")
     p.add_argument("--json", type=Path, metavar="OUT.json")
     p.add_argument("--csv", type=Path, metavar="OUT.csv")

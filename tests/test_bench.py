@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_path, cli):
-    proc = cli("bench", "--batch-sizes", "1,2", "--runs", "3", "--max-seconds", "2",
+    proc = cli("bench", "--batch-sizes", "1,2", "--runs", "3", "--max-seconds", "2", "--served",
                "--json", tmp_path / "b.json", "--csv", tmp_path / "b.csv", "--plot", tmp_path / "b.png")
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "b.json").read_text())
@@ -18,6 +18,9 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
     backends = {(r["backend"], r["precision"]) for r in rows}
     assert ("torch eager (cpu)", "fp32") in backends
     assert {p for _, p in backends} >= {"fp32", "int8-cpu"}
+    # the fp32 file through `crossvit serve` and the real tritonclient, both protocols, every batch size
+    served = [r for r in rows if r["backend"].startswith("served ")]
+    assert {(r["backend"].split()[1], r["batch"]) for r in served} == {(k, b) for k in ("HTTP", "gRPC") for b in (1, 2)}
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["images_per_s"] > 0 and r["gflops"] > 0
         assert (r["note"] == "noisy: turns disagree") == (r["spread"] > 0.25)

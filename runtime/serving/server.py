@@ -85,7 +85,7 @@ class Server:
         self.session = open_session(artifact, backend=options.backend, device=options.device, exact=options.exact,
                                     **extra)
         if self.session.chosen:
-            self.say(f"serving {self.session.chosen} (--exact serves the file given)")
+            self.say(f"running {self.session.chosen} (--exact serves the file given)")
         name = options.model_name or self.session.info.model.get("name") or Path(artifact).stem.split(".")[0]
         self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
