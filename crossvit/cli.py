@@ -311,8 +311,23 @@ def cmd_deploy(args) -> int:
                     batch=batch, progress=_say)
     print(result.table())
     print(f"wrote {args.output / 'summary.json'} ({result.seconds:.0f} s)")
+    _say_cpu_path(result.out_dir)
     failed = [r for r in result.rows if r.parity == "fail"]
     return 2 if failed else 0
+
+
+def _say_cpu_path(out: Path) -> None:
+    """What `predict`/`serve` of the fp32 file here will run on a CPU (open_session's rule)."""
+    from crossvit.runtime.session import gated_cpu_variant
+
+    for fp32 in sorted(out.glob("*.fp32.onnx")):
+        found = gated_cpu_variant(fp32)
+        if found:
+            print(f"on a CPU, predict/serve {printable(fp32.name)} run {printable(found[0].name)} (it passed its "
+                  "gate); --exact runs the fp32 file")
+        elif any(out.glob(fp32.name.replace(".fp32.onnx", ".int8-cpu.onnx"))):
+            print(f"on a CPU, predict/serve {printable(fp32.name)} run it as is: its int8-cpu variant did not pass "
+                  "its gate")
 
 
 # -- parser ---------------------------------------------------------------------------------

@@ -31,6 +31,13 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     assert "machine" in summary and summary["machine"]["onnxruntime"]
     assert "vs torch" in proc.stdout and "crossvit_digits.int8.onnx" in proc.stdout
     assert "[5/5]" in proc.stderr  # progress
+    # the deploy folder is what predict/serve open: on a CPU its fp32 runs as the gated int8-cpu
+    assert ("on a CPU, predict/serve crossvit_digits.fp32.onnx run crossvit_digits.int8-cpu.onnx"
+            in proc.stdout)
+    from crossvit.runtime.session import open_session
+
+    with open_session(out / "crossvit_digits.fp32.onnx", device="cpu") as s:
+        assert s.info.precision == "int8-cpu" and s.chosen
 
 
 @pytest.mark.parametrize("args, words", [
