@@ -136,6 +136,11 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
             write_plot(result, out / f"bench_cuda_{name}.png")
         except Exception as e:  # matplotlib missing: the JSON and CSV are the results
             print(f"  no plot: {e}")
+        # a fast row that computes something else is a failure (a CUDA graph replaying freed weights
+        # gave NaN here once): each PyTorch row's logits against eager fp32's, NaN never passes
+        wrong = [f"{k} (cosine {a['cosine']:.4f})" for k, a in result.accuracy.items() if not a["cosine"] >= 0.999]
+        if wrong:
+            results.append((f"bench {name} (cuda) agreement with fp32", False, "; ".join(wrong)))
         best = max(result.rows, key=lambda r: r.vs_eager)
         results.append((f"bench {name} (cuda)", True, f"{len(result.rows)} rows in {spent[-1]:.0f} s"
                         f"{'' if with_compile else ' (no torch.compile rows)'}; fastest {best.backend} "
