@@ -268,8 +268,14 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
     except ImportError:
         say("no served rows: they need tritonclient (pip install 'crossvit[serve]' tritonclient[http])")
         return {}
-    http, grpc = stack.enter_context(_serve(onnx, "--max-batch", str(max_batch), "--max-delay-ms", "0",
-                                            "--model-name", "bench", "--exact"))
+    try:
+        http, grpc = stack.enter_context(_serve(onnx, "--max-batch", str(max_batch), "--max-delay-ms", "0",
+                                                "--model-name", "bench", "--exact"))
+    except RuntimeError as e:  # the server's own one-line reason, e.g. a batch range it cannot serve
+        from crossvit.errors import BackendUnavailable
+
+        lines = [line for line in str(e).splitlines() if "error" in line] or str(e).splitlines() or [""]
+        raise BackendUnavailable(f"--served: {lines[-1].strip()}") from None
     precision = read_artifact(onnx).precision
     fns = {}
     for kind, address in (("HTTP", http), ("gRPC", grpc)):
