@@ -98,6 +98,13 @@ def parity_step(model_name: str) -> list[tuple]:
     return results
 
 
+def disagreeing(accuracy: dict, min_cosine: float = 0.999) -> list[str]:
+    """The PyTorch rows whose logits are not those of eager fp32 (`suite._agreement`'s entries): a
+    fast row that computes something else is a failure (a CUDA graph replaying freed weights gave
+    NaN here once), and NaN never passes."""
+    return [f"{k} (cosine {a['cosine']:.4f})" for k, a in accuracy.items() if not a["cosine"] >= min_cosine]
+
+
 def bench_step(models: list[str], out: Path, budget: float, compile: bool = True) -> list[tuple]:
     """`crossvit bench --device cuda` for each model, saved after each one."""
     import torch
@@ -112,7 +119,7 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
         left = budget - (time.monotonic() - start)
         guess = max(spent, default=60.0)  # the next model costs about what the costliest one did
         if left < guess:
-            results.append((f"bench {name} (cuda)", None, f"skipped: {left:.0f} s of the budget left"))
+            results.append((f"bench {name} (cuda)", None, f"skipped: {max(left, 0):.0f} s of the budget left"))
             continue
         with_compile = compile and left > 2.5 * guess  # compiling costs about a model's timing again
         t0 = time.monotonic()
@@ -136,9 +143,7 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
             write_plot(result, out / f"bench_cuda_{name}.png")
         except Exception as e:  # matplotlib missing: the JSON and CSV are the results
             print(f"  no plot: {e}")
-        # a fast row that computes something else is a failure (a CUDA graph replaying freed weights
-        # gave NaN here once): each PyTorch row's logits against eager fp32's, NaN never passes
-        wrong = [f"{k} (cosine {a['cosine']:.4f})" for k, a in result.accuracy.items() if not a["cosine"] >= 0.999]
+        wrong = disagreeing(result.accuracy)
         if wrong:
             results.append((f"bench {name} (cuda) agreement with fp32", False, "; ".join(wrong)))
         best = max(result.rows, key=lambda r: r.vs_eager)

@@ -332,6 +332,17 @@ def _say_cpu_path(out: Path) -> None:
 
 # -- parser ---------------------------------------------------------------------------------
 
+def _add_session_options(p: argparse.ArgumentParser) -> None:
+    """--backend, --device and --exact: how `open_session` picks what runs (predict, serve)."""
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
+                   help="auto: by the artifact's kind (a .plan that cannot run here falls back to its ONNX); "
+                        "ort-tensorrt: ONNX Runtime's TensorRT provider")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--exact", action="store_true",
+                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
+                        "variant when one beside it was made from this file and passed the parity gate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="crossvit",
@@ -394,13 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="images per inference call (default: the artifact's largest batch, at most 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
-                   help="auto: by the artifact's kind (a .plan that cannot run here falls back to its ONNX); "
-                        "ort-tensorrt: ONNX Runtime's TensorRT provider")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--exact", action="store_true",
-                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
-                        "variant when one beside it was made from this file and passed the parity gate")
+    _add_session_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("build", help="build a TensorRT engine (.plan + manifest) from an ONNX (needs a GPU)",
@@ -442,11 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the first request of a batch waits for others (default 2 ms)")
     p.add_argument("--max-queue", type=_positive_int, default=256,
                    help="requests waiting beyond this are refused at once with 503 (default 256)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--exact", action="store_true",
-                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
-                        "variant when one beside it was made from this file and passed the parity gate")
+    _add_session_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="every backend side by side against this machine's GEMM rates",

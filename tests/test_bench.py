@@ -101,6 +101,21 @@ def test_gpu_acceptance_says_plainly_when_there_is_no_gpu():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_gpu_acceptance_logic_on_the_cpu(tmp_path):
+    """The parts of the GPU benchmark step that need no GPU: a model that does not fit the budget is
+    skipped and said so (CUDA is never touched), and a row that disagrees with eager fp32, NaN
+    included, is named."""
+    from crossvit.benchmarks.gpu_acceptance import bench_step, disagreeing
+
+    assert bench_step(["crossvit_digits", "crossvit_15_240"], tmp_path, budget=0.0) == [
+        ("bench crossvit_digits (cuda)", None, "skipped: 0 s of the budget left"),
+        ("bench crossvit_15_240 (cuda)", None, "skipped: 0 s of the budget left")]
+    rows = {"torch autocast (cuda) fp16": {"cosine": 0.99999}, "torch CUDA graph (cuda) fp16": {"cosine": float("nan")},
+            "torch autocast (cuda) bf16": {"cosine": 0.98}}
+    assert [w.split(" (cosine")[0] for w in disagreeing(rows)] == ["torch CUDA graph (cuda) fp16",
+                                                                    "torch autocast (cuda) bf16"]
+
+
 def test_cls_cross_attention_fusion_is_linear_and_all_attention_quadratic_in_flops():
     """The paper's claim, in FLOPs: doubling the tokens doubles cross-attention's cost (the one
     CLS query) but grows all-attention fusion's faster, towards 4x (every token attends to all)."""
