@@ -1,16 +1,20 @@
 """What serving costs and what dynamic batching buys, measured with the real tritonclient.
 
-    python -m crossvit.benchmarks.serve_load [--model NAME] [--clients 16] [--seconds 10] [--out DIR]
+    python -m crossvit.benchmarks.serve_load [--model NAME | --artifact PATH] [--clients 16]
+        [--seconds 10] [--rounds 3] [--out DIR]
 
 Two measurements, each against `crossvit serve` started as its own process on loopback ports
 (so the clients in this process do not share its interpreter):
 1. throughput of `--clients` closed-loop clients (tritonclient's asyncio HTTP client: each sends
-   one image, waits, repeats) with dynamic batching (max batch 32) and with `--max-batch 1`, and
-   the ratio of the two;
-2. the latency the server adds at batch 1: one client in turns with a direct `session.infer`
-   call on the same input in this process, over HTTP (binary) and gRPC; p50/p99 of each and
-   the p50 difference.
+   one image, waits, repeats) with dynamic batching (max batch 32) and with `--max-batch 1`:
+   both servers run side by side and take `--rounds` turns, so the machine's noise hits both;
+   the ratio of the two, pooled and per round;
+2. the latency the server adds at batch 1: one client in turns with direct `session.infer`
+   calls on the same input in this process, over HTTP (binary) and gRPC; p50/p99 of each, the
+   p50 difference, and the server's own split of a request into queue and compute time.
 Every phase is bounded by `--seconds`. Results go to DIR/serve.json with the machine description.
+By default the model is exported to fp32 ONNX in a temporary folder; `--artifact` serves a file
+you have, e.g. the output of `crossvit deploy`, whose gated int8-cpu variant the server runs.
 
 `--rates 100,200,400` adds the open-loop measurement (MLPerf server scenario): requests arrive at
 exponential intervals at each given rate regardless of answers, against our server or any Open
@@ -41,22 +45,51 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serve(onnx_path: Path, *args: str):
-    """`crossvit serve` in its own process; yields (http address, grpc address)."""
+def _serve(artifact: Path, *args: str, start_timeout: float = 120.0):
+    """`crossvit serve` in its own process; yields (http address, grpc address).
+
+    Its stderr is read by a thread until the "serving ..." line (lines before it, such as which
+    variant it runs, are kept for the error message) and drained after, so a chatty server never
+    blocks on a full pipe. A server that exits or stays silent past `start_timeout` is an error."""
+    import collections
+    import queue
+    import threading
+
     http_port, grpc_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", str(onnx_path), "--http-port", str(http_port),
+    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", str(artifact), "--http-port", str(http_port),
                              "--grpc-port", str(grpc_port), *args], stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def read() -> None:
+        for line in proc.stderr:
+            tail.append(line)
+            lines.put(line)
+        lines.put(None)  # end of file: the process has exited
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        line = proc.stderr.readline()
-        if "serving" not in line:
-            raise RuntimeError(f"crossvit serve did not start: {line}{proc.stderr.read()[-2000:]}")
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"crossvit serve printed no 'serving' line in {start_timeout:g} s: "
+                                   f"{''.join(tail)[-2000:]}") from None
+            if line is None:
+                proc.wait()
+                raise RuntimeError(f"crossvit serve did not start (exit {proc.returncode}): {''.join(tail)[-2000:]}")
+            if line.lstrip(" .").startswith("serving "):  # the CLI says "  .. serving ..."
+                break
         yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _client(kind: str, address: str):
@@ -73,43 +106,77 @@ def _infer(mod, client, model: str, x: np.ndarray):
     return client.infer(model, [inp])
 
 
-def throughput(onnx_path: Path, model: str, x: np.ndarray, clients: int, seconds: float, max_batch: int) -> dict:
+async def _closed_loop(address: str, model: str, x: np.ndarray, clients: int,
+                       seconds: float) -> tuple[int, float, list]:
+    """`clients` tritonclient asyncio clients, each sending `x`, waiting, repeating, for `seconds`."""
     import tritonclient.http.aio as ahttp
 
+    client = ahttp.InferenceServerClient(address, conn_limit=clients)
     latencies: list[float] = []
+    end = time.perf_counter() + seconds
 
-    async def run(address: str) -> tuple[int, float, dict]:
-        client = ahttp.InferenceServerClient(address, conn_limit=clients)
-        end = time.perf_counter() + seconds
+    async def one() -> int:
+        n = 0
+        while time.perf_counter() < end:
+            inp = _aio_input(ahttp, x)
+            t0 = time.perf_counter()
+            await client.infer(model, [inp])
+            latencies.append((time.perf_counter() - t0) * 1000)
+            n += 1
+        return n
 
-        async def one() -> int:
-            n = 0
-            while time.perf_counter() < end:
-                inp = ahttp.InferInput("input", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                t0 = time.perf_counter()
-                await client.infer(model, [inp])
-                latencies.append((time.perf_counter() - t0) * 1000)
-                n += 1
-            return n
+    try:
+        await client.infer(model, [_aio_input(ahttp, x)])  # warm up the connection and the session
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one() for _ in range(clients)))
+        return sum(counts), time.perf_counter() - start, latencies
+    finally:
+        await client.close()
 
-        try:
-            await client.infer(model, [_aio_input(ahttp, x)])  # warm up the connection and the session
-            start = time.perf_counter()
-            counts = await asyncio.gather(*(one() for _ in range(clients)))
-            elapsed = time.perf_counter() - start
-            stats = (await client.get_inference_statistics(model))["model_stats"][0]
-        finally:
-            await client.close()
-        return sum(counts), elapsed, stats
 
-    with _serve(onnx_path, "--max-batch", str(max_batch), "--max-delay-ms", "2") as (address, _):
-        requests, elapsed, stats = asyncio.run(run(address))
-    lat = np.asarray(latencies)
-    return {"max_batch": max_batch, "clients": clients, "requests": requests, "seconds": elapsed,
-            "images_per_s": requests * len(x) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "mean_batch": stats["inference_count"] / max(stats["execution_count"], 1)}
+async def _batch_sizes(address: str, model: str) -> float:
+    import tritonclient.http.aio as ahttp
+
+    client = ahttp.InferenceServerClient(address)
+    try:
+        stats = (await client.get_inference_statistics(model))["model_stats"][0]
+    finally:
+        await client.close()
+    return stats["inference_count"] / max(stats["execution_count"], 1)
+
+
+def throughput(artifact: Path, model: str, x: np.ndarray, clients: int, seconds: float, rounds: int = 3,
+               serve_args: tuple[str, ...] = ()) -> dict:
+    """Closed-loop throughput with dynamic batching (max 32) and with `--max-batch 1`, in turns.
+
+    Both servers run side by side (an idle one does not spin) and the two configurations take
+    turns, `rounds` phases each of `seconds / rounds`, so a burst of load from other tenants hits
+    both alike; the ratio is reported per round and pooled."""
+    modes = {"dynamic_batching": ("--max-batch", "32", "--max-delay-ms", "2"), "max_batch_1": ("--max-batch", "1")}
+    with contextlib.ExitStack() as stack:
+        addresses = {mode: stack.enter_context(_serve(artifact, *args, *serve_args))[0] for mode, args in modes.items()}
+        done = {mode: {"requests": 0, "seconds": 0.0, "latencies": [], "rounds": []} for mode in modes}
+        for _ in range(rounds):
+            for mode, address in addresses.items():
+                n, elapsed, lat = asyncio.run(_closed_loop(address, model, x, clients, seconds / rounds))
+                d = done[mode]
+                d["requests"] += n
+                d["seconds"] += elapsed
+                d["latencies"] += lat
+                d["rounds"].append(n * len(x) / elapsed)
+        mean_batch = {mode: asyncio.run(_batch_sizes(address, model)) for mode, address in addresses.items()}
+    result = {}
+    for mode, d in done.items():
+        lat = np.asarray(d["latencies"])
+        result[mode] = {"clients": clients, "requests": d["requests"], "seconds": d["seconds"],
+                        "images_per_s": d["requests"] * len(x) / d["seconds"],
+                        "images_per_s_by_round": d["rounds"], "p50_ms": float(np.percentile(lat, 50)),
+                        "p99_ms": float(np.percentile(lat, 99)), "mean_batch": mean_batch[mode],
+                        "max_batch": int(modes[mode][1])}
+    by_round = [a / b for a, b in zip(done["dynamic_batching"]["rounds"], done["max_batch_1"]["rounds"])]
+    result["ratio"] = result["dynamic_batching"]["images_per_s"] / result["max_batch_1"]["images_per_s"]
+    result["ratio_by_round"] = by_round
+    return result
 
 
 def _aio_input(ahttp, x):
@@ -163,22 +230,37 @@ def knee(rows: list[dict], p99_bound_ms: float) -> float | None:
     return max(ok) if ok else None
 
 
-def overhead(onnx_path: Path, model: str, x: np.ndarray, seconds: float) -> dict:
+def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float, serve_args: tuple[str, ...] = ()) -> dict:
+    """What the server adds at batch 1: HTTP binary and gRPC in turns with direct session calls.
+
+    Two direct rows: the session opened as the server opens it (`server_session_options`: ONNX
+    Runtime does not spin between calls, which costs a little latency and leaves the CPU to the
+    event loop), the baseline for "added"; and the session with its default settings, which is
+    what a caller in their own process gets. The server's own statistics split its side into
+    queue and compute time."""
+    from crossvit.runtime.serving.server import server_session_options
+    from crossvit.runtime.session import open_session
     from crossvit.runtime.timing import measure_interleaved
 
-    from crossvit.runtime.session import open_session
-
-    with _serve(onnx_path, "--max-batch", "1", "--max-delay-ms", "0") as (http_address, grpc_address), \
-            open_session(onnx_path) as session:
+    with _serve(artifact, "--max-batch", "1", "--max-delay-ms", "0", *serve_args) as (http_address, grpc_address), \
+            open_session(artifact, **server_session_options(artifact)) as as_served, \
+            open_session(artifact) as default:
         hmod, hclient = _client("http", http_address)
         gmod, gclient = _client("grpc", grpc_address)
         lat = measure_interleaved({
-            "session.infer (direct)": lambda: session.infer(x),
+            "session.infer (as the server runs it)": lambda: as_served.infer(x),
+            "session.infer (default settings)": lambda: default.infer(x),
             "HTTP binary": lambda: _infer(hmod, hclient, model, x),
             "gRPC": lambda: _infer(gmod, gclient, model, x),
         }, batch=len(x), runs=200, max_seconds=seconds)
-    base = lat["session.infer (direct)"].p50_ms
-    return {name: {**l.to_dict(), "added_p50_ms": l.p50_ms - base} for name, l in lat.items()}
+        stats = hclient.get_inference_statistics(model)["model_stats"][0]
+    base = lat["session.infer (as the server runs it)"].p50_ms
+    rows = {name: {**l.to_dict(), "added_p50_ms": l.p50_ms - base} for name, l in lat.items()}
+    n = max(stats["inference_stats"]["success"]["count"], 1)
+    rows["server side, mean per request"] = {
+        what: stats["inference_stats"][key]["ns"] / n / 1e6
+        for what, key in (("request_ms", "success"), ("queue_ms", "queue"), ("compute_ms", "compute_infer"))}
+    return rows
 
 
 def main(argv=None) -> int:
@@ -190,7 +272,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    p.add_argument("--artifact", type=Path, default=None,
+                   help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose gated int8-cpu variant the "
+                        "server then runs, as users get it) instead of exporting --model to fp32 ONNX")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="time per configuration and phase (split into --rounds turns)")
+    p.add_argument("--rounds", type=int, default=3, help="turns of the two batching configurations")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rates", default=None, metavar="100,200,400",
                    help="open-loop Poisson arrival rates (requests/s) to offer, one after another")
@@ -201,43 +288,68 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.url and args.url.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
         p.error("--url must be a loopback address")
-    loaded = load_model(name=args.model)
-    x = np.random.default_rng(0).standard_normal((1, *loaded.model.input_shape), dtype=np.float32)
-    name = loaded.info.name
-    if args.rates:
-        rates = [float(r) for r in args.rates.split(",")]
-        with temporary_folder() as tmp, contextlib.ExitStack() as stack:
-            address = args.url
-            if address is None:
-                onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
-                address, _ = stack.enter_context(_serve(onnx_path, "--max-batch", "32", "--max-delay-ms", "2"))
-            rows = [asyncio.run(open_loop(address, name, x, r, args.seconds, args.max_requests)) for r in rates]
-        result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
-                  "open_loop": rows, "p99_bound_ms": args.p99_bound_ms, "knee_rate": knee(rows, args.p99_bound_ms)}
-        print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
-              f"{'p99 ms':>8}")
-        for r in rows:
-            print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['throughput']:8.1f} "
-                  f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
-        print(f"knee (p99 < {args.p99_bound_ms:g} ms, no errors): {result['knee_rate']} requests/s")
-        _save(result, args.out, "serve_open_loop.json")
-        return 0
+    if args.rounds < 1 or args.seconds <= 0 or args.clients < 1:
+        p.error("--rounds, --clients and --seconds must be positive")
     with temporary_folder() as tmp:
-        onnx_path = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
-        batched = throughput(onnx_path, name, x, args.clients, args.seconds, max_batch=32)
-        single = throughput(onnx_path, name, x, args.clients, args.seconds, max_batch=1)
-        added = overhead(onnx_path, name, x, args.seconds)
+        if args.artifact is not None:
+            from crossvit.errors import CrossViTError
+            from crossvit.runtime.session import open_session
+
+            artifact = args.artifact
+            try:
+                with open_session(artifact) as session:
+                    shape = session.info.input_shape
+                    name = session.info.model.get("name") or artifact.stem.split(".")[0]
+            except CrossViTError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        else:
+            loaded = load_model(name=args.model)
+            shape, name = loaded.model.input_shape, loaded.info.name
+            artifact = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
+        x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+        if args.rates:
+            return _open_loop_main(args, artifact, name, x)
+        served = throughput(artifact, name, x, args.clients, args.seconds, args.rounds)
+        added = overhead(artifact, name, x, args.seconds)
     result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
-              "throughput": {"dynamic_batching": batched, "max_batch_1": single,
-                             "ratio": batched["images_per_s"] / single["images_per_s"]},
-              "overhead_batch_1": added}
-    for label, r in (("dynamic batching (max 32)", batched), ("max batch 1", single)):
+              "artifact": str(args.artifact) if args.artifact else "fp32 ONNX exported in this run",
+              "throughput": served, "overhead_batch_1": added}
+    for label, key in (("dynamic batching (max 32)", "dynamic_batching"), ("max batch 1", "max_batch_1")):
+        r = served[key]
         print(f"{label:<26} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
               f"mean batch {r['mean_batch']:.1f}  ({args.clients} clients, {r['requests']} requests)")
-    print(f"throughput ratio (batching / max batch 1): {result['throughput']['ratio']:.2f}x")
+    print(f"throughput ratio (batching / max batch 1): {served['ratio']:.2f}x "
+          f"(by round: {', '.join(f'{r:.2f}' for r in served['ratio_by_round'])})")
     for label, r in added.items():
-        print(f"{label:<24} p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  added p50 {r['added_p50_ms']:6.3f} ms")
+        if "added_p50_ms" in r:
+            print(f"{label:<38} p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
+                  f"added p50 {r['added_p50_ms']:6.3f} ms")
+    side = added["server side, mean per request"]
+    print(f"server side, mean per request: {side['request_ms']:.3f} ms, of which queue {side['queue_ms']:.3f} ms and "
+          f"compute {side['compute_ms']:.3f} ms")
     _save(result, args.out, "serve.json")
+    return 0
+
+
+def _open_loop_main(args, artifact: Path, name: str, x: np.ndarray) -> int:
+    from crossvit.benchmarks.latency import machine_description
+
+    rates = [float(r) for r in args.rates.split(",")]
+    with contextlib.ExitStack() as stack:
+        address = args.url
+        if address is None:
+            address, _ = stack.enter_context(_serve(artifact, "--max-batch", "32", "--max-delay-ms", "2"))
+        rows = [asyncio.run(open_loop(address, name, x, r, args.seconds, args.max_requests)) for r in rates]
+    result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
+              "open_loop": rows, "p99_bound_ms": args.p99_bound_ms, "knee_rate": knee(rows, args.p99_bound_ms)}
+    print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
+          f"{'p99 ms':>8}")
+    for r in rows:
+        print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['throughput']:8.1f} "
+              f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
+    print(f"knee (p99 < {args.p99_bound_ms:g} ms, no errors): {result['knee_rate']} requests/s")
+    _save(result, args.out, "serve_open_loop.json")
     return 0
 
 

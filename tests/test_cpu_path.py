@@ -86,3 +86,25 @@ def test_predict_says_which_file_ran_and_exact_runs_the_one_given(deployed, cli)
     proc = cli("predict", fp32, image, "--exact")
     assert proc.returncode == 0, proc.stderr
     assert "# crossvit_digits.fp32.onnx on" in proc.stderr and "int8-cpu" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_load_measures_what_serve_runs_in_turns(deployed, tmp_path):
+    """serve_load --artifact serves a deploy output as users get it (the gated int8-cpu), the two
+    batching configurations take turns, and the result says how the server spent its time."""
+    from crossvit.benchmarks.serve_load import main
+
+    out, fp32, _ = deployed
+    assert main(["--artifact", str(fp32), "--seconds", "1", "--rounds", "2", "--clients", "4",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "serve.json").read_text())
+    served = result["throughput"]
+    assert len(served["ratio_by_round"]) == 2 and served["ratio"] > 0
+    for mode, max_batch in (("dynamic_batching", 32), ("max_batch_1", 1)):
+        r = served[mode]
+        assert r["max_batch"] == max_batch and len(r["images_per_s_by_round"]) == 2 and r["requests"] > 0
+        assert 1.0 <= r["mean_batch"] <= max_batch
+    added = result["overhead_batch_1"]
+    assert {"HTTP binary", "gRPC", "session.infer (as the server runs it)"} <= set(added)
+    side = added["server side, mean per request"]
+    assert 0 < side["compute_ms"] <= side["request_ms"]

@@ -448,6 +448,18 @@ print("IMPORTED", sorted(m for m in sys.modules if m == "torch" or m.startswith(
     assert "IMPORTED []" in proc.stdout
 
 
+def test_a_server_that_cannot_start_is_an_error_not_a_hang(tmp_path):
+    from crossvit.benchmarks.serve_load import _serve
+
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx file")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not start") as e:
+        with _serve(bad):
+            pass
+    assert "broken.onnx" in str(e.value) and time.monotonic() - t0 < 60
+
+
 def test_open_loop_load_is_bounded_and_finds_the_knee(server):
     from crossvit.benchmarks.serve_load import knee, open_loop
 

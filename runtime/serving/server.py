@@ -67,6 +67,14 @@ def _import_serving():
         raise BackendUnavailable(f"serving needs {e.name or 'its libraries'}: {SERVE_INSTALL}") from None
 
 
+def server_session_options(artifact: str | Path) -> dict:
+    """How the server opens its session: ONNX Runtime's threads must not spin between calls,
+    because the event loop needs that CPU (on 2 cores spinning took half the server's CPU)."""
+    from crossvit.runtime.session import artifact_kind
+
+    return {"spin": False} if artifact_kind(Path(artifact)) == "onnx" else {}
+
+
 class Server:
     """A running server: `await start()`, then `await stop()` (or `run()` until a signal)."""
 
@@ -74,16 +82,14 @@ class Server:
                  say: Callable[[str], None] | None = None):
         options.check()
         _import_serving()
-        from crossvit.runtime.session import artifact_kind, open_session
+        from crossvit.runtime.session import open_session
 
         from .service import ModelService
 
         self.options = options
         self.say = say or (lambda m: None)
-        # ONNX Runtime's threads must not spin between calls: the event loop needs that CPU
-        extra = {"spin": False} if artifact_kind(Path(artifact)) == "onnx" else {}
         self.session = open_session(artifact, backend=options.backend, device=options.device, exact=options.exact,
-                                    **extra)
+                                    **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
         name = options.model_name or self.session.info.model.get("name") or Path(artifact).stem.split(".")[0]
