@@ -34,7 +34,8 @@ def machine_description() -> dict:
 
     gpu = torch.cuda.is_available()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(), "cores": os.cpu_count(),
+            "cpu_model": _cpu_model(), "cpu_flags": sorted(set(SPEED_FLAGS) & cpu_flags()), "cores": os.cpu_count(),
+            "load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min: how quiet the machine was
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
             "cuda": torch.cuda.get_device_name(0) if gpu else None,
@@ -47,6 +48,20 @@ def _cpu_model() -> str | None:
     except OSError:
         return None
     return next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), None)
+
+
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16",
+               "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
 def _gpu_driver() -> str | None:

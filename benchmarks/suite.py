@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import BASELINE, machine_description
+from crossvit.benchmarks.latency import BASELINE, cpu_flags, machine_description
 from crossvit.runtime.timing import Latency, measure_interleaved
 
 SPREAD_WARNING = 0.25  # per-turn medians further apart than this (relative) make a row "noisy"
@@ -98,15 +98,6 @@ class Result:
 
 
 # -- the machine's limits ----------------------------------------------------------------------
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
 
 def has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) or platform.machine() == "arm64"
