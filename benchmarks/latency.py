@@ -29,13 +29,16 @@ BASELINE = "torch eager (cpu)"
 
 
 def machine_description() -> dict:
-    """What every result carries: the machine and the library versions it was measured with."""
+    """What every result carries: the machine and the library versions it was measured with.
+
+    `load_average` (1, 5, 15 minutes) is taken when this is called: benchmarks call it before they
+    start timing, so it says how busy the machine was with other work."""
     import onnxruntime
 
     gpu = torch.cuda.is_available()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_model": _cpu_model(), "cpu_flags": sorted(set(SPEED_FLAGS) & cpu_flags()), "cores": os.cpu_count(),
-            "load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min: how quiet the machine was
+            "load_average": [round(v, 2) for v in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
             "cuda": torch.cuda.get_device_name(0) if gpu else None,

@@ -290,6 +290,7 @@ def main(argv=None) -> int:
         p.error("--url must be a loopback address")
     if args.rounds < 1 or args.seconds <= 0 or args.clients < 1:
         p.error("--rounds, --clients and --seconds must be positive")
+    machine = machine_description()  # before the servers start: the load average says how quiet it was
     with temporary_folder() as tmp:
         if args.artifact is not None:
             from crossvit.errors import CrossViTError
@@ -309,10 +310,10 @@ def main(argv=None) -> int:
             artifact = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
         x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
         if args.rates:
-            return _open_loop_main(args, artifact, name, x)
+            return _open_loop_main(args, artifact, name, x, machine)
         served = throughput(artifact, name, x, args.clients, args.seconds, args.rounds)
         added = overhead(artifact, name, x, args.seconds)
-    result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
+    result = {"machine": machine, "command": " ".join(sys.argv), "model": name,
               "artifact": str(args.artifact) if args.artifact else "fp32 ONNX exported in this run",
               "throughput": served, "overhead_batch_1": added}
     for label, key in (("dynamic batching (max 32)", "dynamic_batching"), ("max batch 1", "max_batch_1")):
@@ -332,16 +333,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _open_loop_main(args, artifact: Path, name: str, x: np.ndarray) -> int:
-    from crossvit.benchmarks.latency import machine_description
-
+def _open_loop_main(args, artifact: Path, name: str, x: np.ndarray, machine: dict) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     with contextlib.ExitStack() as stack:
         address = args.url
         if address is None:
             address, _ = stack.enter_context(_serve(artifact, "--max-batch", "32", "--max-delay-ms", "2"))
         rows = [asyncio.run(open_loop(address, name, x, r, args.seconds, args.max_requests)) for r in rates]
-    result = {"machine": machine_description(), "command": " ".join(sys.argv), "model": name,
+    result = {"machine": machine, "command": " ".join(sys.argv), "model": name,
               "open_loop": rows, "p99_bound_ms": args.p99_bound_ms, "knee_rate": knee(rows, args.p99_bound_ms)}
     print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
           f"{'p99 ms':>8}")
