@@ -145,8 +145,7 @@ async def _batch_sizes(address: str, model: str) -> float:
     return stats["inference_count"] / max(stats["execution_count"], 1)
 
 
-def throughput(artifact: Path, model: str, x: np.ndarray, clients: int, seconds: float, rounds: int = 3,
-               serve_args: tuple[str, ...] = ()) -> dict:
+def throughput(artifact: Path, model: str, x: np.ndarray, clients: int, seconds: float, rounds: int = 3) -> dict:
     """Closed-loop throughput with dynamic batching (max 32) and with `--max-batch 1`, in turns.
 
     Both servers run side by side (an idle one does not spin) and the two configurations take
@@ -154,7 +153,7 @@ def throughput(artifact: Path, model: str, x: np.ndarray, clients: int, seconds:
     both alike; the ratio is reported per round and pooled."""
     modes = {"dynamic_batching": ("--max-batch", "32", "--max-delay-ms", "2"), "max_batch_1": ("--max-batch", "1")}
     with contextlib.ExitStack() as stack:
-        addresses = {mode: stack.enter_context(_serve(artifact, *args, *serve_args))[0] for mode, args in modes.items()}
+        addresses = {mode: stack.enter_context(_serve(artifact, *args))[0] for mode, args in modes.items()}
         done = {mode: {"requests": 0, "seconds": 0.0, "latencies": [], "rounds": []} for mode in modes}
         for _ in range(rounds):
             for mode, address in addresses.items():
@@ -230,7 +229,7 @@ def knee(rows: list[dict], p99_bound_ms: float) -> float | None:
     return max(ok) if ok else None
 
 
-def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float, serve_args: tuple[str, ...] = ()) -> dict:
+def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float) -> dict:
     """What the server adds at batch 1: HTTP binary and gRPC in turns with direct session calls.
 
     Two direct rows: the session opened as the server opens it (`server_session_options`: ONNX
@@ -242,7 +241,7 @@ def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float, serve_ar
     from crossvit.runtime.session import open_session
     from crossvit.runtime.timing import measure_interleaved
 
-    with _serve(artifact, "--max-batch", "1", "--max-delay-ms", "0", *serve_args) as (http_address, grpc_address), \
+    with _serve(artifact, "--max-batch", "1", "--max-delay-ms", "0") as (http_address, grpc_address), \
             open_session(artifact, **server_session_options(artifact)) as as_served, \
             open_session(artifact) as default:
         hmod, hclient = _client("http", http_address)
@@ -276,7 +275,8 @@ def main(argv=None) -> int:
                    help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose gated int8-cpu variant the "
                         "server then runs, as users get it) instead of exporting --model to fp32 ONNX")
     p.add_argument("--seconds", type=float, default=10.0,
-                   help="time per configuration and phase (split into --rounds turns)")
+                   help="seconds per batching configuration (split into --rounds turns), for the latency "
+                        "phase, and per offered rate")
     p.add_argument("--rounds", type=int, default=3, help="turns of the two batching configurations")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rates", default=None, metavar="100,200,400",
@@ -307,7 +307,9 @@ def main(argv=None) -> int:
         else:
             loaded = load_model(name=args.model)
             shape, name = loaded.model.input_shape, loaded.info.name
-            artifact = export_onnx(loaded, tmp / "model.onnx", batch=BatchRange(1, 64)).path
+            # another server (--url) serves its own copy: nothing to export then
+            artifact = None if args.rates and args.url else export_onnx(loaded, tmp / "model.onnx",
+                                                                           batch=BatchRange(1, 64)).path
         x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
         if args.rates:
             return _open_loop_main(args, artifact, name, x, machine)
@@ -333,7 +335,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _open_loop_main(args, artifact: Path, name: str, x: np.ndarray, machine: dict) -> int:
+def _open_loop_main(args, artifact: Path | None, name: str, x: np.ndarray, machine: dict) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     with contextlib.ExitStack() as stack:
         address = args.url
