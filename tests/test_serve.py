@@ -340,6 +340,35 @@ def test_a_backend_exception_fails_only_its_batch(onnx_path):
         s.stop()
 
 
+def test_short_lone_batches_run_on_the_event_loop_and_slow_ones_in_the_worker(onnx_path, reference):
+    """The first call is timed in the worker thread; after that a lone batch expected to take
+    under INLINE_MAX_S runs on the event loop, and one expected to take longer does not."""
+    s = Running(onnx_path, max_batch=4, max_delay_ms=0)
+    threads = []
+    original = s.server.session.infer
+
+    def recording(x):
+        threads.append(threading.current_thread())
+        return original(x)
+
+    s.server.session.infer = recording
+    try:
+        client = httpclient.InferenceServerClient(s.http)
+        for seed in range(3):
+            x = _x(1, seed)
+            np.testing.assert_allclose(_http_infer(client, x).as_numpy("logits"), reference.infer(x), rtol=1e-5,
+                                       atol=1e-5)
+        assert threads[0] is not s.thread and all(t is s.thread for t in threads[1:])
+        wrapper = _slow(s, 0.01)  # 10 ms a call: over INLINE_MAX_S, so back to the worker
+        wrapper.original = recording
+        threads.clear()
+        for _ in range(6):
+            assert _http_infer(client, _x(1)).as_numpy("logits").shape == (1, 10)
+        assert threads[-1] is not s.thread
+    finally:
+        s.stop()
+
+
 def test_a_full_queue_is_refused_at_once_with_503(onnx_path):
     s = Running(onnx_path, max_batch=1, max_delay_ms=0, max_queue=2)
     _slow(s, 0.5)

@@ -3,9 +3,11 @@
 Requests wait in a bounded queue; a single worker takes the first, then keeps taking until the
 batch holds `max_batch` rows or `max_delay` has passed since the first was taken, runs the
 session once (in a worker thread, so the event loop keeps accepting), and hands each caller
-exactly its own rows. A request larger than `max_batch` is split into pieces and put back
-together. A full queue refuses at once (the caller answers 503); an exception in the backend
-fails only the requests of that batch.
+exactly its own rows. A short batch with nothing else queued runs on the event loop itself
+(`INLINE_MAX_S`): handing it to the worker thread and back costs more than such a call. A
+request larger than `max_batch` is split into pieces and put back together. A full queue
+refuses at once (the caller answers 503); an exception in the backend fails only the requests
+of that batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .stats import Stats
+
+
+# A batch whose expected compute time (recent time per row x rows) is under this, with nothing
+# else queued, runs on the event loop instead of the worker thread: the loop is blocked at most
+# about this long, and the two thread hand-offs it saves cost 0.2-0.5 ms per lone request on our
+# 2-core CI box (the embedded model, serve_load's server-side compute time). Large models never
+# qualify: a crossvit_tiny_240 image alone takes about 15 ms on that box.
+INLINE_MAX_S = 0.003
 
 
 class QueueFull(Exception):
@@ -49,6 +59,7 @@ class Batcher:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crossvit-infer")
         self._task: asyncio.Task | None = None
         self._busy = 0  # requests taken from the queue and not yet answered
+        self._row_s: float | None = None  # recent compute time per row, from the runs so far
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())
@@ -108,20 +119,32 @@ class Batcher:
             self.stats.queued(start - item.enqueued_ns)
         x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, self.session.infer, x)
+            if self._short_and_alone(rows):
+                out = self.session.infer(x)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(self._pool, self.session.infer, x)
         except Exception as e:  # the backend failed: this batch's callers get the reason
             self.stats.batch(rows, time.perf_counter_ns() - start, ok=False)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(BackendFailed(f"inference failed: {type(e).__name__}: {e}"))
             return
-        self.stats.batch(rows, time.perf_counter_ns() - start, ok=True)
+        elapsed = time.perf_counter_ns() - start
+        self.stats.batch(rows, elapsed, ok=True)
+        per_row = elapsed / 1e9 / rows
+        self._row_s = per_row if self._row_s is None else 0.8 * self._row_s + 0.2 * per_row
         at = 0
         for item in batch:
             n = len(item.x)
             if not item.future.done():  # a caller that went away
                 item.future.set_result(out[at:at + n])
             at += n
+
+    def _short_and_alone(self, rows: int) -> bool:
+        """Run this batch on the event loop? Only once a run has been timed, when it should take
+        under INLINE_MAX_S, and when no other request is queued behind it."""
+        return (self._row_s is not None and self._row_s * rows < INLINE_MAX_S and self._queue.empty()
+                and self._carry is None)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every accepted request is answered (or `timeout` passes)."""
