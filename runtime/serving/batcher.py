@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests gathered into one session call.
 
 Requests wait in a bounded queue; a single worker takes the first, then keeps taking until the
-batch holds `max_batch` rows or `max_delay` has passed since the first was taken, runs the
+batch holds `max_batch` rows or `max_delay` has passed since the first arrived, runs the
 session once (in a worker thread, so the event loop keeps accepting), and hands each caller
 exactly its own rows. A short batch with nothing else queued runs on the event loop itself
 (`INLINE_MAX_S`): handing it to the worker thread and back costs more than such a call. A
@@ -99,7 +99,10 @@ class Batcher:
             first = await self._next(None)
             batch, rows = [first], len(first.x)
             self._busy = 1
-            deadline = loop.time() + self.max_delay_s
+            # the delay counts from the first request's arrival, as Triton's max_queue_delay does: a
+            # request that already waited out a previous batch's compute is not held any longer
+            waited = (time.perf_counter_ns() - first.enqueued_ns) / 1e9
+            deadline = loop.time() + max(0.0, self.max_delay_s - waited)
             while rows < self.max_batch:
                 item = await self._next(deadline - loop.time())
                 if item is None:
