@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=32,
                    help="rows per session call; larger requests are split (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
-                   help="how long the first request of a batch waits for others (default 2 ms)")
+                   help="how long a request waits, from its arrival, for others to join its batch "
+                        "(Triton's max_queue_delay; default 2 ms)")
     p.add_argument("--max-queue", type=_positive_int, default=256,
                    help="requests waiting beyond this are refused at once with 503 (default 256)")
     _add_session_options(p)
