@@ -325,7 +325,7 @@ def _say_cpu_path(out: Path) -> None:
         if found:
             print(f"on a CPU, predict/serve {printable(fp32.name)} run {printable(found[0].name)} (it passed its "
                   "gate); --exact runs the fp32 file")
-        elif any(out.glob(fp32.name.replace(".fp32.onnx", ".int8-cpu.onnx"))):
+        elif fp32.with_name(fp32.name.replace(".fp32.onnx", ".int8-cpu.onnx")).exists():
             print(f"on a CPU, predict/serve {printable(fp32.name)} run it as is: its int8-cpu variant did not pass "
                   "its gate")
 

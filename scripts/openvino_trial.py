@@ -55,6 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("model", nargs="?", default="crossvit_15_240")
     p.add_argument("--batch-sizes", default="1,8")
     args = p.parse_args(argv)
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as e:
+        print(f"error: this trial needs {e.name}: pip install openvino nncf", file=sys.stderr)
+        return 2
     logging.getLogger().setLevel(logging.ERROR)
     machine = machine_description()  # before timing: the load average says how quiet it was
     loaded = load_model(name=args.model)

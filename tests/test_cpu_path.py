@@ -108,3 +108,15 @@ def test_serve_load_measures_what_serve_runs_in_turns(deployed, tmp_path):
     assert {"HTTP binary", "gRPC", "session.infer (as the server runs it)"} <= set(added)
     side = added["server side, mean per request"]
     assert 0 < side["compute_ms"] <= side["request_ms"]
+
+
+def test_deploy_says_what_predict_and_serve_will_run(deployed, tmp_path, capsys):
+    from crossvit.cli import _say_cpu_path
+
+    fp32, _, report = _copy(deployed, tmp_path)
+    _say_cpu_path(tmp_path)
+    assert f"predict/serve {fp32.name} run crossvit_digits.int8-cpu.onnx" in capsys.readouterr().out
+    gate = json.loads(report.read_text())
+    report.write_text(json.dumps({**gate, "verdict": "fail"}))
+    _say_cpu_path(tmp_path)
+    assert "run it as is: its int8-cpu variant did not pass its gate" in capsys.readouterr().out
