@@ -115,6 +115,12 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
 
     out.mkdir(parents=True, exist_ok=True)
     start, spent, done, results = time.monotonic(), [], [], []
+
+    def save(results_so_far: list) -> None:  # after every batch size: a timeout loses one batch at most
+        text = to_json({"results": [r.to_dict() for r in results_so_far]}, indent=2) + "\n"
+        atomic_write(out / "bench_cuda.json", lambda tmp: tmp.write_text(text))
+        write_csv(results_so_far, out / "bench_cuda.csv")
+
     for name in dict.fromkeys(models):
         left = budget - (time.monotonic() - start)
         guess = max(spent, default=60.0)  # the next model costs about what the costliest one did
@@ -126,7 +132,8 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
         try:
             model = load_model(name=name).model
             result = run(model, name, [], batch_sizes=BENCH_BATCHES, runs=30, max_seconds=4.0, compile=with_compile,
-                         device="cuda", progress=lambda m, name=name: print(f"  {name}: {m}", flush=True))
+                         device="cuda", progress=lambda m, name=name: print(f"  {name}: {m}", flush=True),
+                         on_batch=lambda partial: save(done + [partial]), deadline=start + budget)
         except Exception as e:  # one model's failure is a FAIL line; the others still run
             traceback.print_exc()
             results.append((f"bench {name} (cuda)", False, f"{type(e).__name__}: {e}"))
@@ -136,9 +143,7 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
         spent.append(time.monotonic() - t0)
         done.append(result)
         print(result.table(), flush=True)
-        text = to_json({"results": [r.to_dict() for r in done]}, indent=2) + "\n"
-        atomic_write(out / "bench_cuda.json", lambda tmp, text=text: tmp.write_text(text))
-        write_csv(done, out / "bench_cuda.csv")
+        save(done)
         try:
             write_plot(result, out / f"bench_cuda_{name}.png")
         except Exception as e:  # matplotlib missing: the JSON and CSV are the results

@@ -77,6 +77,7 @@ class Result:
     accuracy: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     command: str = ""
+    notes: list[str] = field(default_factory=list)  # what the run skipped or dropped, and why
 
     def table(self) -> str:
         head = (f"{'backend':<36} {'prec':<8} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'img/s':>9} "
@@ -90,11 +91,12 @@ class Result:
             lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
         for name, acc in self.accuracy.items():
             lines.append(f"accuracy {name}: " + ", ".join(f"{k} {v}" for k, v in acc.items()))
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "gflops_per_image": self.gflops_per_image, "rows": [asdict(r) for r in self.rows],
-                "gemm_gflops": self.gemm, "accuracy": self.accuracy, "machine": self.machine, "command": self.command}
+                "gemm_gflops": self.gemm, "accuracy": self.accuracy, "machine": self.machine, "command": self.command, "notes": self.notes}
 
 
 # -- the machine's limits ----------------------------------------------------------------------
@@ -182,8 +184,16 @@ def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
 # -- the backends ------------------------------------------------------------------------------
 
 def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, device: str = "cpu",
-                   say: Callable[[str], None] = lambda m: None) -> dict[tuple[str, str], Callable]:
-    """PyTorch's ways to run `model` on `x` (both already on `device`), keyed (backend, precision)."""
+                   say: Callable[[str], None] = lambda m: None, cache: dict | None = None
+                   ) -> dict[tuple[str, str], Callable]:
+    """PyTorch's ways to run `model` on `x` (both already on `device`), keyed (backend, precision).
+
+    `cache` (one dict per run) keeps the fp16 copy and the compiled model across batch sizes, so
+    torch.compile behaves as it does for a user calling one compiled model with several batch
+    sizes: a graph for the first size, then one dynamic-batch graph (PyTorch's automatic dynamic
+    shapes) that later sizes reuse. The compiled row's first call is made here, timed (its note
+    says how long compiling took) and guarded: a compiler failure costs that row, not the run."""
+    cache = {} if cache is None else cache
     model = model.eval()
     fns = {baseline(device): lambda: model(x)}
     if device == "cpu":
@@ -193,23 +203,53 @@ def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, de
                     return model(x)
             fns[("torch autocast (cpu)", "bf16")] = bf16
         if compile:
-            compiled = torch.compile(model)
-            fns[("torch.compile (cpu)", "fp32")] = lambda: compiled(x)
+            _add_compiled(fns, ("torch.compile (cpu)", "fp32"), model, x, cache, say)
         return fns
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         def autocast(dtype=dtype):
             with torch.autocast("cuda", dtype=dtype):
                 return model(x)
         fns[(f"torch autocast ({device})", name)] = autocast
-    half, xh = copy.deepcopy(model).half(), x.half()
+    if "half" not in cache:
+        cache["half"] = copy.deepcopy(model).half()
+    half, xh = cache["half"], x.half()
     try:
         fns[(f"torch CUDA graph ({device})", "fp16")] = _cuda_graph(half, xh)
     except RuntimeError as e:  # a forward pass that syncs with the host cannot be captured
         say(f"no CUDA graph row: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if compile:
-        compiled = torch.compile(half)
-        fns[(f"torch.compile ({device})", "fp16")] = lambda: compiled(xh)
+        _add_compiled(fns, (f"torch.compile ({device})", "fp16"), half, xh, cache, say)
     return fns
+
+
+def _add_compiled(fns: dict, key: tuple[str, str], model: torch.nn.Module, x: torch.Tensor, cache: dict,
+                  say: Callable[[str], None]) -> None:
+    """`torch.compile(model)` (made once per run, in `cache`) as the row `key`, after a first call
+    on `x` that compiles for this shape if it must: timed, synchronized, and caught."""
+    if cache.get("compile_failed"):
+        return
+    if "compiled" not in cache:
+        cache["compiled"] = torch.compile(model)
+    compiled = cache["compiled"]
+    say(f"torch.compile: first call at batch {x.shape[0]} (a new shape compiles, which can take minutes)")
+    t0 = time.perf_counter()
+    try:
+        compiled(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as e:  # inductor/triton/C compiler trouble: the other rows still run
+        cache["compile_failed"] = True
+        line = str(e).strip().splitlines()
+        say(f"no torch.compile rows: {type(e).__name__}: {line[0] if line else ''}")
+        return
+    first = time.perf_counter() - t0
+    cache.setdefault("compile_s", []).append(first)
+
+    def fn() -> torch.Tensor:
+        return compiled(x)
+    if first > 1.0:
+        fn.note = f"first call {first:.0f} s (compiling)"
+    fns[key] = fn
 
 
 def _cuda_graph(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -231,8 +271,10 @@ def _cuda_graph(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.T
     return replay
 
 
-def _agreement(fns: dict, key: tuple[str, str]) -> dict:
-    """Each PyTorch row's logits against the baseline's, through the parity code's measures."""
+def _agreement(fns: dict, key: tuple[str, str], batch: int) -> dict:
+    """Each PyTorch row's logits against the baseline's, through the parity code's measures, keyed
+    "backend precision bBATCH" (every batch size: a CUDA graph or a dynamic-batch compiled graph
+    is a different program at each size)."""
     from crossvit.export.parity import compare
 
     with torch.inference_mode():
@@ -241,7 +283,7 @@ def _agreement(fns: dict, key: tuple[str, str]) -> dict:
         for k, fn in fns.items():
             if k != key:
                 m = compare(ref, fn().float().cpu().numpy())
-                out[f"{k[0]} {k[1]}"] = {"rel_l2": m["rel_l2"], "cosine": m["cosine"],
+                out[f"{k[0]} {k[1]} b{batch}"] = {"rel_l2": m["rel_l2"], "cosine": m["cosine"],
                                          "top1_agreement": m["top1_agreement"]}
     return out
 
@@ -279,9 +321,14 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
 
 def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
         max_seconds: float, compile: bool = False, device: str = "cpu", served: Path | None = None,
-        progress: Callable[[str], None] | None = None) -> Result:
+        progress: Callable[[str], None] | None = None, on_batch: Callable[[Result], None] | None = None,
+        deadline: float | None = None) -> Result:
     """Every backend at every batch size (see the module docstring); `served`: also that ONNX file
-    through `crossvit serve` and the real tritonclient, over HTTP and gRPC."""
+    through `crossvit serve` and the real tritonclient, over HTTP and gRPC. `on_batch(result)` is
+    called after each batch size (to save what is done so far). With `deadline` (a
+    `time.monotonic()` value), a batch size that would not fit in the time left, judged by the
+    previous one, is skipped, and the torch.compile rows are dropped first; both are said and
+    recorded in `result.notes`."""
     say = progress or (lambda m: None)
     cuda = device != "cpu"
     if cuda:  # the fp32 baseline is fp32: no TF32 (a run's setting, recorded with the machine)
@@ -295,17 +342,50 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
     say(f"measuring GEMM rates on {device} (the machine's own limits)")
     result.gemm = gemm_rates(device=device)
     on_device = copy.deepcopy(model).to(device).eval() if cuda else model.eval()
+    cache: dict = {"compile_s": []}  # the fp16 copy and the compiled model, kept across batch sizes
+    last = None  # seconds the previous batch size took, without compiling
     with contextlib.ExitStack() as stack:
         served_fns = _served(stack, served, max(batch_sizes), say) if served is not None else {}
         for i, b in enumerate(batch_sizes, 1):
+            if deadline is not None and last is not None:
+                go, keep_compile, why = fits(deadline - time.monotonic(), last, cache["compile_s"], compile,
+                                             batch_sizes[i - 1:])
+                if why:
+                    _note(result, say, why)
+                if not go:
+                    break
+                compile = keep_compile
+            t0, compiling = time.monotonic(), sum(cache["compile_s"])
             _one_batch(result, f"[{i}/{len(batch_sizes)}]", b, model, on_device, artifacts, served_fns, runs=runs,
-                       max_seconds=max_seconds, compile=compile, device=device, say=say)
+                       max_seconds=max_seconds, compile=compile, device=device, say=say, cache=cache)
+            last = time.monotonic() - t0 - (sum(cache["compile_s"]) - compiling)
+            if on_batch is not None:
+                on_batch(result)
     return result
+
+
+def fits(left: float, last: float, compile_s: list[float], compile: bool, batches: list[int]
+         ) -> tuple[bool, bool, str]:
+    """Whether the next batch size (`batches[0]`) fits in `left` seconds, judged by the `last` one
+    (without its compiling) with a 20 % margin, and whether its torch.compile row does too (a new
+    shape may compile again: allow twice the longest compile so far): (go, compile, why not)."""
+    if left < 1.2 * last:
+        return False, False, (f"batch sizes {', '.join(map(str, batches))} skipped: {max(left, 0):.0f} s left, "
+                              f"the previous one took {last:.0f} s")
+    if compile and compile_s and left < 1.2 * last + 2 * max(compile_s):
+        return True, False, (f"torch.compile rows dropped from batch {batches[0]}: {left:.0f} s left, "
+                             f"compiling took up to {max(compile_s):.0f} s")
+    return True, compile, ""
+
+
+def _note(result: Result, say: Callable[[str], None], text: str) -> None:
+    result.notes.append(text)
+    say(text)
 
 
 def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_device: torch.nn.Module,
                artifacts: list[Path], served_fns: dict, *, runs: int, max_seconds: float, compile: bool, device: str,
-               say: Callable[[str], None]) -> None:
+               say: Callable[[str], None], cache: dict | None = None) -> None:
     """Every backend on one random batch of `b`, in interleaved turns; appends the rows."""
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.session import open_session
@@ -317,9 +397,8 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
     xt = torch.from_numpy(x).to(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        fns = torch_backends(on_device, xt, compile=compile, device=device, say=say)
-        if not result.rows:  # the first batch: each PyTorch row against the baseline's logits
-            result.accuracy.update(_agreement(fns, base_key))
+        fns = torch_backends(on_device, xt, compile=compile, device=device, say=say, cache=cache)
+        result.accuracy.update(_agreement(fns, base_key, b))  # each PyTorch row against the baseline
         for path in artifacts:
             info = read_artifact(path)
             kind = "onnxruntime" if info.kind == "onnx" else "tensorrt"
@@ -345,7 +424,9 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
         result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
-                               spread=spread, note="noisy: turns disagree" if spread > SPREAD_WARNING else ""))
+                               spread=spread, note="; ".join(n for n in (
+                                   "noisy: turns disagree" if spread > SPREAD_WARNING else "",
+                                   getattr(fns.get((backend, precision)), "note", "")) if n)))
     if cuda:
         torch.cuda.empty_cache()
 

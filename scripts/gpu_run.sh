@@ -3,7 +3,7 @@
 # package installed (e.g. a lent device machine): the `gpu` tests, then the acceptance script
 # (benchmarks/gpu_acceptance.py) with its results in $OUT.
 #   OUT=/tmp/gpu-out bash scripts/gpu_run.sh [BUDGET_SECONDS]
-set -u
+set -u -o pipefail  # a failing step's exit code, not tee's, is the script's
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${1:-330}
@@ -19,3 +19,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, onnx, onnxruntime, onnxscript; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 [ "${GPU_RUN_TESTS:-1}" = 0 ] || timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_runtime.py" "$REPO/tests/test_tensorrt.py" 2>&1 | tee "$OUT/pytest_gpu.log"
 timeout $((BUDGET + 150)) python3 -m crossvit.benchmarks.gpu_acceptance --out "$OUT" --budget-seconds "$BUDGET" "$@" 2>&1 | tee "$OUT/acceptance.log"
+rc=$?
+echo "gpu_acceptance exit $rc$([ $rc = 124 ] && echo ' (timed out: bench_cuda.json holds the batch sizes done)')" | tee -a "$OUT/acceptance.log"
+exit $rc
