@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from crossvit.errors import ArtifactError, ConfigError, CrossViTError, OutputError
+from crossvit.errors import ArtifactError, ConfigError, CrossViTError, OutputError, UsageError
 
 # -- metadata key, formats, version ---------------------------------------------------------
 
@@ -78,7 +78,7 @@ class Thresholds:
             default = getattr(self, name)
             looser = default is not None and (value < default if name == "top1_agreement" else value > default)
             if looser:
-                raise ConfigError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
+                raise UsageError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
                                   "default for this precision; thresholds may only be tightened")
             changes[name] = value
         return replace(self, **changes)

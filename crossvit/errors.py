@@ -14,6 +14,12 @@ class ConfigError(CrossViTError, ValueError):
     """An impossible or unknown model configuration."""
 
 
+class UsageError(ConfigError):
+    """An option value the command refuses, as argparse refuses a malformed one (exit code 2)."""
+
+    exit_code = 2
+
+
 class CheckpointError(CrossViTError):
     """A checkpoint that is missing, corrupt, unsafe or does not fit the model."""
 
