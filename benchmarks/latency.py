@@ -42,7 +42,22 @@ def machine_description() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
             "cuda": torch.cuda.get_device_name(0) if gpu else None,
-            "cuda_runtime": torch.version.cuda if gpu else None, "gpu_driver": _gpu_driver() if gpu else None}
+            "cuda_runtime": torch.version.cuda if gpu else None, "gpu_driver": _gpu_driver() if gpu else None,
+            **{name: _installed(dist) for name, dist in OPTIONAL_LIBRARIES.items()}}
+
+
+# optional libraries that change what a result means, by distribution name (read, never imported)
+OPTIONAL_LIBRARIES = {"modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "onnxscript": "onnxscript",
+                      "onnx": "onnx"}
+
+
+def _installed(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str | None:
