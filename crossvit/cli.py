@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from crossvit import __version__
-from crossvit.contract import PRECISION_NAMES, VARIANT_NAMES
+from crossvit.contract import MAX_BATCH, PRECISION_NAMES, VARIANT_NAMES
 from crossvit.runtime.session import BACKEND_NAMES
 from crossvit.errors import ConfigError, CrossViTError
 
@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -87,6 +97,8 @@ def _batch_sizes(text: str | None) -> list[int] | None:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"--batch-sizes must be integers >= 1, got {text!r}")
+    if max(sizes) > MAX_BATCH:
+        raise ConfigError(f"--batch-sizes {max(sizes)} is over the limit of {MAX_BATCH}")
     return sizes
 
 
@@ -289,7 +301,10 @@ def cmd_bench(args) -> int:
 
 
 def _batch_list(text: str) -> list[int]:
-    sizes = _batch_sizes(text)
+    try:
+        sizes = _batch_sizes(text)
+    except ConfigError as e:  # argparse would print only "invalid value" for a ValueError
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not sizes:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return sizes
@@ -391,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images (with labels.csv for accuracy); default: the shipped held-out set")
     p.add_argument("--batch-sizes", metavar="1,2,7,MAX", help="random-input batch sizes (default 1,2,7,max)")
     p.add_argument("--json", type=Path, metavar="REPORT.json", help="write the report as JSON")
-    p.add_argument("--seed", type=int, default=None, help="seed for the random inputs (default: fresh)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for the random inputs (default: fresh)")
     p.add_argument("--max-abs", type=float, help="tighten the max abs error limit")
     p.add_argument("--rel-l2", type=float, help="tighten the relative L2 error limit")
     p.add_argument("--min-top1", type=float, help="tighten the top-1 agreement limit (fraction)")

@@ -75,6 +75,8 @@ class Thresholds:
         for name, value in limits.items():
             if value is None:
                 continue
+            if not math.isfinite(value):  # NaN compares false with everything: it would switch the gate off
+                raise UsageError(f"--{name.replace('_', '-')} {value}: a threshold must be a finite number")
             default = getattr(self, name)
             looser = default is not None and (value < default if name == "top1_agreement" else value > default)
             if looser:

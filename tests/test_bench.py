@@ -79,6 +79,8 @@ def test_flops_from_the_config_equal_pytorchs_count(config):
 
 def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", "--batch-sizes", "0,2"), "--batch-sizes", code=2)
+    one_line_error(cli("bench", "--batch-sizes", "1,99999999999999999999", "--no-accuracy", tmp_path / "missing.onnx"),
+                   "over the limit of 4096", code=2)  # before any file is read or array allocated
     one_line_error(cli("bench", tmp_path / "missing.onnx"), "no such file")
     (tmp_path / "d").mkdir()
     one_line_error(cli("bench", "--json", tmp_path / "d"), "is a directory")

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from crossvit.errors import ConfigError
+from crossvit.errors import ConfigError, UsageError
 from crossvit.contract import PRECISION_TABLE, Thresholds
 from crossvit.export.parity import check_parity, compare
 
@@ -84,6 +84,10 @@ def test_thresholds_can_be_tightened_but_never_loosened():
     with pytest.raises(ConfigError, match="looser"):
         THRESHOLDS["int8"].tightened(top1_agreement=0.5)
     assert THRESHOLDS["fp16"].tightened(rel_l2=None) == THRESHOLDS["fp16"]
+    for name in ("max_abs", "top1_agreement", "rel_l2"):  # NaN passes every comparison's "not looser"
+        for bad in (float("nan"), float("-inf")):
+            with pytest.raises(UsageError, match="finite"):
+                THRESHOLDS["fp16"].tightened(**{name: bad})
 
 
 def test_thresholds_match_the_issue():
@@ -108,6 +112,8 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     assert bad.returncode == 2 and "verdict: FAIL" in bad.stdout
     loose = check(onnx_path, "--reference", ckpt, "--max-abs", "0.5")
     one_line_error(loose, "looser", code=2)  # a usage error, as argparse's
+    nan = check(corrupted, "--reference", ckpt, "--batch-sizes", "2", "--max-abs", "nan", "--min-top1", "nan")
+    one_line_error(nan, "finite", code=2)  # NaN would have passed the corrupted file
 
 
 @pytest.mark.parametrize("args, words", [
@@ -117,6 +123,8 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     (["--images", "{tmp}/empty"], "contains no images"),
     (["--images", "{tmp}/junk"], "none of its 2 images could be read"),
     (["--reference", "{tmp}/nope.safetensors"], "no such file"),
+    (["--batch-sizes", "1000000000000"], "over the limit of 4096"),
+    (["--seed", "-1"], ">= 0"),
 ])
 def test_check_cli_bad_input(small_artifacts, tmp_path, args, words, check, one_line_error):
     ckpt, onnx_path = small_artifacts
@@ -127,7 +135,7 @@ def test_check_cli_bad_input(small_artifacts, tmp_path, args, words, check, one_
     extra = [a.format(tmp=tmp_path) for a in args]
     if "--reference" not in extra:
         extra += ["--reference", str(ckpt)]
-    one_line_error(check(onnx_path, *extra), words)
+    one_line_error(check(onnx_path, *extra), words, code=2 if "--seed" in args else 1)
 
 
 def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpoint(small_artifacts, tmp_path, check):
