@@ -72,6 +72,12 @@ class TritonModel:
                 f"to where you upload {out.name}/)"]
 
 
+# Bounds that keep config.pbtxt loadable (Triton's count is an int32) and sane: a batching delay over
+# a minute or a thousand copies of one model on one server is a typo, not a configuration.
+MAX_INSTANCES = 1024
+MAX_QUEUE_DELAY_US = 60_000_000
+
+
 def default_name(info: ArtifactInfo) -> str:
     """The artifact's file name without its suffix, made a valid model name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", info.path.stem).lstrip(".") or "model"
@@ -131,10 +137,12 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"--name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
-    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
-        raise ConfigError(f"--instances must be an integer >= 1, got {instances!r}")
-    if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
-        raise ConfigError(f"--max-queue-delay-us must be an integer >= 0, got {max_queue_delay_us!r}")
+    if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= MAX_INSTANCES:
+        raise ConfigError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
+    if (isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int)
+            or not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US):
+        raise ConfigError(f"--max-queue-delay-us must be an integer in 0..{MAX_QUEUE_DELAY_US} (one minute), "
+                          f"got {max_queue_delay_us!r}")
     what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"
     if info.kind not in PLATFORMS:
         raise ExportError(f"{info.path.name}: Triton serves an .onnx or a .plan, not a {info.kind}")

@@ -266,6 +266,8 @@ def test_bad_names_are_refused(small_onnx, tmp_path, name):
     (dict(max_batch=4, preferred_batch=[8]), ConfigError, r"within 1..4"),
     (dict(preferred_batch=[]), ConfigError, "--preferred-batch"),
     (dict(max_queue_delay_us=-1), ConfigError, "--max-queue-delay-us"),
+    (dict(max_queue_delay_us=10**23), ConfigError, "--max-queue-delay-us"),  # config.pbtxt would not parse
+    (dict(instances=999999999999), ConfigError, "--instances"),
     (dict(tensorrt_accelerator="int8"), ConfigError, "--tensorrt-accelerator"),
 ])
 def test_bad_options_are_refused_on_one_line(small_onnx, tmp_path, options, error, words):
