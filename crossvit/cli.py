@@ -396,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the embedded model)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("check", help="parity gate: the artifact (ONNX Runtime or TensorRT) vs the PyTorch reference")
+    p = sub.add_parser("check", help="parity gate: the artifact (ONNX Runtime or TensorRT) vs the PyTorch reference",
+                       description="The parity gate: the artifact against its PyTorch reference on fresh random "
+                                   "inputs and real images, with the precision's thresholds (flags can only tighten "
+                                   "them). Exit 0 pass, 2 fail, 4 not run (the backend cannot run this artifact "
+                                   "here), 1 bad input, 3 a missing backend.")
     p.add_argument("artifact", type=Path, metavar="MODEL.onnx|MODEL.plan")
     p.add_argument("--reference", type=Path, metavar="CHECKPOINT",
                    help="reference checkpoint (default: --model's, or the embedded model)")

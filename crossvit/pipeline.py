@@ -186,6 +186,20 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
 
 # -- the whole path --------------------------------------------------------------------------
 
+def _check_folders(**folders) -> None:
+    """Image folders the user gave must be folders of images; a wrong one is an error now, not a
+    variant skipped or a run that stops at the parity stage."""
+    from crossvit.errors import InputError
+    from crossvit.runtime.images import list_images
+
+    for option, folder in folders.items():
+        if folder is not None:
+            try:
+                list_images(folder)
+            except InputError as e:
+                raise InputError(f"--{option}: {e}") from None
+
+
 def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_NAMES,
            calibration: str | Path | None = None, images: str | Path | None = None, batch=None,
            bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
@@ -197,6 +211,7 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     batch = batch or BatchRange(1, 64)
     start = time.perf_counter()
     out = check_output_dir(out_dir)
+    _check_folders(calibration=calibration, images=images)  # before anything is written, not at stage 2 or 3
     out.mkdir(parents=True, exist_ok=True)
     name = loaded.info.name or (loaded.source.stem if loaded.source else "model")
     result = DeployResult(out_dir=out)

@@ -44,9 +44,13 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     (["--variants", "int4"], "unknown variants"),
     (["--batch", "4:1"], "smaller than min"),
     (["{tmp}/missing.pth"], "no such file"),
+    (["--calibration", "{tmp}/a-file.png"], "--calibration: {tmp}/a-file.png: not a folder of images"),
+    (["--images", "{tmp}/nope"], "--images: {tmp}/nope: no such folder"),
 ])
 def test_deploy_bad_input_is_one_line_and_leaves_no_output(tmp_path, args, words, cli, one_line_error):
     out = tmp_path / "out"
+    (tmp_path / "a-file.png").write_bytes(b"not a folder")
+    words = words.format(tmp=tmp_path)
     one_line_error(cli("deploy", *[a.format(tmp=tmp_path) for a in args], "-o", out), words)
     assert not out.exists()
 
