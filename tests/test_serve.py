@@ -311,6 +311,178 @@ def test_oversized_bodies_are_refused_with_413(onnx_path):
         s.stop()
 
 
+def _binary(doc, blob=b""):
+    header = json.dumps(doc).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+_ZEROS = [0.0] * 3072
+_HUGE_SHAPES = [[2 ** 62, 3, 32, 32], [2 ** 54 + 1, 3, 32, 32]]  # element counts that wrap around int64
+
+
+@pytest.mark.parametrize("body, headers, words", [
+    (b'{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ' + b"[" * 100_000
+     + b"]" * 100_000 + b"}]}", {}, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, "nested too deeply"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [1' + b"0" * 400
+     + b"0," * 3071 + b"0]}]}", {}, "beyond FP32's range"),
+    (_json(_HUGE_SHAPES[0], data=[]), {}, "limit of"),
+    (json.dumps({"inputs": [{"name": "input", "shape": _HUGE_SHAPES[1], "datatype": "FP32",
+                             "data": _ZEROS}]}).encode(), {}, "limit of"),
+    *[(*_binary({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+                             "parameters": {"binary_data_size": len(blob)}}]}, blob), "limit of")
+      for shape, blob in [(_HUGE_SHAPES[0], b""), (_HUGE_SHAPES[1], b"\0" * 12288)]],
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": _ZEROS}],
+                 "outputs": [{"name": "logits", "parameters": [1]}]}).encode(), {}, "'parameters' must be"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": _ZEROS}],
+                 "outputs": [{"name": "logits", "parameters": "x"}]}).encode(), {}, "'parameters' must be"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": _ZEROS}],
+                 "outputs": 5}).encode(), {}, "'outputs' must be a list"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": _ZEROS}],
+                 "outputs": [{"name": "logits", "parameters": {"binary_data": "no"}}]}).encode(), {},
+     "binary_data must be true or false"),
+    (json.dumps({"id": {"a": [1]}, "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                                "data": _ZEROS}]}).encode(), {}, "'id' must be a string"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], 5]}]}).encode(),
+     {}, "JSON data must be strings"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], "bc"]}]}).encode(),
+     {}, "element 0 is not a usable image"),  # not read as the three strings "a", "b", "c"
+])
+def test_malformed_http_requests_are_400_not_500(server, body, headers, words):
+    got, data = server.raw("POST", INFER, body, headers)
+    assert got == 400, data[:300]
+    error = json.loads(data)["error"]
+    assert words in error and len(error) < 300, error
+    assert _http_infer(httpclient.InferenceServerClient(server.http), _x(1)).as_numpy("logits").shape == (1, 10)
+
+
+def test_element_counts_do_not_wrap_around_without_a_row_limit(onnx_path):
+    """to_batch counts elements in Python ints: np.prod wraps 2**62 x 3072 to 0, which let an
+    empty binary tensor pass the size check and fail in reshape (a 500)."""
+    from crossvit.runtime.serving.protocol import InferRequest, InputTensor, ModelView, ProtocolError, to_batch
+
+    view = ModelView("m", "1", "input", (3, 32, 32), "logits", tuple("0123456789"), "p")
+    for tensor in [InputTensor("input", "FP32", _HUGE_SHAPES[0], raw=b""),
+                   InputTensor("input", "FP32", _HUGE_SHAPES[1], raw=b"\0" * 12288),
+                   InputTensor("input", "FP32", _HUGE_SHAPES[1], data=_ZEROS)]:
+        with pytest.raises(ProtocolError) as e:
+            to_batch(InferRequest(None, [tensor]), view, None)
+        assert e.value.status == 400 and "for shape" in e.value.message
+
+
+@pytest.mark.parametrize("shape, raw, fp32", [
+    (_HUGE_SHAPES[0], b"", None), (_HUGE_SHAPES[1], b"\0" * 12288, None), (_HUGE_SHAPES[1], None, _ZEROS),
+])
+def test_malformed_grpc_shapes_are_invalid_argument(server, shape, raw, fp32):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="crossvit_digits")
+    t = request.inputs.add(name="input", datatype="FP32", shape=shape)
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    else:
+        t.contents.fp32_contents.extend(fp32)
+    with grpc.insecure_channel(server.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit of" in e.value.details()
+    assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
+
+
+def test_unforeseen_errors_reading_a_request_are_400_and_after_it_500(server, monkeypatch):
+    """The last line of defence: whatever escapes the checks while a request is read is the
+    request's fault (400 / INVALID_ARGUMENT); a fault after that is a 500 / INTERNAL in the
+    usual JSON, never Starlette's bare 500 or gRPC's UNKNOWN."""
+    from crossvit.runtime.serving import grpc_service, rest
+
+    def boom(*args):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(rest, "parse_http_request", boom)
+    monkeypatch.setattr(grpc_service, "_request", boom)
+    status, data = server.raw("POST", INFER, _json())
+    assert status == 400 and "malformed request (KeyError: 'surprise')" in json.loads(data)["error"]
+    with pytest.raises(InferenceServerException) as e:
+        _grpc_infer(grpcclient.InferenceServerClient(server.grpc), _x(1))
+    assert "INVALID_ARGUMENT" in str(e.value.status()) and "KeyError" in e.value.message()
+    monkeypatch.undo()
+
+    class Broken:  # a preprocessor that fails in a way nobody foresaw
+        input_size = (3, 32, 32)
+
+        def __call__(self, data):
+            raise RuntimeError("odd image")
+
+    monkeypatch.setattr(server.server.session, "_preprocessor", Broken())
+    status, data = server.raw("POST", INFER, json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                                                                     "data": ["img"]}]}).encode())
+    assert status == 400 and "RuntimeError: odd image" in json.loads(data)["error"]
+    monkeypatch.undo()
+
+    async def broken_batcher(x):
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr(server.server.service.batcher, "infer", broken_batcher)
+    status, data = server.raw("POST", INFER, _json())
+    assert status == 500 and "ZeroDivisionError" in json.loads(data)["error"]
+    with pytest.raises(InferenceServerException) as e:
+        _grpc_infer(grpcclient.InferenceServerClient(server.grpc), _x(1))
+    assert "INTERNAL" in str(e.value.status())
+    monkeypatch.undo()
+    assert _http_infer(httpclient.InferenceServerClient(server.http), _x(1)).as_numpy("logits").shape == (1, 10)
+
+
+@pytest.fixture(scope="module")
+def small_queue(onnx_path):
+    """max_batch 4 x max_queue 2: a request may hold at most 8 rows."""
+    s = Running(onnx_path, max_batch=4, max_delay_ms=0, max_queue=2)
+    yield s
+    s.stop()
+
+
+def test_a_request_over_the_row_limit_is_400_not_a_503_to_retry(small_queue, reference):
+    http, grpc_ = httpclient.InferenceServerClient(small_queue.http), grpcclient.InferenceServerClient(small_queue.grpc)
+    x = _x(8, seed=6)  # two pieces of 4: fills the idle queue exactly
+    np.testing.assert_allclose(_http_infer(http, x).as_numpy("logits"), reference.infer(x), rtol=1e-5, atol=1e-5)
+    for binary in (True, False):
+        with pytest.raises(InferenceServerException) as e:
+            _http_infer(http, _x(9), binary=binary)
+        assert e.value.status() == "400" and "limit of 8 per request" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        _grpc_infer(grpc_, _x(9))
+    assert "INVALID_ARGUMENT" in str(e.value.status()) and "limit of 8 per request" in e.value.message()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("n", [9, 30_000])
+def test_bytes_requests_over_the_row_limit_are_refused_before_decoding(small_queue, monkeypatch, protocol, n):
+    """30000 tiny images in a 480 kB body would be a 3 x 32 x 32 float32 batch each (360 MB)
+    before decoding: refused from the shape, nothing allocated or decoded."""
+    session = small_queue.server.session
+    real, calls = session.preprocessor, []
+
+    class Counting:
+        input_size = real.input_size
+
+        def __call__(self, data):
+            calls.append(1)
+            return real(data)
+
+    monkeypatch.setattr(session, "_preprocessor", Counting())
+    data = np.array([b"P5 1 1 255\n\x00"] * n, dtype=np.object_)
+    client = httpclient if protocol == "http" else grpcclient
+    inp = client.InferInput("images", [n], "BYTES")
+    inp.set_data_from_numpy(data)
+    server = client.InferenceServerClient(small_queue.http if protocol == "http" else small_queue.grpc)
+    with pytest.raises(InferenceServerException) as e:
+        server.infer("crossvit_digits", [inp])
+    assert "limit of 8 per request" in e.value.message() and not calls
+    ok = client.InferInput("images", [8], "BYTES")
+    ok.set_data_from_numpy(data[:8])
+    assert server.infer("crossvit_digits", [ok]).as_numpy("logits").shape == (8, 10) and len(calls) == 8
+
+
 # -- a slow or failing backend ------------------------------------------------------------------
 
 class _Slow:
@@ -346,9 +518,13 @@ def test_a_backend_exception_fails_only_its_batch(onnx_path):
         s.stop()
 
 
-def test_short_lone_batches_run_on_the_event_loop_and_slow_ones_in_the_worker(onnx_path, reference):
+def test_short_lone_batches_run_on_the_event_loop_and_slow_ones_in_the_worker(onnx_path, reference, monkeypatch):
     """The first call is timed in the worker thread; once the recent time per row says a lone
     batch takes under INLINE_MAX_S it runs on the event loop, and once it says longer it does not."""
+    from crossvit.runtime.serving import batcher
+
+    # 50 ms while the real model is timed: on a loaded shared CI machine a call can pass 3 ms
+    monkeypatch.setattr(batcher, "INLINE_MAX_S", 0.05)
     s = Running(onnx_path, max_batch=4, max_delay_ms=0)
     threads = []
     original = s.server.session.infer
@@ -365,6 +541,7 @@ def test_short_lone_batches_run_on_the_event_loop_and_slow_ones_in_the_worker(on
             np.testing.assert_allclose(_http_infer(client, x).as_numpy("logits"), reference.infer(x), rtol=1e-5,
                                        atol=1e-5)
         assert threads[0] is not s.thread and threads[-1] is s.thread
+        monkeypatch.setattr(batcher, "INLINE_MAX_S", 0.003)
         wrapper = _slow(s, 0.01)  # 10 ms a call: over INLINE_MAX_S, so back to the worker
         wrapper.original = recording
         threads.clear()
@@ -469,6 +646,14 @@ def test_serve_command_answers_then_drains_on_sigterm(onnx_path):
 def test_serve_refuses_a_taken_port_in_one_line(onnx_path, server, cli, one_line_error):
     proc = cli("serve", onnx_path, "--http-port", server.server.http_port, "--grpc-port", "0", timeout=60)
     one_line_error(proc, "cannot listen on 127.0.0.1")
+
+
+def test_serve_refuses_a_taken_grpc_port_in_one_line(onnx_path, server, cli, one_line_error):
+    """grpc sets SO_REUSEPORT by default: a second server would bind the same port and take
+    a share of the first one's requests."""
+    proc = cli("serve", onnx_path, "--http-port", "0", "--grpc-port", server.server.grpc_port, timeout=60)
+    line = one_line_error(proc, f"cannot listen on 127.0.0.1:{server.server.grpc_port} for gRPC")
+    assert "in use" in line and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_non_loopback_host_warns_about_authentication(onnx_path, cli):

@@ -5,9 +5,10 @@ batch holds `max_batch` rows or `max_delay` has passed since the first arrived, 
 session once (in a worker thread, so the event loop keeps accepting), and hands each caller
 exactly its own rows. A short batch with nothing else queued runs on the event loop itself
 (`INLINE_MAX_S`): handing it to the worker thread and back costs more than such a call. A
-request larger than `max_batch` is split into pieces and put back together. A full queue
-refuses at once (the caller answers 503); an exception in the backend fails only the requests
-of that batch.
+request larger than `max_batch` is split into pieces and put back together, so a request may
+hold at most `max_rows` = max_batch x max_queue rows (more could never be queued: the caller
+refuses it up front with 400). A full queue refuses at once (the caller answers 503); an
+exception in the backend fails only the requests of that batch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class BackendFailed(Exception):
     """The session raised while running a batch; only that batch's requests get it."""
 
 
+class TooManyRows(Exception):
+    """A request with more than `max_rows` rows: it could never be queued, so retrying is no use."""
+
+
 @dataclass
 class _Item:
     x: np.ndarray
@@ -65,11 +70,19 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     @property
+    def max_rows(self) -> int:
+        """The most rows one request may hold: split into max_batch pieces, they fill an empty queue."""
+        return self.max_batch * self.max_queue
+
+    @property
     def pending(self) -> int:
         return self._queue.qsize() + (self._carry is not None) + self._busy
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Logits for `x` (N rows), batched with whatever else arrives meanwhile."""
+        if len(x) > self.max_rows:
+            raise TooManyRows(f"{len(x)} rows is over this server's limit of {self.max_rows} per request "
+                              "(--max-batch x --max-queue); split the request")
         pieces = [x[i:i + self.max_batch] for i in range(0, len(x), self.max_batch)]
         if self._queue.qsize() + len(pieces) > self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")

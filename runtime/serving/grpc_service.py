@@ -2,17 +2,26 @@
 
 The servicer is the one generated into `tritonclient.grpc.service_pb2_grpc`, so Triton's own
 clients talk to it unchanged. Inputs arrive as raw contents (what tritonclient sends) or typed
-contents; outputs go back as raw contents.
+contents; outputs go back as raw contents. Anything unforeseen while reading a request is
+INVALID_ARGUMENT, anything after it INTERNAL: never UNKNOWN.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from .protocol import BAD_REQUEST, GRPC_CODES, InferRequest, InputTensor, OutputRequest, ProtocolError, outputs_for
+from .protocol import (BAD_REQUEST, GRPC_CODES, INTERNAL, InferRequest, InputTensor, OutputRequest, ProtocolError,
+                       outputs_for, request_error)
 from .service import ModelService
+
+log = logging.getLogger("crossvit.serve")
 
 
 def _request(msg: service_pb2.ModelInferRequest) -> InferRequest:
@@ -89,28 +98,70 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             self.service.check_model(request.model_name, request.model_version)
             try:
-                parsed = _request(request)
+                try:
+                    parsed = _request(request)
+                except ProtocolError:
+                    raise
+                except Exception as e:  # the last line of defence: reading a request never ends in UNKNOWN
+                    log.debug("unforeseen error reading a request", exc_info=True)
+                    raise request_error(e) from None
             except ProtocolError:
                 self.service.stats.request("grpc", 0, ok=False, reason="bad_request")
                 raise
             logits = await self.service.infer(parsed, "grpc")
+            view = self.service.view
+            response = service_pb2.ModelInferResponse(model_name=view.name, model_version=view.version,
+                                                      id=request.id)
+            for t, _ in outputs_for(parsed, logits, view):
+                response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+                response.raw_output_contents.append(t.raw())
         except ProtocolError as e:
             await self._fail(context, e)
-        view = self.service.view
-        response = service_pb2.ModelInferResponse(model_name=view.name, model_version=view.version,
-                                                  id=request.id)
-        for t, _ in outputs_for(parsed, logits, view):
-            response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-            response.raw_output_contents.append(t.raw())
+        except Exception as e:  # a fault of ours, after the request was read
+            log.warning("ModelInfer failed", exc_info=True)
+            await self._fail(context, ProtocolError(INTERNAL, f"internal error: {type(e).__name__}: {str(e)[:200]}"))
         return response
 
 
 def create_server(service: ModelService, address: str, max_message: int) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server (not started) and the port it is bound to."""
+    """The gRPC server (not started) and the port it is bound to; OSError (one line, the
+    system's reason) when the address cannot be bound, a port already in use included."""
+    # grpc sets SO_REUSEPORT by default: a second server on a taken port would bind it too and
+    # silently take a share of its connections
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
-                                      ("grpc.max_send_message_length", max_message)])
+                                      ("grpc.max_send_message_length", max_message),
+                                      ("grpc.so_reuseport", 0)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(service), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port, said = _add_port_quietly(server, address)
+    if not port:
+        found = re.search(r"Error in bind for address '[^']*': ([^)\n]+)", said)
+        raise OSError(found.group(1).strip() if found else "grpc could not bind it")
     return server, port
+
+
+def _add_port_quietly(server: grpc.aio.Server, address: str) -> tuple[int, str]:
+    """`add_insecure_port`, with what grpc's core logs on stderr meanwhile (on a failed bind, a
+    multi-line E-level message) caught: (port, 0 when it failed; that text). Text written while
+    the port was added successfully goes on to stderr."""
+    try:
+        caught = tempfile.TemporaryFile()
+    except OSError:  # nowhere to put it: grpc's lines go to stderr as they are
+        try:
+            return server.add_insecure_port(address), ""
+        except RuntimeError as e:
+            return 0, str(e)
+    with caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.5x raises where older versions returned 0
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        said = caught.read().decode(errors="replace")
+    if port and said:
+        os.write(2, said.encode())
+    return port, said

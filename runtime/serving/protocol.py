@@ -11,12 +11,17 @@ they know the protocol, not the web framework. What a model accepts:
   (`"classification": K`) as BYTES `[N, K]` of "score:index:label", Triton's exact format.
 
 Errors are `ProtocolError(status, message)`; the status is Triton's HTTP status for the
-case, and `GRPC_CODES` maps it for gRPC.
+case, and `GRPC_CODES` maps it for gRPC. Every part of a request is type-checked where it is
+read; a request may hold at most `max_rows` rows (what the batcher can ever queue), checked
+from its shape before any data is decoded or allocated; values from the request appear in
+messages shortened (`_show`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +43,25 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 40, 8, 4, 3
+
+
+def _show(value) -> str:
+    """A value from the request, for a message: its repr, cut short (a name or a shape may be megabytes)."""
+    return _REPR.repr(value)
+
+
+def request_error(e: Exception) -> ProtocolError:
+    """The last line of defence: an exception nothing foresaw while reading a request is the
+    request's fault, a 400 in one short line (never a 500 or a traceback)."""
+    try:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    except Exception:  # a str() that fails too
+        detail = ""
+    return ProtocolError(BAD_REQUEST, f"malformed request ({type(e).__name__}{': ' + detail if detail else ''})")
 
 
 @dataclass
@@ -88,7 +112,24 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 def _shape(value, what: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                               for v in value):
-        raise ProtocolError(BAD_REQUEST, f"{what}: 'shape' must be a list of non-negative integers, got {value!r}")
+        raise ProtocolError(BAD_REQUEST, f"{what}: 'shape' must be a list of non-negative integers, "
+                                         f"got {_show(value)}")
+    return value
+
+
+def _params(value, what: str) -> dict:
+    """A 'parameters' object (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_REQUEST, f"{what}: 'parameters' must be a JSON object, got {_show(value)}")
+    return value
+
+
+def _flag(params: dict, key: str, what: str) -> bool | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ProtocolError(BAD_REQUEST, f"{what}: {key} must be true or false, got {_show(value)}")
     return value
 
 
@@ -109,6 +150,8 @@ def parse_http_request(body: bytes, header_length: str | None) -> InferRequest:
         doc = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(BAD_REQUEST, f"malformed JSON in the request ({e})") from None
+    except RecursionError:
+        raise ProtocolError(BAD_REQUEST, "the request's JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError(BAD_REQUEST, "the request must be a JSON object")
     inputs_doc = doc.get("inputs")
@@ -118,48 +161,59 @@ def parse_http_request(body: bytes, header_length: str | None) -> InferRequest:
     for i, t in enumerate(inputs_doc):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("datatype"), str):
             raise ProtocolError(BAD_REQUEST, f"inputs[{i}] needs 'name', 'datatype' and 'shape'")
-        params = t.get("parameters") or {}
-        tensor = InputTensor(name=t["name"], datatype=t["datatype"], shape=_shape(t.get("shape"), f"input {t['name']!r}"))
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        what = f"input {_show(t['name'])}"
+        params = _params(t.get("parameters"), what)
+        tensor = InputTensor(name=t["name"], datatype=t["datatype"], shape=_shape(t.get("shape"), what))
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0:
-                raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r}: bad binary_data_size {size!r}")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ProtocolError(BAD_REQUEST, f"{what}: bad binary_data_size {_show(size)}")
             if offset + size > len(rest):
-                raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r}: binary data truncated ({len(rest) - offset}"
+                raise ProtocolError(BAD_REQUEST, f"{what}: binary data truncated ({len(rest) - offset}"
                                                  f" bytes left, binary_data_size says {size})")
             tensor.raw, offset = rest[offset:offset + size], offset + size
         elif "data" in t:
             tensor.data = t["data"]
         else:
-            raise ProtocolError(BAD_REQUEST, f"input {tensor.name!r} has neither 'data' nor binary_data_size")
+            raise ProtocolError(BAD_REQUEST, f"{what} has neither 'data' nor binary_data_size")
         inputs.append(tensor)
     if offset != len(rest):
         raise ProtocolError(BAD_REQUEST, f"{len(rest) - offset} bytes of binary data after the last tensor")
-    params = doc.get("parameters") or {}
-    request = InferRequest(id=str(doc["id"]) if doc.get("id") is not None else None, inputs=inputs,
-                           binary_output=bool(params.get("binary_data_output", False)) if isinstance(params, dict)
-                           else False)
-    for o in doc.get("outputs") or []:
+    request_id = doc.get("id")
+    if request_id is not None and (not isinstance(request_id, (str, int)) or isinstance(request_id, bool)):
+        raise ProtocolError(BAD_REQUEST, f"the request's 'id' must be a string, got {_show(request_id)}")
+    binary_output = _flag(_params(doc.get("parameters"), "the request"), "binary_data_output", "the request")
+    request = InferRequest(id=None if request_id is None else str(request_id), inputs=inputs,
+                           binary_output=bool(binary_output))
+    outputs_doc = doc.get("outputs")
+    if outputs_doc is not None and not isinstance(outputs_doc, list):
+        raise ProtocolError(BAD_REQUEST, f"'outputs' must be a list of {{\"name\": ...}} objects, "
+                                         f"got {_show(outputs_doc)}")
+    for o in outputs_doc or []:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise ProtocolError(BAD_REQUEST, "each requested output needs a 'name'")
-        p = o.get("parameters") or {}
-        request.outputs.append(OutputRequest(name=o["name"], binary=p.get("binary_data"),
-                                             classification=_classification(p.get("classification"), o["name"])))
+        what = f"output {_show(o['name'])}"
+        p = _params(o.get("parameters"), what)
+        request.outputs.append(OutputRequest(name=o["name"], binary=_flag(p, "binary_data", what),
+                                             classification=_classification(p.get("classification"), what)))
     return request
 
 
-def _classification(value, name: str) -> int | None:
+def _classification(value, what: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ProtocolError(BAD_REQUEST, f"output {name!r}: classification must be an integer >= 1, got {value!r}")
+        raise ProtocolError(BAD_REQUEST, f"{what}: classification must be an integer >= 1, got {_show(value)}")
     return value
 
 
-def deserialize_bytes(raw: bytes, what: str) -> list[bytes]:
-    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes."""
+def deserialize_bytes(raw: bytes, what: str, limit: int | None = None) -> list[bytes]:
+    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes; more
+    than `limit` elements is refused as soon as it is seen."""
     out, i = [], 0
     while i < len(raw):
+        if limit is not None and len(out) >= limit:
+            raise ProtocolError(BAD_REQUEST, f"{what}: more than the {limit} BYTES elements its shape says")
         if i + 4 > len(raw):
             raise ProtocolError(BAD_REQUEST, f"{what}: truncated BYTES element length")
         (n,) = struct.unpack_from("<I", raw, i)
@@ -194,68 +248,91 @@ class ModelView:
                 "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.labels)]}]}
 
 
-def to_batch(request: InferRequest, model: ModelView, preprocess) -> np.ndarray:
+def to_batch(request: InferRequest, model: ModelView, preprocess, max_rows: int | None = None) -> np.ndarray:
     """The request's one input as the model's float32 batch; images decoded with `preprocess`
-    (a runtime Preprocessor) when the input is BYTES."""
+    (a runtime Preprocessor) when the input is BYTES. More than `max_rows` rows (N) is refused
+    from the shape alone, before any data is decoded or allocated."""
     if len(request.inputs) != 1:
         raise ProtocolError(BAD_REQUEST, f"the model takes one input, got {len(request.inputs)}")
     t = request.inputs[0]
     for o in request.outputs:
         if o.name != model.output_name:
-            raise ProtocolError(BAD_REQUEST, f"unknown output {o.name!r}; the model has {model.output_name!r}")
+            raise ProtocolError(BAD_REQUEST, f"unknown output {_show(o.name)}; the model has {model.output_name!r}")
     if t.datatype == "BYTES":
-        return _images(t, preprocess)
+        return _images(t, preprocess, max_rows)
+    name = _show(t.name)
     if t.name != model.input_name:
-        raise ProtocolError(BAD_REQUEST, f"unknown input {t.name!r}; the model takes {model.input_name!r} "
+        raise ProtocolError(BAD_REQUEST, f"unknown input {name}; the model takes {model.input_name!r} "
                                          "(FP32 [N, C, H, W], or BYTES [N] of image files)")
     if t.datatype != "FP32":
-        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} must be FP32 (or BYTES images), got {t.datatype}")
+        raise ProtocolError(BAD_REQUEST, f"input {name} must be FP32 (or BYTES images), got {_show(t.datatype)}")
     c, h, w = model.input_shape
     if len(t.shape) != 4 or tuple(t.shape[1:]) != (c, h, w) or t.shape[0] < 1:
-        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} must have shape [N, {c}, {h}, {w}] with N >= 1, "
-                                         f"got {t.shape}")
-    count = int(np.prod(t.shape))
+        raise ProtocolError(BAD_REQUEST, f"input {name} must have shape [N, {c}, {h}, {w}] with N >= 1, "
+                                         f"got {_show(t.shape)}")
+    _check_rows(t, max_rows)
+    count = math.prod(t.shape)  # a Python int: np.prod would wrap around past int64
     if t.raw is not None:
         if len(t.raw) != count * 4:
-            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: {len(t.raw)} bytes of data for shape {t.shape} "
+            raise ProtocolError(BAD_REQUEST, f"input {name}: {len(t.raw)} bytes of data for shape {_show(t.shape)} "
                                              f"(expected {count * 4})")
         x = np.frombuffer(t.raw, dtype="<f4").reshape(t.shape)
     else:
         try:
             with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
                 x = np.asarray(t.data, dtype=np.float32)
+        except OverflowError:  # an integer too large even for a float64
+            raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' holds a number beyond FP32's range") from None
         except (TypeError, ValueError):
-            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: 'data' must be numbers") from None
+            raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' must be numbers") from None
         if x.size != count:
-            raise ProtocolError(BAD_REQUEST, f"input {t.name!r}: {x.size} values for shape {t.shape} "
+            raise ProtocolError(BAD_REQUEST, f"input {name}: {x.size} values for shape {_show(t.shape)} "
                                              f"(expected {count})")
         x = x.reshape(t.shape)
     if not np.isfinite(x).all():
-        raise ProtocolError(BAD_REQUEST, f"input {t.name!r} holds NaN or infinite values")
+        raise ProtocolError(BAD_REQUEST, f"input {name} holds NaN or infinite values")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _images(t: InputTensor, preprocess) -> np.ndarray:
+def _check_rows(t: InputTensor, max_rows: int | None) -> None:
+    """A request the server could never take whole is refused now (400, not a 503 to retry)."""
+    if max_rows is not None and t.shape[0] > max_rows:
+        raise ProtocolError(BAD_REQUEST, f"input {_show(t.name)}: {_show(t.shape[0])} rows is over this server's "
+                                         f"limit of {max_rows} per request (--max-batch x --max-queue); "
+                                         "split the request")
+
+
+def _images(t: InputTensor, preprocess, max_rows: int | None) -> np.ndarray:
+    name = _show(t.name)
     if not (len(t.shape) == 1 or len(t.shape) == 2 and t.shape[1] == 1) or t.shape[0] < 1:
-        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r} must have shape [N] or [N, 1], got {t.shape}")
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {name} must have shape [N] or [N, 1], got {_show(t.shape)}")
+    _check_rows(t, max_rows)
+    n = t.shape[0]
     if t.raw is not None:
-        items = deserialize_bytes(t.raw, f"input {t.name!r}")
+        items = deserialize_bytes(t.raw, f"input {name}", limit=n)
     elif isinstance(t.data, list):
-        flat = t.data if all(not isinstance(d, list) for d in t.data) else [x for row in t.data for x in row]
+        flat = []  # [N] flat, or [N, 1] nested one level
+        for d in t.data:
+            if isinstance(d, list):
+                flat.extend(d)
+            else:
+                flat.append(d)
         if not all(isinstance(d, str) for d in flat):
-            raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: JSON data must be strings")
+            raise ProtocolError(BAD_REQUEST, f"BYTES input {name}: JSON data must be strings")
+        if len(flat) != n:
+            raise ProtocolError(BAD_REQUEST, f"BYTES input {name}: {len(flat)} elements for shape {_show(t.shape)}")
         items = [d.encode("latin-1", errors="replace") for d in flat]
     else:
-        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: 'data' must be a list")
-    if len(items) != t.shape[0]:
-        raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r}: {len(items)} elements for shape {t.shape}")
-    out = np.empty((len(items), *preprocess.input_size), np.float32)
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {name}: 'data' must be a list")
+    if len(items) != n:
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {name}: {len(items)} elements for shape {_show(t.shape)}")
+    out = np.empty((n, *preprocess.input_size), np.float32)
     for i, item in enumerate(items):
         try:
             out[i] = preprocess(item)
         except InputError as e:
             message = str(e).replace("<bytes>: ", "")
-            raise ProtocolError(BAD_REQUEST, f"BYTES input {t.name!r} element {i} is not a usable image: "
+            raise ProtocolError(BAD_REQUEST, f"BYTES input {name} element {i} is not a usable image: "
                                              f"{message}") from None
     return out
 

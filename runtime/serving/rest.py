@@ -1,16 +1,24 @@
-"""The REST front end (Starlette on uvicorn): Triton's HTTP/REST routes for one model."""
+"""The REST front end (Starlette on uvicorn): Triton's HTTP/REST routes for one model.
+
+Every answer to a model route is JSON `{"error": ...}` on failure: anything unforeseen while
+reading a request is a 400 (`request_error`), anything after it a 500, never Starlette's bare
+"Internal Server Error".
+"""
 
 from __future__ import annotations
+
+import logging
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .protocol import (BAD_REQUEST, HEADER_LENGTH, METHOD_NOT_ALLOWED, NOT_FOUND, TOO_LARGE, ProtocolError,
-                       decompress, http_response, parse_http_request)
+from .protocol import (BAD_REQUEST, HEADER_LENGTH, INTERNAL, METHOD_NOT_ALLOWED, NOT_FOUND, TOO_LARGE,
+                       ProtocolError, decompress, http_response, parse_http_request, request_error)
 from .service import ModelService
 
+log = logging.getLogger("crossvit.serve")
 MAX_BODY = 64 * 1024 * 1024  # bytes, after decompression too
 
 
@@ -45,6 +53,9 @@ def create_app(service: ModelService, *, max_body: int = MAX_BODY) -> Starlette:
                 return await handler(request)
             except ProtocolError as e:
                 return _error(e.status, e.message)
+            except Exception as e:  # a fault of ours, after the request was read: 500, in JSON
+                log.warning("%s %s failed", request.method, request.url.path, exc_info=True)
+                return _error(INTERNAL, f"internal error: {type(e).__name__}: {str(e)[:200]}")
         return endpoint
 
     async def live(request: Request) -> Response:
@@ -67,8 +78,14 @@ def create_app(service: ModelService, *, max_body: int = MAX_BODY) -> Starlette:
 
     async def infer(request: Request) -> Response:
         try:
-            body = decompress(await _body(request, max_body), request.headers.get("content-encoding"), max_body)
-            parsed = parse_http_request(body, request.headers.get(HEADER_LENGTH))
+            try:
+                body = decompress(await _body(request, max_body), request.headers.get("content-encoding"), max_body)
+                parsed = parse_http_request(body, request.headers.get(HEADER_LENGTH))
+            except ProtocolError:
+                raise
+            except Exception as e:  # the last line of defence: reading a request never ends in a 500
+                log.debug("unforeseen error reading a request", exc_info=True)
+                raise request_error(e) from None
         except ProtocolError as e:
             service.stats.request("http", 0, ok=False, reason="bad_request" if e.status == BAD_REQUEST
                                   else "too_large")

@@ -7,19 +7,21 @@ The hooks, as LitServe or Triton's Python backend would name them: `decode` (pro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
 
 from crossvit import __version__
 
-from .batcher import BackendFailed, Batcher, QueueFull
+from .batcher import BackendFailed, Batcher, QueueFull, TooManyRows
 from .protocol import (BAD_REQUEST, INTERNAL, NOT_FOUND, UNAVAILABLE, InferRequest, ModelView, ProtocolError,
-                       to_batch)
+                       request_error, to_batch)
 from .stats import Stats
 
 EXTENSIONS = ["classification", "binary_tensor_data", "statistics", "model_configuration"]
 SERVER_NAME = "crossvit"
+log = logging.getLogger("crossvit.serve")
 
 
 class ModelService:
@@ -68,15 +70,13 @@ class ModelService:
         try:
             if not self.ready:
                 raise ProtocolError(UNAVAILABLE, "the server is not ready (starting or shutting down)")
-            if request.inputs and request.inputs[0].datatype == "BYTES":  # decoding images is CPU work
-                x = await asyncio.get_running_loop().run_in_executor(
-                    None, to_batch, request, self.view, self.session.preprocessor)
-            else:
-                x = to_batch(request, self.view, self.session.preprocessor)
+            x = await self.decode(request)
             try:
                 logits = await self.batcher.infer(x)
             except QueueFull as e:
                 raise ProtocolError(UNAVAILABLE, str(e)) from None
+            except TooManyRows as e:
+                raise ProtocolError(BAD_REQUEST, str(e)) from None
             except BackendFailed as e:
                 raise ProtocolError(INTERNAL, str(e)) from None
             if not np.isfinite(logits).all():
@@ -86,8 +86,25 @@ class ModelService:
             reason = {BAD_REQUEST: "bad_request", UNAVAILABLE: "unavailable", INTERNAL: "backend",
                       NOT_FOUND: "not_found"}.get(e.status, str(e.status))
             raise
+        except Exception:  # a fault of ours: the front end answers 500 / INTERNAL
+            reason = "internal"
+            raise
         finally:
             self.stats.request(protocol, time.perf_counter_ns() - start, ok=reason is None, reason=reason)
+
+    async def decode(self, request: InferRequest) -> np.ndarray:
+        """The request's float32 batch (at most the batcher's max_rows rows, checked before any
+        decoding); anything unforeseen while reading the request is a 400, never a 500."""
+        try:
+            if request.inputs and request.inputs[0].datatype == "BYTES":  # decoding images is CPU work
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, to_batch, request, self.view, self.session.preprocessor, self.batcher.max_rows)
+            return to_batch(request, self.view, self.session.preprocessor, self.batcher.max_rows)
+        except ProtocolError:
+            raise
+        except Exception as e:
+            log.debug("unforeseen error reading a request", exc_info=True)
+            raise request_error(e) from None
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, answer the ones accepted, stop the worker."""
