@@ -483,6 +483,26 @@ def test_bytes_requests_over_the_row_limit_are_refused_before_decoding(small_que
     assert server.infer("crossvit_digits", [ok]).as_numpy("logits").shape == (8, 10) and len(calls) == 8
 
 
+def test_bytes_requests_that_would_decode_past_the_memory_limit_are_413_before_decoding(small_queue, monkeypatch):
+    """Under the row limit but over the decoded-size limit (here lowered to 5 images of the
+    digits model's 3 x 32 x 32 float32): refused whole before anything is decoded; 5 still work."""
+    from crossvit.runtime.serving import protocol
+
+    monkeypatch.setattr(protocol, "MAX_DECODED_BYTES", 5 * 3 * 32 * 32 * 4)
+    data = np.array([b"P5 1 1 255\n\x00"] * 6, dtype=np.object_)
+    for client, address in ((httpclient, small_queue.http), (grpcclient, small_queue.grpc)):
+        server = client.InferenceServerClient(address)
+        inp = client.InferInput("images", [6], "BYTES")
+        inp.set_data_from_numpy(data)
+        with pytest.raises(InferenceServerException) as e:
+            server.infer("crossvit_digits", [inp])
+        assert "over the 0 MiB per request" in e.value.message()
+        assert e.value.status() in ("413", "StatusCode.RESOURCE_EXHAUSTED")
+        ok = client.InferInput("images", [5], "BYTES")
+        ok.set_data_from_numpy(data[:5])
+        assert server.infer("crossvit_digits", [ok]).as_numpy("logits").shape == (5, 10)
+
+
 # -- a slow or failing backend ------------------------------------------------------------------
 
 class _Slow:

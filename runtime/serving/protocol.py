@@ -294,6 +294,11 @@ def to_batch(request: InferRequest, model: ModelView, preprocess, max_rows: int 
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+# A BYTES request's images become one float32 batch: a small body of small images must not become
+# gigabytes (a 240-px CrossViT input is 675 KiB per image: 388 images per request at this limit).
+MAX_DECODED_BYTES = 256 << 20
+
+
 def _check_rows(t: InputTensor, max_rows: int | None) -> None:
     """A request the server could never take whole is refused now (400, not a 503 to retry)."""
     if max_rows is not None and t.shape[0] > max_rows:
@@ -308,6 +313,10 @@ def _images(t: InputTensor, preprocess, max_rows: int | None) -> np.ndarray:
         raise ProtocolError(BAD_REQUEST, f"BYTES input {name} must have shape [N] or [N, 1], got {_show(t.shape)}")
     _check_rows(t, max_rows)
     n = t.shape[0]
+    decoded = n * 4 * math.prod(preprocess.input_size)  # the float32 batch the images become
+    if decoded > MAX_DECODED_BYTES:
+        raise ProtocolError(TOO_LARGE, f"BYTES input {name}: {n} images decode to {decoded / 2**20:.0f} MiB of "
+                                       f"float32, over the {MAX_DECODED_BYTES >> 20} MiB per request; split the request")
     if t.raw is not None:
         items = deserialize_bytes(t.raw, f"input {name}", limit=n)
     elif isinstance(t.data, list):
