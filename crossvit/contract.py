@@ -202,13 +202,19 @@ def encode_metadata(meta: dict) -> str:
 
 def decode_metadata(text: str | bytes, fmt: str, where: str,
                     error: type[CrossViTError] = ArtifactError) -> dict:
-    """Parse metadata of format `fmt`; refuse other formats and newer versions with one line."""
+    """Parse metadata of format `fmt`; refuse other formats, newer versions, non-finite numbers
+    (NaN, Infinity, 1e400: `encode_metadata` never writes them), absurd nesting and values of
+    the wrong type with one line."""
     try:
-        meta = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{where}: crossvit metadata is not valid JSON ({e})") from None
+        meta = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise error(f"{where}: crossvit metadata is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error(f"{where}: crossvit metadata is not valid JSON ({first_line(e)})") from None
     if not isinstance(meta, dict):
         raise error(f"{where}: crossvit metadata is not a JSON object")
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise error(f"{where}: crossvit metadata is invalid (nested more than {MAX_METADATA_DEPTH} levels deep)")
     if meta.get("format") != fmt:
         found = meta.get("format")
         raise error(f"{where}: crossvit metadata has format {found!r}, expected {fmt!r}")
@@ -218,7 +224,117 @@ def decode_metadata(text: str | bytes, fmt: str, where: str,
     if version > FORMAT_VERSION:
         raise error(f"{where} was written by a newer crossvit (format version {version}; this one "
                     f"reads up to {FORMAT_VERSION}): upgrade crossvit")
+    problem = _metadata_type_problem(meta, fmt)
+    if problem:
+        raise error(f"{where}: crossvit metadata is invalid: {problem}")
     return meta
+
+
+MAX_METADATA_DEPTH = 32  # ours is 4 levels deep; deeper is corrupt or hostile
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
+
+
+def _depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_METADATA_DEPTH:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _metadata_type_problem(meta: dict, fmt: str) -> str | None:
+    """What in `meta` has the wrong JSON type (objects where objects are meant, integers where
+    integers are meant), or None. Missing required keys are left to the readers, which say
+    "incomplete"; optional ones may also be null."""
+
+    def want(value, where: str, types: tuple, what: str, optional: bool = False) -> str | None:
+        if optional and value is None:
+            return None
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        return None if ok else f"{where} must be {what}, got {_kind(value)}"
+
+    def model_problem(m, at: str) -> str | None:
+        if not isinstance(m, dict):
+            return f"{at or 'it'} must be an object, got {_kind(m)}"
+        prefix = f"{at}." if at else ""
+        checks = [("architecture", (str,), "a string", False), ("name", (str,), "a string", True),
+                  ("config", (dict,), "an object", False), ("labels", (list,), "a list", False),
+                  ("preprocessing", (dict,), "an object", False), ("provenance", (dict,), "an object", True)]
+        for key, types, what, optional in checks:
+            if key in m:
+                p = want(m[key], prefix + key, types, what, optional)
+                if p:
+                    return p
+        for i, label in enumerate(m.get("labels") or []):
+            if not isinstance(label, (str, int)) or isinstance(label, bool):
+                return f"{prefix}labels[{i}] must be a string, got {_kind(label)}"
+        return None
+
+    if fmt == CHECKPOINT_FORMAT:
+        return model_problem(meta, "")
+    checks = [("model", (dict,), "an object", False), ("precision", (str,), "a string", False),
+              ("batch", (dict,), "an object", False), ("inputs", (list,), "a list", False),
+              ("outputs", (list,), "a list", False), ("engine_io", (list,), "a list", True),
+              ("source", (dict,), "an object", True), ("exporter", (dict,), "an object", True),
+              ("tensorrt", (dict,), "an object", True), ("device", (dict,), "an object", True),
+              ("builder", (dict,), "an object", True)]
+    for key, types, what, optional in checks:
+        if key in meta:
+            p = want(meta[key], key, types, what, optional)
+            if p:
+                return p
+    if "model" in meta:
+        p = model_problem(meta["model"], "model")
+        if p:
+            return p
+    for key in ("min", "opt", "max"):
+        if key in meta.get("batch", {}):
+            p = want(meta["batch"][key], f"batch.{key}", (int,), "an integer", key == "opt")
+            if p:
+                return p
+    for group in ("inputs", "outputs", "engine_io"):
+        for i, t in enumerate(meta.get(group) or []):
+            at = f"{group}[{i}]"
+            if not isinstance(t, dict):
+                return f"{at} must be an object, got {_kind(t)}"
+            for key, types, what in (("name", (str,), "a string"), ("dtype", (str,), "a string"),
+                                     ("shape", (list,), "a list")):
+                if key in t:
+                    p = want(t[key], f"{at}.{key}", types, what)
+                    if p:
+                        return p
+            for j, d in enumerate(t.get("shape") or []):
+                if not isinstance(d, (int, str)) or isinstance(d, bool):
+                    return f"{at}.shape[{j}] must be an integer or a name, got {_kind(d)}"
+    for key in ("onnx", "name", "sha256"):
+        if key in (meta.get("source") or {}):
+            p = want(meta["source"][key], f"source.{key}", (str,), "a string", True)
+            if p:
+                return p
+    cc = (meta.get("device") or {}).get("compute_capability")
+    if cc is not None and (not isinstance(cc, list) or len(cc) < 2
+                           or not all(isinstance(v, int) and not isinstance(v, bool) for v in cc)):
+        return f"device.compute_capability must be a list of two integers, got {cc!r}"
+    return None
 
 
 def _finite(obj):

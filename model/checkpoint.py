@@ -184,8 +184,8 @@ def _unwrap(obj, path: Path) -> dict:
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: not a state dict (found a {type(obj).__name__})")
         key = next((k for k in NESTED_KEYS if k in obj and isinstance(obj[k], dict)), None)
-        if key is None:
-            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if key is None:  # tensor names are strings: {1: tensor} is not a state dict
+            tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
             if tensors and len(tensors) >= len(obj) // 2:
                 return tensors  # a state dict with a few non-tensor extras (e.g. a version int)
             keys = ", ".join(map(str, list(obj)[:6]))
@@ -214,7 +214,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
 
 def strip_prefixes(state_dict: dict) -> dict:
     for prefix in STRIP_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
+        if state_dict and all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
@@ -296,8 +296,10 @@ def _read_config_file(path: str | Path) -> dict:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON config ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a JSON config (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, a number too long
+        raise ConfigError(f"{path}: not a JSON config ({first_line(e)})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a config must be a JSON object")
     return d
@@ -371,4 +373,7 @@ def load_checkpoint(path: str | Path, *, name: str | None = None, config: dict |
         info.preprocessing = validate_preprocessing(info.preprocessing)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if tuple(info.preprocessing["input_size"]) != tuple(model.input_shape):  # it would fail in forward
+        raise CheckpointError(f"{path}: its preprocessing input_size {info.preprocessing['input_size']} does "
+                              f"not fit the model, which takes {list(model.input_shape)} (C, H, W)")
     return LoadedModel(model=model.eval(), info=info, source=path, sha256=sha256_file(path))

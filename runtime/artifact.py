@@ -42,19 +42,45 @@ class ArtifactInfo:
 
     @classmethod
     def from_metadata(cls, path: Path, kind: str, meta: dict) -> "ArtifactInfo":
+        """Metadata as `decode_metadata` returns it (JSON types already checked), or a dict built
+        in code: anything missing or of the wrong type is an ArtifactError naming `path`."""
+        def integer(value, what: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{what} must be an integer, got {value!r}")
+            return value
+
+        def mapping(value, what: str, optional: bool = False) -> dict:
+            if optional and value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise TypeError(f"{what} must be an object, got {type(value).__name__}")
+            return value
+
         try:
-            model = meta["model"]
-            inp, out = meta["inputs"][0], meta["outputs"][0]
-            c, h, w = (int(v) for v in inp["shape"][1:])
+            if not isinstance(meta, dict):
+                raise TypeError(f"metadata must be an object, got {type(meta).__name__}")
+            model = mapping(meta["model"], "model")
+            mapping(model.get("provenance"), "model.provenance", optional=True)
+            for key in ("source", "exporter", "tensorrt", "device"):
+                mapping(meta.get(key), key, optional=True)
+            inp, out = mapping(meta["inputs"][0], "inputs[0]"), mapping(meta["outputs"][0], "outputs[0]")
+            batch = mapping(meta["batch"], "batch")
+            shape = inp["shape"]
+            if not isinstance(shape, list) or len(shape) != 4:
+                raise ValueError(f"inputs[0].shape must be [batch, C, H, W], got {shape!r}")
+            c, h, w = (integer(v, "inputs[0].shape") for v in shape[1:])
+            labels = model["labels"]
+            if not isinstance(labels, list):
+                raise TypeError(f"model.labels must be a list, got {type(labels).__name__}")
             info = cls(path=path, kind=kind, precision=str(meta["precision"]),
-                       batch_min=int(meta["batch"]["min"]), batch_max=int(meta["batch"]["max"]),
+                       batch_min=integer(batch["min"], "batch.min"), batch_max=integer(batch["max"], "batch.max"),
                        input_name=str(inp["name"]), input_shape=(c, h, w), output_name=str(out["name"]),
-                       labels=tuple(str(x) for x in model["labels"]),
+                       labels=tuple(str(x) for x in labels),
                        preprocessing=validate_preprocessing(model["preprocessing"]), model=model, raw=meta)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise ArtifactError(f"{path}: crossvit metadata is incomplete ({type(e).__name__}: {e})") from None
         except ConfigError as e:
             raise ArtifactError(f"{path}: crossvit metadata: {e}") from None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ArtifactError(f"{path}: crossvit metadata is incomplete ({type(e).__name__}: {e})") from None
         problems = []
         if not 1 <= info.batch_min <= info.batch_max <= MAX_BATCH:
             problems.append(f"batch range {info.batch_min}..{info.batch_max} is not within 1..{MAX_BATCH}")

@@ -135,7 +135,7 @@ class Session:
         x = self.validate(batch)
         n, lo, hi = x.shape[0], self.info.batch_min, self.info.batch_max
         if lo <= n <= hi:
-            return self._run(x)
+            return self._checked_run(x)
         outs = []
         for start in range(0, n, hi):
             chunk = x[start:start + hi]
@@ -143,8 +143,20 @@ class Session:
             if k < lo:  # pad up to the artifact's minimum batch, then drop the padding
                 pad = np.zeros((lo - k, *chunk.shape[1:]), dtype=np.float32)
                 chunk = np.concatenate([chunk, pad])
-            outs.append(self._run(np.ascontiguousarray(chunk))[:k])
+            outs.append(self._checked_run(np.ascontiguousarray(chunk))[:k])
         return np.concatenate(outs)
+
+    def _checked_run(self, x: np.ndarray) -> np.ndarray:
+        """`_run`, and its logits checked against the metadata: (N, num_classes). A graph whose
+        output dims are symbolic passes the load-time check whatever it computes; more columns
+        than labels would index past them, fewer would be labelled wrongly."""
+        logits = self._run(x)
+        want = (x.shape[0], self.info.num_classes)
+        shape = tuple(getattr(logits, "shape", ()))
+        if shape != want:
+            raise ArtifactError(f"{self.info.path}: the model gave logits of shape {shape}, expected "
+                                f"{want} (batch, classes): its metadata has {want[1]} labels")
+        return logits
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -354,8 +366,14 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
 def _fallback_onnx(plan: Path) -> Path | None:
     """The ONNX an engine was built from, when it is beside the plan and unchanged since."""
     from crossvit.contract import sha256_file
+    from crossvit.errors import CrossViTError
 
-    source = read_artifact(plan).raw.get("source") or {}
+    try:
+        source = read_artifact(plan).raw.get("source") or {}
+    except CrossViTError:  # the plan's own error is the one to report
+        return None
+    if not isinstance(source, dict) or not isinstance(source.get("onnx"), str):
+        return None
     onnx = plan.parent / str(source.get("onnx") or "")
     if not source.get("onnx") or not onnx.is_file():
         return None
@@ -389,10 +407,10 @@ def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
             if not isinstance(gate, dict) or gate.get("verdict") != "pass":
                 continue
             info = read_artifact(candidate)
-        except (CrossViTError, OSError, ValueError):
+        except (CrossViTError, OSError, ValueError, RecursionError):  # a broken candidate is skipped
             continue
         source = info.raw.get("source") or {}
-        if info.precision != name or source.get("onnx") != onnx.name:
+        if not isinstance(source, dict) or info.precision != name or source.get("onnx") != onnx.name:
             continue
         source_sha = source_sha or sha256_file(onnx)
         if source.get("sha256") == source_sha and gate.get("artifact_sha256") == sha256_file(candidate):

@@ -266,6 +266,149 @@ def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_err
     one_line_error(proc, words)
 
 
+def _rewrite_metadata_text(src: Path, dst: Path, edit) -> Path:
+    """Like `_rewrite_metadata`, but `edit(text) -> text` on the raw JSON (to write what
+    `encode_metadata` refuses: Infinity, 1e400, absurd nesting)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = edit(p.value)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name, edit, words", [
+    ("Infinity", lambda t: t.replace('"max":4', '"max":Infinity'), "Infinity is not a JSON number"),
+    ("1e400", lambda t: t.replace('"max":4', '"max":1e400'), "1e400 is out of range"),
+    ("float batch", lambda t: t.replace('"max":4', '"max":4.0'), "batch.max must be an integer"),
+    ("provenance list", lambda t: json.dumps({**json.loads(t), "model": {**json.loads(t)["model"], "provenance": [1]}}),
+     "model.provenance must be an object"),
+    ("source string", lambda t: json.dumps({**json.loads(t), "source": "abc"}), "source must be an object"),
+    ("model list", lambda t: json.dumps({**json.loads(t), "model": [1]}), "model must be an object"),
+    ("labels string", lambda t: json.dumps({**json.loads(t), "model": {**json.loads(t)["model"], "labels": "abc"}}),
+     "model.labels must be a list"),
+    ("deep nesting", lambda t: _DEEP, "nested too deeply"),
+    ("deep exporter", lambda t: json.dumps({**json.loads(t), "exporter": json.loads("[" * 500 + "]" * 500)}),
+     "nested more than"),
+])
+def test_metadata_of_the_wrong_types_is_refused_in_one_line(tiny, tmp_path, name, edit, words):
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.session import open_session
+
+    bad = _rewrite_metadata_text(tiny[1], tmp_path / "typed.onnx", edit)
+    with pytest.raises(ArtifactError, match=f"typed.onnx: crossvit metadata .*{words}"):
+        read_artifact(bad)
+    with pytest.raises(ArtifactError, match=words):
+        open_session(bad)
+
+
+@pytest.mark.parametrize("command", ["info", "check"])
+def test_metadata_of_the_wrong_types_is_one_line_from_the_cli(tiny, tmp_path, cli, one_line_error, command):
+    bad = _rewrite_metadata_text(tiny[1], tmp_path / "src.onnx",
+                                 lambda t: json.dumps({**json.loads(t), "source": "abc"}))
+    one_line_error(cli(command, bad), "src.onnx: crossvit metadata is invalid: source must be an object")
+
+
+def _engine_manifest_beside(tiny_onnx: Path, plan: Path, change) -> Path:
+    """A fake engine `plan` (not runnable) with a manifest made from the ONNX's metadata."""
+    import onnx
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}[METADATA_KEY])
+    meta["format"] = "crossvit-engine"
+    text = change(meta)
+    plan.write_bytes(b"not an engine")
+    plan.with_name(plan.name + ".json").write_text(text if isinstance(text, str) else json.dumps(meta))
+    return plan
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.update(source="abc"), "source must be an object"),
+    (lambda m: _DEEP, "nested too deeply"),
+    (lambda m: m.update(device={"compute_capability": "8.0"}), "device.compute_capability"),
+])
+def test_an_engine_manifest_of_the_wrong_types_is_refused(tiny, tmp_path, change, words):
+    from crossvit.runtime.session import open_session
+
+    plan = _engine_manifest_beside(tiny[1], tmp_path / "m.plan", change)
+    with pytest.raises(ArtifactError, match=f"m.plan.json: crossvit metadata .*{words}"):
+        open_session(plan)  # the engine path and the ONNX fallback both read the manifest
+
+
+def test_a_broken_cpu_variant_beside_a_good_onnx_is_skipped(tiny, tmp_path):
+    import shutil
+
+    from crossvit.runtime.session import gated_cpu_variant, open_session
+
+    good = shutil.copy(tiny[1], tmp_path / "m.onnx")
+    variant = _rewrite_metadata_text(tiny[1], tmp_path / "m.int8-cpu.onnx", lambda t: json.dumps(
+        {**json.loads(t), "precision": "int8-cpu", "source": "abc"}))
+    (tmp_path / "m.int8-cpu.parity.json").write_text(json.dumps({"verdict": "pass"}))
+    assert variant.is_file() and gated_cpu_variant(Path(good)) is None
+    with open_session(good, device="cpu") as s:
+        assert s.chosen is None and s.info.path == Path(good)
+    (tmp_path / "m.int8-cpu.parity.json").write_text(_DEEP)  # a hostile report is skipped too
+    assert gated_cpu_variant(Path(good)) is None
+
+
+def test_a_deeply_nested_config_file_is_refused(tmp_path):
+    from crossvit.model import load_checkpoint
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "f.pth")
+    (tmp_path / "deep.json").write_text(_DEEP)
+    with pytest.raises(ConfigError, match="deep.json: not a JSON config .nested too deeply"):
+        load_checkpoint(tmp_path / "f.pth", config=tmp_path / "deep.json")
+
+
+@pytest.mark.parametrize("labels", [["a", "b"], ["a", "b", "c", "d"]], ids=["more columns", "fewer columns"])
+def test_logits_that_do_not_match_the_labels_are_refused_at_run_time(tiny, tmp_path, labels):
+    """The graph's class dim made symbolic passes the load-time check; its 3 columns must still
+    not be labelled with 2 or 4 labels (an IndexError, or silently wrong probabilities)."""
+    import onnx
+
+    from crossvit.runtime.session import open_session
+
+    proto = onnx.load(str(tiny[1]))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "classes"
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    meta["model"]["labels"] = labels
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = encode_metadata(meta)
+    bad = tmp_path / "classes.onnx"
+    onnx.save(proto, str(bad))
+    img = _image(tmp_path / "x.png")
+    with open_session(bad, exact=True) as s:
+        with pytest.raises(ArtifactError, match=rf"classes.onnx: the model gave logits of shape \(1, 3\), "
+                                                rf"expected \(1, {len(labels)}\)"):
+            s.predict(img)
+        with pytest.raises(ArtifactError, match="logits of shape"):
+            s.infer(np.zeros((6, 3, 32, 32), np.float32))  # split into chunks of the batch max, 4
+
+
+def test_logits_mismatch_is_one_line_from_the_cli(tiny, tmp_path, cli, one_line_error):
+    import onnx
+
+    proto = onnx.load(str(tiny[1]))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "classes"
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    meta["model"]["labels"] = ["a", "b"]
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = encode_metadata(meta)
+    onnx.save(proto, str(tmp_path / "more.onnx"))
+    one_line_error(cli("predict", tmp_path / "more.onnx", _image(tmp_path / "x.png"), "--exact"),
+                   "the model gave logits of shape (1, 3)")
+
+
 def test_checkpoint_from_a_newer_format_asks_for_an_upgrade(tiny, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -382,6 +525,26 @@ def test_legacy_pickle_refusal_prints_no_torch_warning(tmp_path, cli, one_line_e
     proc = cli("info", tmp_path / "obj.pth", "--model", "crossvit_digits")
     one_line_error(proc, "refused")
     assert "Warning" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("obj", [{1: torch.zeros(2)}, {"model": {1: torch.zeros(2), 2: torch.ones(2)}}],
+                         ids=["top level", "nested"])
+def test_a_state_dict_with_keys_that_are_not_names_is_refused(tmp_path, obj):
+    from crossvit.model import load_checkpoint
+
+    torch.save(obj, tmp_path / "intkey.pth")
+    with pytest.raises(CheckpointError, match="intkey.pth: no state dict found"):
+        load_checkpoint(tmp_path / "intkey.pth", name="crossvit_digits")
+
+
+def test_a_checkpoint_whose_preprocessing_does_not_fit_its_model_is_refused(tmp_path):
+    from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
+
+    ckpt = save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 3}), tmp_path / "pp.safetensors",
+                           labels=["a", "b", "c"], preprocessing={"input_size": [3, 64, 64]})
+    with pytest.raises(CheckpointError, match=r"pp.safetensors: its preprocessing input_size \[3, 64, 64\] "
+                                              r"does not fit the model, which takes \[3, 32, 32\]"):
+        load_checkpoint(ckpt)
 
 
 def test_wrong_model_name_for_a_foreign_checkpoint_names_the_one_that_fits(tmp_path):
