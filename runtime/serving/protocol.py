@@ -280,7 +280,11 @@ def to_batch(request: InferRequest, model: ModelView, preprocess, max_rows: int 
     else:
         try:
             with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-                x = np.asarray(t.data, dtype=np.float32)
+                probe = np.asarray(t.data)  # numpy would read "1.5" or true as a number: Triton does not
+                if probe.dtype.kind in "bUS":
+                    raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' must be JSON numbers, not strings "
+                                                     "or booleans")
+                x = probe.astype(np.float32) if probe.dtype.kind in "iuf" else np.asarray(t.data, dtype=np.float32)
         except OverflowError:  # an integer too large even for a float64
             raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' holds a number beyond FP32's range") from None
         except (TypeError, ValueError):
