@@ -344,7 +344,7 @@ _HUGE_SHAPES = [[2 ** 62, 3, 32, 32], [2 ** 54 + 1, 3, 32, 32]]  # element count
     (json.dumps({"id": {"a": [1]}, "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                                 "data": _ZEROS}]}).encode(), {}, "'id' must be a string"),
     *[(json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                               "data": data}]}).encode(), {}, "must be JSON numbers")
+                               "data": data}]}).encode(), {}, "must be numbers, not strings")
       for data in (["1.5"] + _ZEROS[1:], [True] * 3072)],  # numpy would take both as numbers
     (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], 5]}]}).encode(),
      {}, "JSON data must be strings"),

@@ -282,7 +282,7 @@ def to_batch(request: InferRequest, model: ModelView, preprocess, max_rows: int 
             with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
                 probe = np.asarray(t.data)  # numpy would read "1.5" or true as a number: Triton does not
                 if probe.dtype.kind in "bUS":
-                    raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' must be JSON numbers, not strings "
+                    raise ProtocolError(BAD_REQUEST, f"input {name}: 'data' must be numbers, not strings "
                                                      "or booleans")
                 x = probe.astype(np.float32) if probe.dtype.kind in "iuf" else np.asarray(t.data, dtype=np.float32)
         except OverflowError:  # an integer too large even for a float64
