@@ -76,14 +76,19 @@ class Thresholds:
             if value is None:
                 continue
             if not math.isfinite(value):  # NaN compares false with everything: it would switch the gate off
-                raise UsageError(f"--{name.replace('_', '-')} {value}: a threshold must be a finite number")
+                raise UsageError(f"{_flag(name)} {value}: a threshold must be a finite number")
             default = getattr(self, name)
             looser = default is not None and (value < default if name == "top1_agreement" else value > default)
             if looser:
-                raise UsageError(f"--{name.replace('_', '-')} {value} is looser than the {default} "
+                raise UsageError(f"{_flag(name)} {value} is looser than the {default} "
                                   "default for this precision; thresholds may only be tightened")
             changes[name] = value
         return replace(self, **changes)
+
+
+def _flag(limit: str) -> str:
+    """The command-line option that sets a threshold (`crossvit check`)."""
+    return {"top1_agreement": "--min-top1"}.get(limit, "--" + limit.replace("_", "-"))
 
 
 @dataclass(frozen=True)

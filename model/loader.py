@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from crossvit import __version__
-from crossvit.errors import ConfigError
+from crossvit.errors import ConfigError, UsageError
 
 from .checkpoint import LoadedModel, ModelInfo, load_checkpoint
 from .registry import build_model, get_spec, resolve_labels, weights_path
@@ -26,6 +26,9 @@ def load_model(checkpoint: str | Path | None = None, *, name: str | None = None,
     """
     if checkpoint is not None:
         return load_checkpoint(checkpoint, name=name, config=config, overrides=overrides)
+    if config is not None:  # it would be silently ignored below
+        raise UsageError("--config describes a foreign checkpoint's constructor arguments: give that checkpoint "
+                         "too (a registered --model NAME needs none)")
     if name is None:
         raise ConfigError("give a checkpoint or a model name")
     spec = get_spec(name)

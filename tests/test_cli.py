@@ -54,6 +54,13 @@ def test_checkpoint_errors_are_one_line_with_nonzero_exit(tmp_path, args, words,
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_a_config_without_its_checkpoint_is_a_usage_error_not_ignored(tmp_path, cli, one_line_error):
+    (tmp_path / "cfg.json").write_text(json.dumps({"image_size": 64}))
+    proc = cli("export", "--model", "crossvit_digits", "--config", tmp_path / "cfg.json", "-o", tmp_path / "x.onnx")
+    one_line_error(proc, "give that checkpoint too", code=2)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_no_subcommand_prints_help(cli):
     proc = cli()
     assert proc.returncode == 0 and "deploy" in proc.stdout

@@ -113,7 +113,8 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     loose = check(onnx_path, "--reference", ckpt, "--max-abs", "0.5")
     one_line_error(loose, "looser", code=2)  # a usage error, as argparse's
     nan = check(corrupted, "--reference", ckpt, "--batch-sizes", "2", "--max-abs", "nan", "--min-top1", "nan")
-    one_line_error(nan, "finite", code=2)  # NaN would have passed the corrupted file
+    one_line_error(nan, "--max-abs nan: a threshold must be a finite number", code=2)  # NaN would pass it
+    one_line_error(check(onnx_path, "--reference", ckpt, "--min-top1", "0.5"), "--min-top1 0.5 is looser", code=2)
 
 
 @pytest.mark.parametrize("args, words", [

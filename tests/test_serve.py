@@ -393,6 +393,26 @@ def test_malformed_grpc_shapes_are_invalid_argument(server, shape, raw, fp32):
     assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
 
 
+def test_grpc_classification_must_be_an_integer_parameter(server):
+    """A string "3" used to read as 0 ("must be >= 1, got 0"); an int64 3 is the top 3."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def ask(set_param):
+        request = service_pb2.ModelInferRequest(model_name="crossvit_digits")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+        request.raw_input_contents.append(np.zeros((1, 3, 32, 32), np.float32).tobytes())
+        set_param(request.outputs.add(name="logits").parameters["classification"])
+        with grpc.insecure_channel(server.grpc) as channel:
+            return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+
+    with pytest.raises(grpc.RpcError) as e:
+        ask(lambda p: setattr(p, "string_param", "3"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be an integer" in e.value.details()
+    reply = ask(lambda p: setattr(p, "int64_param", 3))
+    assert reply.outputs[0].datatype == "BYTES" and list(reply.outputs[0].shape) == [1, 3]
+
+
 def test_unforeseen_errors_reading_a_request_are_400_and_after_it_500(server, monkeypatch):
     """The last line of defence: whatever escapes the checks while a request is read is the
     request's fault (400 / INVALID_ARGUMENT); a fault after that is a 500 / INTERNAL in the

@@ -46,7 +46,14 @@ def _request(msg: service_pb2.ModelInferRequest) -> InferRequest:
         inputs.append(tensor)
     outputs = []
     for o in msg.outputs:
-        k = o.parameters["classification"].int64_param if "classification" in o.parameters else None
+        k = None
+        if "classification" in o.parameters:
+            param = o.parameters["classification"]
+            kind = param.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):  # a string "3" would read as 0
+                raise ProtocolError(BAD_REQUEST, f"output {o.name!r}: classification must be an integer, "
+                                                 f"got a {kind or 'missing value'}")
+            k = getattr(param, kind)
         if k is not None and k < 1:
             raise ProtocolError(BAD_REQUEST, f"output {o.name!r}: classification must be >= 1, got {k}")
         outputs.append(OutputRequest(name=o.name, binary=True, classification=k))
