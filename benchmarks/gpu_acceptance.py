@@ -9,9 +9,9 @@ Checks, each printed as PASS/FAIL/SKIP, exit code 1 if any fails:
 3. `crossvit bench`'s GPU rows (`benchmarks/suite.py`, the same code): PyTorch eager fp32 (TF32
    off), fp16/bf16 autocast, a CUDA graph of the fp16 model and `torch.compile` at batch 1, 8,
    64 and 256, for the model, crossvit_15_240 and crossvit_18_dagger_408, written to DIR as
-   bench_cuda.json, bench_cuda.csv and one PNG per model. Results are saved after each model, and
-   models (or their torch.compile rows) that would not fit in what is left of --budget-seconds
-   are skipped and said so;
+   bench_cuda.json, bench_cuda.csv and one PNG per model. Results are saved after each batch
+   size, and models, batch sizes or torch.compile rows that would not fit in what is left of
+   --budget-seconds are skipped and said so (in the output and the result's notes);
 4. where TensorRT is installed: fp32/fp16/int8 engines of the model and of crossvit_15_240
    (`crossvit build`'s code), each gated against PyTorch and timed at batch 1, 8 and 64,
    written to DIR/tensorrt.json. Without TensorRT this step is reported as SKIP with the reason.
