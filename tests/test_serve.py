@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -647,6 +648,33 @@ def test_shutdown_answers_the_requests_in_flight_then_refuses(onnx_path):
     for t in threads:
         t.join(30)
     assert codes == [200] * 4
+
+
+def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monkeypatch):
+    """SIGTERM while a BYTES request's images were being decoded used to stop the batcher under it:
+    its answer never came and the server never exited. Now it is answered, then the server stops."""
+    s = Running(onnx_path)
+    real = s.server.session.preprocessor
+
+    class Slow:
+        input_size = real.input_size
+
+        def __call__(self, data):
+            time.sleep(0.15)
+            return real(data)
+
+    monkeypatch.setattr(s.server.session, "_preprocessor", Slow())
+    png = (Path(__file__).parent.parent / "crossvit" / "assets" / "heldout")
+    images = np.array([f.read_bytes() for f in sorted(png.glob("*.png"))[:4]], dtype=np.object_)
+    inp = httpclient.InferInput("images", [4], "BYTES")
+    inp.set_data_from_numpy(images)
+    pending = httpclient.InferenceServerClient(s.http).async_infer("crossvit_digits", [inp])
+    time.sleep(0.2)  # accepted, decoding (0.6 s)
+    stopper = threading.Thread(target=s.stop)
+    stopper.start()
+    assert pending.get_result().as_numpy("logits").shape == (4, 10)
+    stopper.join(30)
+    assert not stopper.is_alive(), "the server did not stop"
 
 
 def test_not_ready_is_503(onnx_path):

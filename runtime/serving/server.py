@@ -121,7 +121,9 @@ class Server:
         await self.service.start()
         await self._grpc.start()
         config = uvicorn.Config(create_app(self.service, max_body=o.max_body), log_level="warning",
-                                lifespan="off", access_log=False)
+                                lifespan="off", access_log=False,
+                                # a client that stalls mid-body must not hold the exit off for ever
+                                timeout_graceful_shutdown=max(o.drain_seconds, 1.0))
         self._uvicorn = uvicorn.Server(config)
         self._uvicorn.install_signal_handlers = lambda: None  # ours drain first
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))

@@ -37,6 +37,7 @@ class ModelService:
         self.batcher = Batcher(session, max_batch=self.max_batch, max_delay_s=max_delay_ms / 1000,
                                max_queue=max_queue, stats=self.stats)
         self.ready = False
+        self._accepted = 0  # requests past the ready check and not yet answered (decoding or queued)
 
     async def start(self) -> None:
         self.batcher.start()
@@ -70,8 +71,9 @@ class ModelService:
         try:
             if not self.ready:
                 raise ProtocolError(UNAVAILABLE, "the server is not ready (starting or shutting down)")
-            x = await self.decode(request)
+            self._accepted += 1  # accepted: shutdown waits for it, decoding included, before it stops the batcher
             try:
+                x = await self.decode(request)
                 logits = await self.batcher.infer(x)
             except QueueFull as e:
                 raise ProtocolError(UNAVAILABLE, str(e)) from None
@@ -79,6 +81,8 @@ class ModelService:
                 raise ProtocolError(BAD_REQUEST, str(e)) from None
             except BackendFailed as e:
                 raise ProtocolError(INTERNAL, str(e)) from None
+            finally:
+                self._accepted -= 1
             if not np.isfinite(logits).all():
                 raise ProtocolError(INTERNAL, "the model gave non-finite logits (NaN or infinity)")
             return logits
@@ -109,5 +113,8 @@ class ModelService:
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, answer the ones accepted, stop the worker."""
         self.ready = False
-        await self.batcher.drain(timeout)
+        end = time.monotonic() + timeout
+        while self._accepted and time.monotonic() < end:  # a request still decoding has not reached the queue
+            await asyncio.sleep(0.01)
+        await self.batcher.drain(max(end - time.monotonic(), 0.0))
         await self.batcher.close()
