@@ -290,8 +290,16 @@ def check_weights(model: nn.Module | dict, state_dict: dict, source: str, what: 
                                   "model that cannot give meaningful outputs")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes of constructor arguments
+
+
 def _read_config_file(path: str | Path) -> dict:
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path}: no such config file")
+    check_input_file(path, ConfigError)  # a FIFO would hang, /dev/zero read for ever
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (limit {MAX_CONFIG_BYTES})")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

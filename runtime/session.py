@@ -380,6 +380,9 @@ def _fallback_onnx(plan: Path) -> Path | None:
     return onnx if sha256_file(onnx) == source.get("sha256") else None
 
 
+MAX_REPORT_BYTES = 16 << 20  # a parity report is a few kB; more is not one of ours
+
+
 def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
     """The faster CPU variant (int8-cpu) of the fp32 `onnx`, when one beside it passed the parity
     gate: its metadata names this file, with the same sha256, as its source, and its parity
@@ -387,7 +390,7 @@ def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
     bytes. Returns (variant, why it was chosen) or None."""
     import json
 
-    from crossvit.contract import PRECISION_TABLE, sha256_file
+    from crossvit.contract import PRECISION_TABLE, check_input_file, sha256_file
     from crossvit.errors import CrossViTError
 
     candidates = [(name, c) for name, spec in PRECISION_TABLE.items() if spec.target == "cpu"
@@ -403,6 +406,9 @@ def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
     for name, candidate in candidates:
         report = candidate.with_name(candidate.stem + ".parity.json")
         try:
+            check_input_file(report, ArtifactError)  # a FIFO would hang this, /dev/zero fill memory
+            if report.stat().st_size > MAX_REPORT_BYTES:
+                continue
             gate = json.loads(report.read_text())
             if not isinstance(gate, dict) or gate.get("verdict") != "pass":
                 continue

@@ -353,6 +353,9 @@ def test_a_broken_cpu_variant_beside_a_good_onnx_is_skipped(tiny, tmp_path):
         assert s.chosen is None and s.info.path == Path(good)
     (tmp_path / "m.int8-cpu.parity.json").write_text(_DEEP)  # a hostile report is skipped too
     assert gated_cpu_variant(Path(good)) is None
+    (tmp_path / "m.int8-cpu.parity.json").unlink()
+    os.mkfifo(tmp_path / "m.int8-cpu.parity.json")  # reading it would hang predict/serve for ever
+    assert gated_cpu_variant(Path(good)) is None
 
 
 def test_a_deeply_nested_config_file_is_refused(tmp_path):
@@ -362,6 +365,12 @@ def test_a_deeply_nested_config_file_is_refused(tmp_path):
     (tmp_path / "deep.json").write_text(_DEEP)
     with pytest.raises(ConfigError, match="deep.json: not a JSON config .nested too deeply"):
         load_checkpoint(tmp_path / "f.pth", config=tmp_path / "deep.json")
+    os.mkfifo(tmp_path / "fifo.json")  # would hang
+    with pytest.raises(ConfigError, match="fifo.json: is not a regular file"):
+        load_checkpoint(tmp_path / "f.pth", config=tmp_path / "fifo.json")
+    (tmp_path / "big.json").write_text("[" + "0," * 600_000 + "0]")
+    with pytest.raises(ConfigError, match="big.json: .* bytes is not a config"):
+        load_checkpoint(tmp_path / "f.pth", config=tmp_path / "big.json")
 
 
 @pytest.mark.parametrize("labels", [["a", "b"], ["a", "b", "c", "d"]], ids=["more columns", "fewer columns"])
