@@ -546,7 +546,7 @@ def main(args, say: Callable[[str], None]) -> int:
     device = resolve_device(args.device)
     for out in (args.json, args.csv, args.plot):
         if out is not None:
-            check_output_path(out)
+            check_output_path(out, inputs=(*args.artifacts, args.checkpoint))
     artifacts = [Path(a) for a in args.artifacts]
     infos = [read_artifact(a) for a in artifacts]
     name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL

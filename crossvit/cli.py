@@ -195,7 +195,7 @@ def cmd_check(args) -> int:
     from crossvit.runtime.artifact import read_artifact
 
     if args.json:
-        check_output_path(args.json)
+        check_output_path(args.json, inputs=(args.artifact, args.reference, args.config))
     info = read_artifact(args.artifact)
     _warn_random(info.random_weights, args.artifact.name)
     if args.reference is None and args.model is None:
@@ -232,7 +232,11 @@ def cmd_predict(args) -> int:
 
     files: list[Path] = []
     for item in args.images:
-        if item.is_dir():
+        try:
+            is_dir = item.is_dir()
+        except OSError:  # a name too long: reported per file, with the others
+            is_dir = False
+        if is_dir:
             found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise InputError(f"{item}: contains no images ({', '.join(IMAGE_SUFFIXES)})")

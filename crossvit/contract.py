@@ -486,6 +486,8 @@ def _check_writable(folder: Path, target: Path) -> None:
     folder above it, where it will be created) without creating anything that stays."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # lstat sees it, stat does not: dangling, or a loop
+            raise OutputError(f"{target}: cannot write there ({existing} is a dangling symlink or a symlink loop)")
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{target}: cannot write there ({existing} is not a folder)")
@@ -495,15 +497,25 @@ def _check_writable(folder: Path, target: Path) -> None:
         raise OutputError(f"{target}: cannot write there ({e.strerror or first_line(e)})") from None
 
 
-def check_output_path(path: str | Path, *, suffix: str | None = None) -> Path:
-    """Check, before any work, that the file `path` can be written: not a folder, its folder
-    writable or creatable (a missing folder is created when the file is written). OS errors
-    become one line naming the path."""
+def check_output_path(path: str | Path, *, suffix: str | None = None, inputs: tuple = ()) -> Path:
+    """Check, before any work, that the file `path` can be written: not a folder, not a device or
+    pipe, not one of the command's `inputs`, a name that fits the file system with room for the
+    temporary name beside it, its folder writable or creatable (a missing folder is created when
+    the file is written). OS errors become one line naming the path."""
     path = Path(path)
     if suffix is not None and path.suffix != suffix:
         raise OutputError(f"output file must end in {suffix}, got {path.name}")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory; give a file name")
+    try:
+        if path.is_dir():
+            raise OutputError(f"{path}: is a directory; give a file name")
+        if path.exists() and not path.is_file():  # through symlinks: /dev/stdout, /dev/null, a FIFO
+            raise OutputError(f"{path}: is not a regular file (a device, pipe or socket); give a file name")
+        for source in inputs:
+            if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+                raise OutputError(f"{path}: is an input of this command; give another output name")
+        _check_name_length(path)
+    except OSError as e:  # a symlink loop, a name too long for the file system
+        raise OutputError(f"{path}: cannot write there ({e.strerror or first_line(e)})") from None
     _check_writable(path.parent, path)
     return path
 
@@ -511,10 +523,34 @@ def check_output_path(path: str | Path, *, suffix: str | None = None) -> Path:
 def check_output_dir(path: str | Path) -> Path:
     """Check, before any work, that outputs can be written into the folder `path`."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: exists and is not a folder")
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: exists and is not a folder")
+        _check_name_length(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write there ({e.strerror or first_line(e)})") from None
     _check_writable(path, path)
     return path
+
+
+def _check_name_length(path: Path) -> None:
+    """Every part of `path` must fit the file system's name limit, the last with room for the
+    temporary name written beside it (`.NAME.crossvit-tmp-PID-xxxxxxxx`)."""
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    room = len(f"..{TEMP_TAG}-{os.getpid()}-00000000")
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise OutputError(f"{path}: a name in it is {len(os.fsencode(part))} bytes; this file system allows "
+                              f"{limit}")
+    if len(os.fsencode(path.name)) + room > limit:
+        raise OutputError(f"{path}: its name is {len(os.fsencode(path.name))} bytes; at most {limit - room} fit "
+                          f"here (with room for the temporary file written beside it)")
 
 
 FILE_MODE = 0o644  # every artifact; mkstemp alone would give 0600

@@ -196,19 +196,28 @@ def test_export_refuses_an_absurd_batch_range_before_exporting(tmp_path, cli, on
     ["export", "-o", "/proc/x.onnx"],
     ["check", "{onnx}", "--json", "{dir}"],
     ["deploy", "-o", "{file}"],
+    ["export", "-o", "{long}"],  # fits, but its temporary name beside it would not
+    ["export", "-o", "{loop}/x.onnx"],
+    ["deploy", "-o", "{loop}"],
+    ["check", "{onnx}", "--json", "{onnx}"],  # would replace the artifact with the report
+    ["check", "{onnx}", "--json", "/dev/null"],  # as root, would replace /dev/null itself
 ])
 def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path, cli, one_line_error, command):
     folder = tmp_path / "existing.onnx"
     folder.mkdir()
     (tmp_path / "file").write_text("x")
-    args = [a.format(dir=folder, onnx=tiny[1], file=tmp_path / "file") for a in command]
+    os.symlink("loop", tmp_path / "loop")
+    long = tmp_path / ("a" * 240 + ".onnx")
+    args = [a.format(dir=folder, onnx=tiny[1], file=tmp_path / "file", loop=tmp_path / "loop", long=long)
+            for a in command]
     if command[0] == "convert":
         folder = tmp_path / "existing.safetensors"
         folder.mkdir()
         args[-1] = str(folder)
     proc = cli(*args, timeout=120)
     line = one_line_error(proc, "")
-    assert any(w in line for w in ("is a directory", "cannot write there", "is not a folder")), line
+    assert any(w in line for w in ("is a directory", "cannot write there", "is not a folder", "fit here",
+                                   "is an input of this command", "is not a regular file")), line
     assert "internal error" not in line
     assert "exporting" not in proc.stderr and "random inputs" not in proc.stderr  # refused before the work
 
