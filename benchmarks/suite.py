@@ -535,6 +535,7 @@ def _runs_on(precision: str, device: str) -> bool:
 
 def main(args, say: Callable[[str], None]) -> int:
     """`crossvit bench`: see the module docstring."""
+    from crossvit.cli import printable
     from crossvit.contract import atomic_write, check_output_path, temporary_folder, to_json
     from crossvit.errors import ConfigError
     from crossvit.export.onnx import BatchRange, export_onnx
@@ -587,11 +588,11 @@ def main(args, say: Callable[[str], None]) -> int:
     if args.json:
         text = to_json(result.to_dict(), indent=2) + "\n"
         atomic_write(args.json, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.json}")
+        print(f"wrote {printable(str(args.json))}")
     if args.csv:
         write_csv(result, args.csv)
-        print(f"wrote {args.csv}")
+        print(f"wrote {printable(str(args.csv))}")
     if args.plot:
         write_plot(result, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {printable(str(args.plot))}")
     return 0

@@ -155,7 +155,7 @@ def cmd_convert(args) -> int:
     out = save_checkpoint(loaded.model, args.output, labels=loaded.info.labels,
                           preprocessing=loaded.info.preprocessing, name=loaded.info.name,
                           provenance={**loaded.info.provenance, "source_sha256": loaded.sha256})
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    print(f"wrote {printable(str(out))} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -173,7 +173,7 @@ def cmd_export(args) -> int:
     loaded = _load(args)
     if precision.name == "fp32":
         result = export_onnx(loaded, out, batch=batch, opset=args.opset, progress=_say)
-        print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
+        print(f"wrote {printable(str(result.path))} ({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
         return 0
     from crossvit.export.calibration import calibration_batch
     from crossvit.export.precision import convert_precision
@@ -184,7 +184,7 @@ def cmd_export(args) -> int:
     with temporary_folder() as tmp:
         fp32 = export_onnx(loaded, tmp / out.name, batch=batch, opset=args.opset, progress=_say).path
         convert_precision(fp32, out, args.precision, calib, progress=_say)
-    print(f"wrote {out} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
+    print(f"wrote {printable(str(out))} ({args.precision}, {out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -220,7 +220,7 @@ def cmd_check(args) -> int:
     print(report.table())
     if args.json:
         report.save(args.json)
-        print(f"wrote {args.json}")
+        print(f"wrote {printable(str(args.json))}")
     return {"pass": 0, "fail": 2, "not run": 4}[report.verdict]
 
 
@@ -276,7 +276,7 @@ def cmd_build(args) -> int:
                            version_compatible=args.version_compatible)
     manifest = build_engine(args.onnx, args.output, options, progress=_say)
     b = manifest["batch"]
-    print(f"wrote {args.output} ({manifest['precision']}, batch {b['min']}..{b['max']} tuned for {b['opt']}, "
+    print(f"wrote {printable(str(args.output))} ({manifest['precision']}, batch {b['min']}..{b['max']} tuned for {b['opt']}, "
           f"TensorRT {manifest['tensorrt']['version']}, {manifest['device']['name']})")
     return 0
 
@@ -329,7 +329,7 @@ def cmd_deploy(args) -> int:
     result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
                     batch=batch, progress=_say)
     print(result.table())
-    print(f"wrote {args.output / 'summary.json'} ({result.seconds:.0f} s)")
+    print(f"wrote {printable(str(args.output / 'summary.json'))} ({result.seconds:.0f} s)")
     _say_cpu_path(result.out_dir)
     failed = [r for r in result.rows if r.parity == "fail"]
     return 2 if failed else 0

@@ -461,6 +461,10 @@ def test_labels_and_file_names_with_control_characters_are_escaped(tmp_path, cli
     # --json keeps the real strings (JSON escapes them itself)
     record = _strict_json(cli("predict", onnx_path, img, "--json", "--top-k", "3").stdout)
     assert {t["label"] for t in record["top"]} == set(evil) and record["source"] == str(img)
+    # the "wrote PATH" lines too
+    proc = cli("check", onnx_path, "--reference", ckpt, "--batch-sizes", "1", "--json", tmp_path / "re\nport.json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path}/re\\nport.json"
 
 
 # -- interrupted writes -------------------------------------------------------------------------
