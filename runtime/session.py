@@ -10,6 +10,7 @@ installed), and PyTorch checkpoints (lazily imported, for comparisons).
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,15 +179,19 @@ class Session:
 
         from .preprocess import preprocess_files
 
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        top_k = min(top_k, self.info.num_classes)
-        batch_size = batch_size or min(self.info.batch_max, 32)
+        top_k = min(int(top_k), self.info.num_classes)
+        batch_size = int(batch_size or min(self.info.batch_max, 32))
         single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
-        items = [images] if single else list(images)
+        try:
+            items = [images] if single else list(images)
+        except TypeError:  # None, a number
+            raise InputError(f"images must be a path, bytes, a PIL image or a list of them, got "
+                             f"{type(images).__name__}") from None
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             group = items[start:start + batch_size]
@@ -448,6 +453,8 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
       unchanged (and from there, as above, to its gated CPU variant).
     The choice is logged and kept in `session.chosen` (None when the file given runs).
     """
+    if not isinstance(artifact, (str, os.PathLike)):
+        raise ArtifactError(f"open_session needs a path (str or Path), got {type(artifact).__name__}")
     path = Path(artifact)
     if backend not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_NAMES)}")

@@ -621,3 +621,19 @@ def test_session_predict_accepts_one_path(tiny, tmp_path):
     with open_session(tiny[1]) as s:
         one, many = s.predict(str(img)), s.predict([img])
     assert len(one) == 1 and one[0].ok and one[0].indices == many[0].indices
+
+
+def test_api_misuse_gets_the_projects_errors(tiny):
+    """open_session and predict given things that are not paths or images: our error classes
+    with a clear message, not a builtin TypeError; numpy integers are integers."""
+    from crossvit.runtime.session import open_session
+
+    for bad in (None, 3, b"m.onnx"):
+        with pytest.raises(ArtifactError, match="needs a path"):
+            open_session(bad)
+    with open_session(tiny[1]) as s:
+        for bad in (None, 5):
+            with pytest.raises(InputError, match="images must be"):
+                s.predict(bad)
+        img = _image(Path(tiny[1]).parent / "api.png")
+        assert len(s.predict([img], top_k=np.int64(2), batch_size=np.int32(1))[0].labels) == 2
