@@ -22,7 +22,7 @@ from crossvit.contract import Thresholds, atomic_write, first_line, get_precisio
 from crossvit.errors import ConfigError, CrossViTError, ParityFailure
 from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
-from crossvit.runtime.images import ImageSet, list_images, load_image_set
+from crossvit.runtime.images import ImageSet, iter_image_set, list_images
 from crossvit.runtime.session import AUTO_BACKEND, artifact_kind, open_session
 
 
@@ -197,10 +197,16 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
             folder = Path(images) if images else heldout_images()
             image_set: ImageSet = list_images(folder)
             say(f"real images: {len(image_set)} from {folder}")
-            x, kept, report.image_errors = load_image_set(image_set, session.preprocessor)
             b = min(info.batch_max, 32)
-            ref, out = _reference_logits(model, x, b), session.infer(x)
-            case = CaseResult(source="images", batch_size=b, n=len(x), **compare(ref, out))
+            refs, outs, kept = [], [], []  # in pieces: a large folder is never one array of images
+            for x, good, errors in iter_image_set(image_set, session.preprocessor):
+                report.image_errors += errors
+                if len(x):
+                    refs.append(_reference_logits(model, x, b))
+                    outs.append(session.infer(x))
+                    kept += good
+            ref, out = np.concatenate(refs), np.concatenate(outs)
+            case = CaseResult(source="images", batch_size=b, n=len(ref), **compare(ref, out))
             names = list(info.labels)
             if image_set.labels is not None and all(image_set.labels[i] in names for i in kept):
                 truth = np.array([names.index(image_set.labels[i]) for i in kept])

@@ -51,11 +51,29 @@ def list_images(folder: str | Path) -> ImageSet:
 
 def load_image_set(images: ImageSet, preprocessor) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode and preprocess every image: (batch, indices of the good ones, [(file, error)])."""
+    parts = list(iter_image_set(images, preprocessor, chunk=max(len(images), 1)))
+    return (np.concatenate([a for a, _, _ in parts]), [i for _, kept, _ in parts for i in kept],
+            [e for _, _, errors in parts for e in errors])
+
+
+def iter_image_set(images: ImageSet, preprocessor, chunk: int = 256):
+    """`load_image_set` in pieces of `chunk` files, so a large folder is never one array:
+    yields (batch, indices of its good images in the whole set, [(file, error)]) for each piece
+    with at least one good image; InputError when no image at all could be read."""
     from .preprocess import preprocess_files
 
-    array, good, errors = preprocess_files(images.files, preprocessor)
-    if not len(good):
+    any_good, first_error = False, None
+    for start in range(0, len(images), chunk):
+        files = images.files[start:start + chunk]
+        array, good, errors = preprocess_files(files, preprocessor)
+        first_error = first_error or (errors[0][1] if errors else None)
+        position = {id(p): start + i for i, p in enumerate(files)}
+        errors = [(str(p), e) for p, e in errors]
+        if len(good):
+            any_good = True
+            yield array, [position[id(p)] for p in good], errors
+        elif errors:
+            yield np.zeros((0, *preprocessor.input_size), np.float32), [], errors
+    if not any_good:
         raise InputError(f"{images.root}: none of its {len(images)} images could be read "
-                         f"({errors[0][1] if errors else 'empty'})")
-    position = {id(p): i for i, p in enumerate(images.files)}
-    return array, [position[id(p)] for p in good], [(str(p), e) for p, e in errors]
+                         f"({first_error or 'empty'})")

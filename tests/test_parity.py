@@ -149,3 +149,35 @@ def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpo
     ckpt, onnx_path = small_artifacts
     ask = check(onnx_path)
     assert ask.returncode == 1 and "give that checkpoint with --reference" in ask.stderr and "small.safetensors" in ask.stderr
+
+
+def test_real_images_are_read_in_pieces_with_the_same_result(tmp_path):
+    """The parity gate reads a folder in pieces (a large folder is never one array); the pieces
+    together are the whole set, bad files reported with their place, and a folder with no
+    readable image is still one clear error."""
+    import shutil
+
+    import numpy as np
+
+    from crossvit.assets import heldout_images
+    from crossvit.errors import InputError
+    from crossvit.model import get_spec
+    from crossvit.runtime.images import iter_image_set, list_images, load_image_set
+    from crossvit.runtime.preprocess import Preprocessor
+
+    pre = Preprocessor.from_dict(get_spec("crossvit_digits").preprocessing.to_dict())
+    for f in sorted(heldout_images().glob("*.png"))[:10]:
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "0004_bad.png").write_text("not an image")  # sorts among the good ones
+    images = list_images(tmp_path)
+    whole, kept, errors = load_image_set(images, pre)
+    parts = list(iter_image_set(images, pre, chunk=3))
+    assert np.array_equal(np.concatenate([a for a, _, _ in parts]), whole) and len(whole) == 10
+    assert [i for _, k, _ in parts for i in k] == kept and len(kept) == 10
+    assert [e for _, _, es in parts for e in es] == errors and errors[0][0].endswith("0004_bad.png")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in ("a.png", "b.png"):
+        (junk / name).write_text("x")
+    with pytest.raises(InputError, match="none of its 2 images could be read"):
+        list(iter_image_set(list_images(junk), pre, chunk=1))
