@@ -39,9 +39,8 @@ import numpy as np
 import torch
 
 from crossvit.benchmarks.latency import BASELINE, cpu_flags, machine_description
-from crossvit.runtime.timing import Latency, measure_interleaved
+from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
-SPREAD_WARNING = 0.25  # per-turn medians further apart than this (relative) make a row "noisy"
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
                    "int8-cpu": "int8"}
 DEVICES = ("cpu", "cuda")
@@ -298,8 +297,8 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
     try:
         import tritonclient.grpc  # noqa: F401
         import tritonclient.http  # noqa: F401
-    except ImportError:
-        say("no served rows: they need tritonclient (pip install 'crossvit[serve]' tritonclient[http])")
+    except (ImportError, RuntimeError):  # tritonclient without its http part raises RuntimeError
+        say("no served rows: they need the server and its client (pip install 'crossvit[serve]')")
         return {}
     try:
         http, grpc = stack.enter_context(_serve(onnx, "--max-batch", str(max_batch), "--max-delay-ms", "0",
@@ -425,7 +424,7 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
                                spread=spread, note="; ".join(n for n in (
-                                   "noisy: turns disagree" if spread > SPREAD_WARNING else "",
+                                   NOISY if spread > SPREAD_WARNING else "",
                                    getattr(fns.get((backend, precision)), "note", "")) if n)))
     if cuda:
         torch.cuda.empty_cache()

@@ -186,7 +186,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from crossvit.contract import check_output_path, get_precision
+    from crossvit.contract import check_output_path, get_precision, source_checkpoint
     from crossvit.export.parity import check_parity
     from crossvit.model import load_model
     from crossvit.runtime.artifact import read_artifact
@@ -207,9 +207,10 @@ def cmd_check(args) -> int:
                               "give that checkpoint with --reference CHECKPOINT")
         args.model = name
     reference = load_model(args.reference, name=args.model, config=args.config)
-    source_sha = (info.raw.get("source") or {}).get("sha256")
-    if source_sha and reference.sha256 and source_sha != reference.sha256:
-        _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was exported from")
+    origin = source_checkpoint(info.raw.get("source"))  # a variant's or engine's: its fp32 file's checkpoint
+    if origin and reference.sha256 and origin["sha256"] != reference.sha256:
+        _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was made from"
+             f"{' (' + printable(origin['name']) + ')' if origin.get('name') else ''}")
     thresholds = get_precision(info.precision).thresholds.tightened(
         max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
     report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
@@ -493,8 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")
     p.add_argument("--served", action="store_true",
                    help="also time the first .onnx through `crossvit serve` with the real tritonclient, over HTTP "
-                        "and gRPC (needs the serve extra and tritonclient)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the parity/accuracy column")
+                        "and gRPC (needs the serve extra)")
+    p.add_argument("--no-accuracy", action="store_true",
+                   help="skip the parity gate of each artifact (its accuracy line); the PyTorch rows are "
+                        "still compared with eager fp32, one call per batch size")
     p.add_argument("--json", type=Path, metavar="OUT.json")
     p.add_argument("--csv", type=Path, metavar="OUT.csv")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="latency and throughput vs batch (matplotlib)")

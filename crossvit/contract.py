@@ -335,11 +335,40 @@ def _metadata_type_problem(meta: dict, fmt: str) -> str | None:
             p = want(meta["source"][key], f"source.{key}", (str,), "a string", True)
             if p:
                 return p
+    origin = (meta.get("source") or {}).get("checkpoint")
+    if origin is not None:
+        if not isinstance(origin, dict):
+            return f"source.checkpoint must be an object, got {_kind(origin)}"
+        for key in ("name", "sha256"):
+            p = want(origin.get(key), f"source.checkpoint.{key}", (str,), "a string", True)
+            if p:
+                return p
     cc = (meta.get("device") or {}).get("compute_capability")
     if cc is not None and (not isinstance(cc, list) or len(cc) < 2
                            or not all(isinstance(v, int) and not isinstance(v, bool) for v in cc)):
         return f"device.compute_capability must be a list of two integers, got {cc!r}"
     return None
+
+
+def source_checkpoint(source: Mapping | None) -> dict | None:
+    """The checkpoint at the start of an artifact's chain ({"name", "sha256"}), from its metadata's
+    `source`: an fp32 export names its checkpoint; a variant or an engine names the ONNX it was made
+    from and carries that file's checkpoint under "checkpoint". None where nothing says."""
+    source = source or {}
+    origin = source.get("checkpoint") if "onnx" in source else source
+    if not isinstance(origin, Mapping) or not isinstance(origin.get("sha256"), str):
+        return None
+    return {"name": origin.get("name"), "sha256": origin["sha256"]}
+
+
+def derived_source(onnx_name: str, onnx_sha256: str, parent_source: Mapping | None, **extra) -> dict:
+    """The `source` of an artifact made from an ONNX file: that file's name and sha256, and the
+    checkpoint the chain started from (so `check` can compare a reference with it)."""
+    source = {"onnx": onnx_name, "sha256": onnx_sha256, **extra}
+    origin = source_checkpoint(parent_source)
+    if origin is not None:
+        source["checkpoint"] = origin
+    return source
 
 
 def _finite(obj):

@@ -17,6 +17,7 @@ from typing import Callable
 from crossvit import __version__
 from crossvit.contract import VARIANT_NAMES, atomic_write, check_output_dir, get_precision, to_json
 from crossvit.errors import CrossViTError
+from crossvit.runtime.timing import NOISY, SPREAD_WARNING
 
 Progress = Callable[[str], None]
 STAGES = 5
@@ -181,6 +182,9 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
             row.speedup = base.p50_ms / lat[row.artifact].p50_ms
         elif row.artifact in failed:
             row.note = failed[row.artifact]
+    for row, latency in [(torch_row, base)] + [(r, lat[r.artifact]) for r in rows[1:] if r.artifact in lat]:
+        if latency.noisy:  # the machine, not the backend, set this figure
+            row.note = f"{NOISY} ({latency.spread:.0%}); {row.note}"
     return rows
 
 
@@ -230,6 +234,11 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
         f"at most ~{bench_seconds:.0f} s a backend)")
     result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,
                                 max_seconds=bench_seconds)
+    noisy = [r.artifact for r in result.rows if r.note.startswith(NOISY)]
+    if noisy:
+        result.warnings.append(f"{len(noisy)} latency row(s) are noisy: their 3 turns' medians differ by over "
+                               f"{SPREAD_WARNING:.0%}, so other work on this machine moved them; time again on "
+                               "a quiet machine (`crossvit bench` shows the spread of every row)")
     result.seconds = time.perf_counter() - start
     text = to_json(result.to_dict(), indent=2)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))

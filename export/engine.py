@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from crossvit import __version__
-from crossvit.contract import (ENGINE_FORMAT, ENGINE_SUFFIXES, atomic_write, check_output_path, get_precision, manifest_path,
-                               new_metadata, sha256_file, to_json)
+from crossvit.contract import (ENGINE_FORMAT, ENGINE_SUFFIXES, atomic_write, check_output_path, derived_source,
+                               get_precision, manifest_path, new_metadata, sha256_file, to_json)
 from crossvit.errors import BackendUnavailable, ExportError
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
 from crossvit.runtime.gpu import CudaDevice, cuda_device, import_tensorrt, make_logger
@@ -151,7 +151,7 @@ def engine_manifest(info: ArtifactInfo, *, onnx_sha256: str, profile: Profile, i
         inputs=[{"name": info.input_name, "dtype": "float32", "shape": ["batch", c, h, w]}],
         outputs=[{"name": info.output_name, "dtype": "float32", "shape": ["batch", info.num_classes]}],
         engine_io=io,
-        source={"onnx": info.path.name, "sha256": onnx_sha256, "random_weights": info.random_weights},
+        source=derived_source(info.path.name, onnx_sha256, info.raw.get("source"), random_weights=info.random_weights),
         tensorrt={"version": tensorrt_version, "hardware_compatibility": options.hardware_compat,
                   "version_compatible": options.version_compatible,
                   "builder_optimization_level": options.opt_level, "workspace_gib": options.workspace_gib},

@@ -39,7 +39,7 @@ import numpy as np
 
 from crossvit.contract import (INPUT_NAME, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT, PRECISION_TABLE,
                                PROTOBUF_LIMIT, Precision, atomic_write, check_output_path, decode_metadata,
-                               first_line, sha256_file, temporary_folder, write_onnx_metadata)
+                               derived_source, first_line, sha256_file, temporary_folder, write_onnx_metadata)
 from crossvit.errors import BackendUnavailable, ExportError
 
 # Kept in fp32 in every reduced-precision variant: fp16 LayerNorm/Softmax overflow in transformers.
@@ -394,8 +394,9 @@ def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndar
     calibration = _check_calibration(calibration, _input_dims(model, src, input_name), spec)
     start = time.perf_counter()
     converted, tool = TOOLCHAINS[spec.toolchain](model, spec, calibration, input_name, src.name, say)
-    # which fp32 file this came from, so a runtime can tell a variant of *this* model beside it
-    meta = {**meta, "source": {"onnx": src.name, "sha256": sha256_file(src)}}
+    # which fp32 file this came from, so a runtime can tell a variant of *this* model beside it,
+    # and the checkpoint that file came from, so `check` can compare a reference with it
+    meta = {**meta, "source": derived_source(src.name, sha256_file(src), meta.get("source"))}
     _write_checked(converted, dst, model, meta, spec, tool, src.name)
     say(f"{precision}: wrote {dst.name} ({dst.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return dst

@@ -78,11 +78,6 @@ MAX_INSTANCES = 1024
 MAX_QUEUE_DELAY_US = 60_000_000
 
 
-def default_name(info: ArtifactInfo) -> str:
-    """The artifact's file name without its suffix, made a valid model name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", info.path.stem).lstrip(".") or "model"
-
-
 def parse_batch_list(text: str | None) -> tuple[int, ...] | None:
     """'4,8' -> (4, 8); None or '' -> None (the default)."""
     if not text:
@@ -133,7 +128,7 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
                preferred_batch: Sequence[int] | None = None, max_queue_delay_us: int = 100,
                tensorrt_accelerator: str | None = None) -> TritonModel:
     """Check the options against the artifact; everything a repository needs, nothing written."""
-    name = default_name(info) if name is None else name
+    name = info.model_name if name is None else name
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"--name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
@@ -369,7 +364,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="REPO",
                    help="the repository folder to write (must be missing or empty, unless --force)")
     p.add_argument("--name", default=None,
-                   help="model name in Triton (letters, digits, _ . -; default: the artifact's file name)")
+                   help="model name in Triton (letters, digits, _ . -; default: the name `crossvit serve` "
+                        "uses, the model's registered name or the file name up to its first dot)")
     p.add_argument("--instances", type=int, default=1, metavar="N",
                    help="model instances Triton runs side by side (default 1)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",

@@ -6,12 +6,15 @@ precision) travels inside the artifact; nothing here imports torch or the model 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIXES, MAX_BATCH, check_input_file,
                                decode_metadata, manifest_path, read_onnx_metadata, validate_preprocessing)
 from crossvit.errors import ArtifactError, ConfigError
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # Triton's model names are also folder names
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,16 @@ class ArtifactInfo:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def model_name(self) -> str:
+        """The name `crossvit serve` and `crossvit triton-repo` serve it under by default: the model's
+        registered name, else the file name up to its first dot (a variant is served under its
+        model's name, so a client's request works against any of them), made a valid model name."""
+        name = self.model.get("name")
+        if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.path.name.split(".")[0]).lstrip(".") or "model"
+        return name
 
     @property
     def random_weights(self) -> bool:

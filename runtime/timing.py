@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
+
+# Per-turn medians of one backend further apart than this (relative to the lowest) make its row
+# "noisy": on a shared machine the other tenants, not the backend, set such a figure.
+SPREAD_WARNING = 0.25
+NOISY = "noisy: turns disagree"
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,11 @@ class Latency:
     p90_ms: float
     p99_ms: float
     mean_ms: float
+    spread: float | None = None  # (max - min) / min of the per-turn medians, when timed in turns
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread is not None and self.spread > SPREAD_WARNING
 
     @property
     def throughput(self) -> float:
@@ -85,14 +95,23 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, run
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
     whichever backend runs right after another (e.g. after torch's OpenMP pool) pays for it;
-    turns spread that over all of them. `max_seconds` bounds each backend's total time.
+    turns spread that over all of them. `max_seconds` bounds each backend's total time. Each
+    result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
+    the drift is made visible, not averaged away.
     """
     per_round = max(1, -(-runs // rounds))  # at least `runs` in all
     budget = None if max_seconds is None else max_seconds / rounds
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    medians: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):  # the first round warms up longer
         for name, fn in fns.items():
             times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else 0.1,
                                 max_seconds=budget, sync=sync)
             samples[name].extend(times)
-    return {name: _latency(batch, np.asarray(t)) for name, t in samples.items()}
+            medians[name].append(float(np.median(times)))
+    out = {}
+    for name, t in samples.items():
+        low = min(medians[name])
+        spread = (max(medians[name]) - low) / low if rounds > 1 and low > 0 else None
+        out[name] = replace(_latency(batch, np.asarray(t)), spread=spread)
+    return out

@@ -188,3 +188,32 @@ def test_cls_cross_attention_fusion_is_linear_and_all_attention_quadratic_in_flo
         assert 1.8 < cost[big][0] / cost[small][0] < 2.1  # linear
         assert cost[big][1] / cost[small][1] > 2.5  # quadratic term dominating
     assert cost[1024][1] > 10 * cost[1024][0]
+
+
+def test_interleaved_turns_report_their_spread_and_deploy_flags_noisy_rows(monkeypatch):
+    """A backend whose speed changes between turns (as another tenant would make it) is flagged
+    noisy, in the timing result and in deploy's table; a steady one is not.
+    Each backend here returns the call times of one turn, so the test needs no clock."""
+    from crossvit.benchmarks import latency
+    from crossvit.model import load_model
+    from crossvit.pipeline import latency_stage
+    from crossvit.runtime import timing
+
+    monkeypatch.setattr(timing, "_timed", lambda fn, **kw: fn())
+    turns = {"n": 0}
+
+    def drifting():  # 1 ms a call in the first turn, 6 ms in the later ones
+        turns["n"] += 1
+        return [1.0, 1.1, 0.9] if turns["n"] == 1 else [6.0, 6.1, 5.9]
+
+    lat = timing.measure_interleaved({"steady": lambda: [2.0, 2.1, 1.9], "drifting": drifting}, batch=1, runs=9)
+    assert lat["drifting"].noisy and lat["drifting"].spread == 5.0 and lat["drifting"].runs == 9
+    assert not lat["steady"].noisy and lat["steady"].to_dict()["spread"] == 0.0
+
+    def time_cpu_backends(model, artifacts, **kw):  # the PyTorch row drifts, as on a busy machine
+        turns["n"] = 0
+        return timing.measure_interleaved({latency.BASELINE: drifting}, batch=1, runs=9), {}
+
+    monkeypatch.setattr(latency, "time_cpu_backends", time_cpu_backends)
+    rows = latency_stage(load_model(name="crossvit_digits"), {}, {}, "d", batch=1, runs=9, max_seconds=5)
+    assert rows[0].note.startswith("noisy: turns disagree (500%)") and rows[0].latency["spread"] == 5.0

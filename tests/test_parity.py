@@ -151,6 +151,34 @@ def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpo
     assert ask.returncode == 1 and "give that checkpoint with --reference" in ask.stderr and "small.safetensors" in ask.stderr
 
 
+@pytest.mark.slow  # converts a variant and runs check four times
+def test_check_notes_a_reference_other_than_the_chains_checkpoint_for_variants_too(small_artifacts, tmp_path, check):
+    """A variant records the fp32 file it came from and that file's checkpoint: `check` with the
+    right checkpoint says nothing, with another one says so (it once noted every variant)."""
+    import torch
+
+    from crossvit.contract import sha256_file
+    from crossvit.export.precision import convert_precision
+    from crossvit.model import CrossViT, save_checkpoint
+    from conftest import TINY_SEED
+
+    ckpt, onnx_path = small_artifacts
+    variant = convert_precision(onnx_path, tmp_path / "small.int8-cpu.onnx", "int8-cpu", None)
+    source = json.loads({p.key: p.value for p in onnx.load(str(variant)).metadata_props}["crossvit"])["source"]
+    assert source["onnx"] == "small.onnx" and source["sha256"] == sha256_file(onnx_path)
+    assert source["checkpoint"] == {"name": "small.safetensors", "sha256": sha256_file(ckpt)}
+    for artifact in (onnx_path, variant):
+        same = check(artifact, "--reference", ckpt, "--batch-sizes", "2")
+        assert same.returncode == 0 and "note:" not in same.stderr, same.stderr
+    torch.manual_seed(4)
+    other = save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 10}), tmp_path / "other.safetensors",
+                            labels=[str(i) for i in range(10)],
+                            preprocessing=dict(input_size=[3, 32, 32], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
+    for artifact in (onnx_path, variant):
+        differs = check(artifact, "--reference", other, "--batch-sizes", "2")
+        assert "differs from the checkpoint" in differs.stderr and "small.safetensors" in differs.stderr
+
+
 def test_real_images_are_read_in_pieces_with_the_same_result(tmp_path):
     """The parity gate reads a folder in pieces (a large folder is never one array); the pieces
     together are the whole set, bad files reported with their place, and a folder with no

@@ -204,7 +204,9 @@ def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calib
     assert err["top1"] >= t.top1_agreement and _accuracy(ref, labels) - _accuracy(got, labels) <= t.accuracy_drop
     meta = json.loads(_metadata(path)["crossvit"])
     assert meta["precision"] == "int8-cpu" and meta["precision_tool"]["target"] == "onnxruntime-cpu"
-    assert meta["source"] == {"onnx": fp32_onnx.name, "sha256": sha256_file(fp32_onnx)}
+    fp32_source = json.loads(_metadata(fp32_onnx)["crossvit"])["source"]
+    assert meta["source"] == {"onnx": fp32_onnx.name, "sha256": sha256_file(fp32_onnx),
+                              "checkpoint": {"name": fp32_source["name"], "sha256": fp32_source["sha256"]}}
 
 
 @pytest.mark.slow  # builds precision variants

@@ -92,7 +92,7 @@ class Server:
                                     **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
-        name = options.model_name or self.session.info.model.get("name") or Path(artifact).stem.split(".")[0]
+        name = options.model_name or self.session.info.model_name
         self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
         self.http_port = self.grpc_port = None
