@@ -87,22 +87,30 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from crossvit.benchmarks.latency import machine_description
-    from crossvit.contract import atomic_write, to_json
+    from crossvit.benchmarks.latency import command_line, machine_description
+    from crossvit.contract import atomic_write, check_output_dir, to_json
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m crossvit.benchmarks.fusion", description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=384, help="token width (crossvit_15_240's large branch: 384)")
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--tokens", default="64,128,256,512,1024,2048,4096")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    rows = measure(args.dim, args.heads, [int(t) for t in args.tokens.split(",")])
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens: expected comma-separated token counts such as 64,256, got {args.tokens!r}")
+    if not all(0 < t <= 65536 for t in tokens) or not 0 < args.heads <= args.dim or args.dim % args.heads:
+        p.error("--tokens must be in 1..65536, and --dim a positive multiple of --heads")
+    if args.out:
+        check_output_dir(args.out)
+    rows = measure(args.dim, args.heads, tokens)
     print(f"{'tokens':>7} {'cross GFLOP':>12} {'all GFLOP':>10} {'cross ms':>9} {'all ms':>9} {'all/cross':>9}")
     for r in rows:
         print(f"{r['tokens']:>7} {r['cross_gflops']:12.4f} {r['all_gflops']:10.3f} {r['cross_ms']:9.3f} "
               f"{r['all_ms']:9.3f} {r['all_ms'] / r['cross_ms']:8.1f}x")
     if args.out:
-        text = to_json({"machine": machine_description(), "command": " ".join(sys.argv), "dim": args.dim,
+        text = to_json({"machine": machine_description(), "command": command_line(), "dim": args.dim,
                         "heads": args.heads, "rows": rows}, indent=2) + "\n"
         atomic_write(args.out / "fusion.json", lambda tmp: tmp.write_text(text))
         plot(rows, args.out / "fusion.png")

@@ -161,8 +161,8 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
 def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:
     """Engines of two models in three precisions: gate and time each (SKIP without TensorRT)."""
     from crossvit.assets import heldout_images
-    from crossvit.benchmarks.latency import time_engines
-    from crossvit.contract import to_json
+    from crossvit.benchmarks.latency import command_line, machine_description, time_engines
+    from crossvit.contract import atomic_write, to_json
     from crossvit.errors import CrossViTError
     from crossvit.export.calibration import calibration_batch
     from crossvit.export.engine import BuildOptions, build_engine
@@ -199,7 +199,8 @@ def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:
             rows += [{"model": name, "precision": precision, "parity": gate.verdict, **l.to_dict()}
                      for l in lat.values()]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tensorrt.json").write_text(to_json({"rows": rows}, indent=2) + "\n")
+    text = to_json({"machine": machine_description(), "command": command_line(), "rows": rows}, indent=2) + "\n"
+    atomic_write(out / "tensorrt.json", lambda tmp: tmp.write_text(text))
     return results
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +48,17 @@ def machine_description() -> dict:
             **{name: _installed(dist) for name, dist in OPTIONAL_LIBRARIES.items()}}
 
 
+def command_line() -> str:
+    """The command that made a result, as it can be typed again (shell-quoted; `python -m MODULE
+    ...` for a module run, `crossvit ...` for the console script), with the folder it ran in."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if "-m" in argv[1:3]:
+        words = ["python", *argv[argv.index("-m"):]]
+    else:
+        words = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return f"{shlex.join(words)}  (in {os.getcwd()})"
+
+
 # optional libraries that change what a result means, by distribution name (read, never imported)
 OPTIONAL_LIBRARIES = {"modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "onnxscript": "onnxscript",
                       "onnx": "onnx"}
@@ -73,12 +86,12 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_f
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's flags from /proc/cpuinfo (empty where there is none)."""
+    """The CPU's flags from /proc/cpuinfo: x86's "flags", Arm's "Features" (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
     return set(line.split(":", 1)[-1].split())
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import socket
 import subprocess
@@ -185,9 +186,11 @@ def _aio_input(ahttp, x):
 
 
 async def open_loop(address: str, model: str, x: np.ndarray, rate: float, seconds: float,
-                    max_requests: int, seed: int = 0) -> dict:
+                    max_requests: int, seed: int = 0, grace_seconds: float = 30.0) -> dict:
     """Poisson arrivals at `rate` requests/s for `seconds` (at most `max_requests`), each answered or
-    failed on its own; latency is measured from the planned arrival time (no coordinated omission)."""
+    failed on its own; latency is measured from the planned arrival time (no coordinated omission).
+    Requests still out `grace_seconds` after the last one was sent are cancelled and counted as
+    unanswered."""
     import tritonclient.http.aio as ahttp
 
     rng = np.random.default_rng(seed)
@@ -200,32 +203,47 @@ async def open_loop(address: str, model: str, x: np.ndarray, rate: float, second
         try:
             await client.infer(model, [_aio_input(ahttp, x)])
             latencies.append((time.perf_counter() - planned) * 1000)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             errors += 1
 
-    tasks = []
+    tasks, capped = [], False
     try:
         start = time.perf_counter()
         at = start
-        while len(tasks) < max_requests:
+        while True:
             at += rng.exponential(1.0 / rate)
             if at - start > seconds:
                 break
+            if len(tasks) >= max_requests:
+                capped = True
+                break
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             tasks.append(asyncio.ensure_future(one(at)))
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
+        sending = time.perf_counter() - start
+        # a server that stops answering must not hang the run: what is still out after the grace
+        # time is counted as unanswered, and the run goes on to the next rate
+        _, pending = await asyncio.wait(tasks, timeout=grace_seconds) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
         elapsed = time.perf_counter() - start
     finally:
-        await client.close()
+        with contextlib.suppress(Exception):
+            await client.close()
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return {"rate": rate, "sent": len(tasks), "answered": len(latencies), "errors": errors,
+            "unanswered": len(pending), "sending_seconds": round(sending, 3), "seconds": round(elapsed, 3),
+            "capped_by_max_requests": capped,
             "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99))}
 
 
 def knee(rows: list[dict], p99_bound_ms: float) -> float | None:
-    """The highest offered rate whose p99 stayed under the bound with no errors."""
-    ok = [r["rate"] for r in rows if r["errors"] == 0 and r["p99_ms"] < p99_bound_ms]
+    """The highest offered rate whose p99 stayed under the bound with every request answered."""
+    ok = [r["rate"] for r in rows if r["errors"] == 0 and not r.get("unanswered") and r["p99_ms"] < p99_bound_ms]
     return max(ok) if ok else None
 
 
@@ -263,47 +281,69 @@ def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    from crossvit.benchmarks.latency import machine_description
-    from crossvit.contract import temporary_folder
-    from crossvit.export.onnx import BatchRange, export_onnx
-    from crossvit.model import DEFAULT_MODEL, load_model
+    from crossvit.cli import _int_at_least, _positive_number
+    from crossvit.errors import CrossViTError
+    from crossvit.model import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m crossvit.benchmarks.serve_load",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--clients", type=_int_at_least(1), default=16)
     p.add_argument("--artifact", type=Path, default=None,
                    help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose gated int8-cpu variant the "
                         "server then runs, as users get it) instead of exporting --model to fp32 ONNX")
-    p.add_argument("--seconds", type=float, default=10.0,
+    p.add_argument("--seconds", type=_positive_number, default=10.0,
                    help="seconds per batching configuration (split into --rounds turns), for the latency "
                         "phase, and per offered rate")
-    p.add_argument("--rounds", type=int, default=3, help="turns of the two batching configurations")
+    p.add_argument("--rounds", type=_int_at_least(1), default=3, help="turns of the two batching configurations")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--rates", default=None, metavar="100,200,400",
+    p.add_argument("--rates", type=_rates, default=None, metavar="100,200,400",
                    help="open-loop Poisson arrival rates (requests/s) to offer, one after another")
     p.add_argument("--url", default=None, metavar="HOST:PORT",
-                   help="an already running Open Inference Protocol HTTP server (default: start ours)")
-    p.add_argument("--p99-bound-ms", type=float, default=50.0, help="the latency bound that defines the knee")
-    p.add_argument("--max-requests", type=int, default=20_000, help="per rate")
+                   help="with --rates: an already running Open Inference Protocol HTTP server, loopback only "
+                        "(default: start ours)")
+    p.add_argument("--p99-bound-ms", type=_positive_number, default=50.0,
+                   help="the latency bound that defines the knee")
+    p.add_argument("--max-requests", type=_int_at_least(1), default=20_000, help="per rate")
     args = p.parse_args(argv)
+    if args.url and not args.rates:
+        p.error("--url is for the open-loop measurement: give --rates too")
     if args.url and args.url.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
         p.error("--url must be a loopback address")
-    if args.rounds < 1 or args.seconds <= 0 or args.clients < 1:
-        p.error("--rounds, --clients and --seconds must be positive")
+    try:
+        return _main(args)
+    except CrossViTError as e:  # a bad --model, --artifact or --out: one line, before any load
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated request rates such as 100,200, got {text!r}") from None
+    if not all(r > 0 and math.isfinite(r) for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers (requests/s), got {text!r}")
+    return rates
+
+
+def _main(args) -> int:
+    from crossvit.benchmarks.latency import command_line, machine_description
+    from crossvit.contract import check_output_dir, check_output_path, temporary_folder
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    if args.out is not None:  # before the run, not after it
+        check_output_dir(args.out)
+        check_output_path(args.out / ("serve_open_loop.json" if args.rates else "serve.json"))
     machine = machine_description()  # before the servers start: the load average says how quiet it was
     with temporary_folder() as tmp:
         if args.artifact is not None:
-            from crossvit.errors import CrossViTError
             from crossvit.runtime.session import open_session
 
             artifact = args.artifact
-            try:
-                with open_session(artifact) as session:
-                    shape = session.info.input_shape
-                    name = session.info.model.get("name") or artifact.stem.split(".")[0]
-            except CrossViTError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+            with open_session(artifact) as session:
+                shape, name = session.info.input_shape, session.info.model_name
         else:
             loaded = load_model(name=args.model)
             shape, name = loaded.model.input_shape, loaded.info.name
@@ -315,7 +355,7 @@ def main(argv=None) -> int:
             return _open_loop_main(args, artifact, name, x, machine)
         served = throughput(artifact, name, x, args.clients, args.seconds, args.rounds)
         added = overhead(artifact, name, x, args.seconds)
-    result = {"machine": machine, "command": " ".join(sys.argv), "model": name,
+    result = {"machine": machine, "command": command_line(), "model": name,
               "artifact": str(args.artifact) if args.artifact else "fp32 ONNX exported in this run",
               "throughput": served, "overhead_batch_1": added}
     for label, key in (("dynamic batching (max 32)", "dynamic_batching"), ("max batch 1", "max_batch_1")):
@@ -336,32 +376,40 @@ def main(argv=None) -> int:
 
 
 def _open_loop_main(args, artifact: Path | None, name: str, x: np.ndarray, machine: dict) -> int:
-    rates = [float(r) for r in args.rates.split(",")]
+    from crossvit.benchmarks.latency import command_line
+
+    rows: list[dict] = []
+    result = {"machine": machine, "command": command_line(), "model": name, "open_loop": rows,
+              "p99_bound_ms": args.p99_bound_ms, "knee_rate": None}
+    print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'no answer':>9} {'img/s':>8} {'p50 ms':>8} "
+          f"{'p90 ms':>8} {'p99 ms':>8}", flush=True)
     with contextlib.ExitStack() as stack:
         address = args.url
         if address is None:
             address, _ = stack.enter_context(_serve(artifact, "--max-batch", "32", "--max-delay-ms", "2"))
-        rows = [asyncio.run(open_loop(address, name, x, r, args.seconds, args.max_requests)) for r in rates]
-    result = {"machine": machine, "command": " ".join(sys.argv), "model": name,
-              "open_loop": rows, "p99_bound_ms": args.p99_bound_ms, "knee_rate": knee(rows, args.p99_bound_ms)}
-    print(f"{'rate/s':>8} {'sent':>6} {'answered':>8} {'errors':>6} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
-          f"{'p99 ms':>8}")
-    for r in rows:
-        print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['throughput']:8.1f} "
-              f"{r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
-    print(f"knee (p99 < {args.p99_bound_ms:g} ms, no errors): {result['knee_rate']} requests/s")
-    _save(result, args.out, "serve_open_loop.json")
+        for rate in args.rates:
+            r = asyncio.run(open_loop(address, name, x, rate, args.seconds, args.max_requests))
+            rows.append(r)
+            result["knee_rate"] = knee(rows, args.p99_bound_ms)
+            print(f"{r['rate']:8.0f} {r['sent']:6d} {r['answered']:8d} {r['errors']:6d} {r['unanswered']:9d} "
+                  f"{r['throughput']:8.1f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}"
+                  f"{'  (capped by --max-requests)' if r['capped_by_max_requests'] else ''}", flush=True)
+            _save(result, args.out, "serve_open_loop.json", quiet=True)  # each rate kept, whatever comes next
+    print(f"knee (p99 < {args.p99_bound_ms:g} ms, every request answered): {result['knee_rate']} requests/s")
+    if args.out is not None:
+        print(f"wrote {args.out / 'serve_open_loop.json'}")
     return 0
 
 
-def _save(result: dict, out: Path | None, name: str) -> None:
+def _save(result: dict, out: Path | None, name: str, quiet: bool = False) -> None:
     from crossvit.contract import atomic_write, to_json
 
     if out is None:
         return
     text = to_json(result, indent=2) + "\n"
     atomic_write(out / name, lambda tmp: tmp.write_text(text))
-    print(f"wrote {out / name}")
+    if not quiet:
+        print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

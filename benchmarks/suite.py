@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import BASELINE, cpu_flags, machine_description
+from crossvit.benchmarks.latency import BASELINE, command_line, cpu_flags, machine_description
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
@@ -101,7 +101,8 @@ class Result:
 # -- the machine's limits ----------------------------------------------------------------------
 
 def has_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) or platform.machine() == "arm64"
+    """bf16 instructions: AVX512-BF16 or AMX on x86, BF16 on Linux Arm (its "Features"), Apple silicon."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags()) or platform.machine() == "arm64"
 
 
 def model_gflops(model: torch.nn.Module) -> float:
@@ -215,10 +216,16 @@ def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, de
     try:
         fns[(f"torch CUDA graph ({device})", "fp16")] = _cuda_graph(half, xh)
     except RuntimeError as e:  # a forward pass that syncs with the host cannot be captured
-        say(f"no CUDA graph row: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        _dropped(cache, say, f"no CUDA graph row: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if compile:
         _add_compiled(fns, (f"torch.compile ({device})", "fp16"), half, xh, cache, say)
     return fns
+
+
+def _dropped(cache: dict, say: Callable[[str], None], text: str) -> None:
+    """A row the run could not make: said now, and kept in `cache["notes"]` for the result's notes."""
+    cache.setdefault("notes", []).append(text)
+    say(text)
 
 
 def _add_compiled(fns: dict, key: tuple[str, str], model: torch.nn.Module, x: torch.Tensor, cache: dict,
@@ -239,7 +246,7 @@ def _add_compiled(fns: dict, key: tuple[str, str], model: torch.nn.Module, x: to
     except Exception as e:  # inductor/triton/C compiler trouble: the other rows still run
         cache["compile_failed"] = True
         line = str(e).strip().splitlines()
-        say(f"no torch.compile rows: {type(e).__name__}: {line[0] if line else ''}")
+        _dropped(cache, say, f"no torch.compile rows: {type(e).__name__}: {line[0] if line else ''}")
         return
     first = time.perf_counter() - t0
     cache.setdefault("compile_s", []).append(first)
@@ -334,7 +341,7 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     result = Result(model=name, gflops_per_image=model_gflops(model), machine=machine_description(),
-                    command=" ".join(sys.argv))
+                    command=command_line())
     result.machine["bench_device"] = device
     if cuda:
         result.machine["tf32"] = False
@@ -344,7 +351,8 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
     cache: dict = {"compile_s": []}  # the fp16 copy and the compiled model, kept across batch sizes
     last = None  # seconds the previous batch size took, without compiling
     with contextlib.ExitStack() as stack:
-        served_fns = _served(stack, served, max(batch_sizes), say) if served is not None else {}
+        served_fns = (_served(stack, served, max(batch_sizes), lambda m: _note(result, say, m))
+                      if served is not None else {})
         for i, b in enumerate(batch_sizes, 1):
             if deadline is not None and last is not None:
                 go, keep_compile, why = fits(deadline - time.monotonic(), last, cache["compile_s"], compile,
@@ -390,6 +398,7 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
     from crossvit.runtime.session import open_session
 
     cuda = device != "cpu"
+    cache = {} if cache is None else cache
     base_key = baseline(device)
     say(f"{step} batch {b}: PyTorch, {len(artifacts)} artifact(s), {len(served_fns)} served, in interleaved turns")
     x = np.random.default_rng(b).standard_normal((b, *model.input_shape), dtype=np.float32)
@@ -397,6 +406,7 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         fns = torch_backends(on_device, xt, compile=compile, device=device, say=say, cache=cache)
+        result.notes.extend(f"batch {b}: {n}" for n in cache.pop("notes", []))
         result.accuracy.update(_agreement(fns, base_key, b))  # each PyTorch row against the baseline
         for path in artifacts:
             info = read_artifact(path)
@@ -409,9 +419,15 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
                                        f"{s.providers}); on a GPU it needs onnxruntime-gpu")
                 s.infer(x)
             except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
-                say(f"skipped {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                _note(result, say, f"batch {b}: skipped {path.name}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
-            fns[(f"{s.backend} ({path.stem})", info.precision)] = (lambda s: lambda: s.infer(x))(s)
+            fn = (lambda s: lambda: s.infer(x))(s)
+            if not info.batch_min <= b <= info.batch_max:  # the session splits or pads: say so on the row
+                fn.note = (f"file's batch range {info.batch_min}..{info.batch_max}: "
+                           + (f"runs as {-(-b // info.batch_max)} calls" if b > info.batch_max
+                              else f"padded to {info.batch_min}"))
+            fns[(f"{s.backend} ({path.stem})", info.precision)] = fn
         for key, fn in served_fns.items():
             fns[key] = (lambda fn: lambda: fn(x))(fn)
         lat, spreads = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None)
@@ -432,15 +448,37 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
 
 def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None
            ) -> tuple[dict, dict]:
-    """measure_interleaved, plus the spread of each backend's per-turn medians."""
-    turns = [measure_interleaved(fns, batch=batch, runs=max(runs // 3, 3), rounds=1, max_seconds=max_seconds / 3,
-                                 sync=sync) for _ in range(3)]
+    """Three turns of every backend (A B C, A B C, A B C), with a progress bar on a terminal, and
+    the spread of each backend's per-turn medians."""
+    turns, total = [], 3 * len(fns)
+    for t in range(3):
+        turn = {}
+        for i, (key, fn) in enumerate(fns.items()):
+            _bar(t * len(fns) + i, total, f"batch {batch}, turn {t + 1}/3: {key[0]}")
+            turn.update(measure_interleaved({key: fn}, batch=batch, runs=max(runs // 3, 3), rounds=1,
+                                            max_seconds=max_seconds / 3, sync=sync))
+        turns.append(turn)
+    _bar(total, total, "")
     pooled, spreads = {}, {}
     for key in fns:
         medians = [t[key].p50_ms for t in turns]
         spreads[key] = (max(medians) - min(medians)) / min(medians)
         pooled[key] = _pool([t[key] for t in turns])
     return pooled, spreads
+
+
+def _bar(done: int, total: int, label: str, width: int = 24) -> None:
+    """A one-line progress bar on stderr, redrawn in place; only on a terminal (logs get the
+    "[i/n] batch" lines), and wiped when `done == total`."""
+    err = sys.stderr
+    if not (hasattr(err, "isatty") and err.isatty()):
+        return
+    if done >= total:
+        err.write("\r\033[K")
+    else:
+        fill = width * done // max(total, 1)
+        err.write(f"\r\033[K  [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label[:60]}")
+    err.flush()
 
 
 def _pool(parts: list[Latency]) -> Latency:
@@ -470,8 +508,8 @@ def write_csv(results: Result | list[Result], path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_plot(result: Result, path: Path) -> None:
-    """Latency and throughput against batch size, one line per backend (needs matplotlib)."""
+def _pyplot():
+    """matplotlib.pyplot (headless), or the one line that says how to get it."""
     try:
         import matplotlib
 
@@ -481,7 +519,14 @@ def write_plot(result: Result, path: Path) -> None:
         from crossvit.errors import BackendUnavailable
 
         raise BackendUnavailable("--plot needs matplotlib: pip install 'crossvit[bench]'") from None
+    return plt
+
+
+def write_plot(result: Result, path: Path) -> None:
+    """Latency and throughput against batch size, one line per backend (needs matplotlib)."""
     from crossvit.contract import atomic_write
+
+    plt = _pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     keys = sorted({(r.backend, r.precision) for r in result.rows})
@@ -496,7 +541,9 @@ def write_plot(result: Result, path: Path) -> None:
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     left.legend(fontsize=7)
-    fig.suptitle(f"{result.model} on {result.machine.get('processor')} ({time.strftime('%Y-%m-%d')})")
+    where = result.machine.get("cuda") if result.machine.get("bench_device") == "cuda" else None
+    where = where or result.machine.get("cpu_model") or result.machine.get("processor")
+    fig.suptitle(f"{result.model} on {where} ({time.strftime('%Y-%m-%d')})")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -544,6 +591,8 @@ def main(args, say: Callable[[str], None]) -> int:
     from crossvit.runtime.artifact import read_artifact
 
     device = resolve_device(args.device)
+    if args.plot is not None:
+        _pyplot()  # a missing matplotlib is said now, not after the run
     for out in (args.json, args.csv, args.plot):
         if out is not None:
             check_output_path(out, inputs=(*args.artifacts, args.checkpoint))
@@ -554,10 +603,18 @@ def main(args, say: Callable[[str], None]) -> int:
         raise ConfigError("give --model NAME or --checkpoint for the PyTorch baseline")
     loaded = load_model(args.checkpoint, name=name)
     batch_sizes = args.batch_sizes
+    dropped: list[str] = []  # for the result's notes
+
+    def drop(text: str) -> None:
+        dropped.append(text)
+        say(text)
     with temporary_folder() as tmp:
-        if not artifacts and _builds_onnx(device, say):  # build the ONNX variants of the model here
+        if not artifacts and _builds_onnx(device, drop):  # build the ONNX variants of the model here
             fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, max(max(batch_sizes), 2)),
                                progress=say).path
+            for p in args.precisions:
+                if p != "fp32" and not _runs_on(p, device):
+                    drop(f"no {p} row: an ONNX Runtime CPU graph, not timed on {device}")
             artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
                                   for p in args.precisions if p != "fp32" and _runs_on(p, device)]
         served = None
@@ -567,11 +624,12 @@ def main(args, say: Callable[[str], None]) -> int:
                 raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
         result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
                      max_seconds=args.max_seconds, compile=args.compile, device=device, served=served, progress=say)
+        result.notes[:0] = dropped
         accuracy = not args.no_accuracy
         if accuracy and args.artifacts and loaded.info.random_weights:
             # a fresh random model is not the one the given files were exported from
-            say("no accuracy column: the PyTorch reference has random weights, not those of the given files; "
-                "give --checkpoint with the weights they were exported from")
+            _note(result, say, "no accuracy column: the PyTorch reference has random weights, not those of the "
+                               "given files; give --checkpoint with the weights they were exported from")
             accuracy = False
         if accuracy:
             for path in artifacts:

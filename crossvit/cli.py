@@ -8,6 +8,7 @@ mapped to an exit code; anything else is an internal error, printed as one line 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -56,6 +57,17 @@ _positive_int = _int_at_least(1)
 _seed = _int_at_least(0)
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds, milliseconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (and exit code 2, as argparse's own)."""
 
@@ -96,7 +108,7 @@ def _batch_sizes(text: str | None) -> list[int] | None:
         raise ConfigError(f"--batch-sizes must be integers >= 1, got {text!r}")
     if max(sizes) > MAX_BATCH:
         raise ConfigError(f"--batch-sizes {max(sizes)} is over the limit of {MAX_BATCH}")
-    return sizes
+    return list(dict.fromkeys(sizes))  # each size once, in the order given
 
 
 # -- subcommands -----------------------------------------------------------------------------
@@ -105,11 +117,14 @@ def cmd_models(args) -> int:
     from crossvit.model import build_model, get_spec, list_models
     import torch
 
-    print(f"{'name':<26} {'family':<9} {'params':>8} {'input':>11}  description")
+    rows = []
     for name in list_models():
         spec = get_spec(name)
         with torch.device("meta"):
             n = sum(p.numel() for p in build_model(spec.architecture, spec.config).parameters())
+        rows.append((spec.architecture != "seed", n, name, spec))  # the embedded model first, then by size
+    print(f"{'name':<26} {'family':<9} {'params':>8} {'input':>11}  description")
+    for _, n, name, spec in sorted(rows, key=lambda r: r[:3]):
         c, h, w = spec.preprocessing.input_size
         shipped = " [weights shipped]" if spec.weights else ""
         print(f"{name:<26} {spec.architecture:<9} {n / 1e6:7.2f}M {f'{c}x{h}x{w}':>11}  "
@@ -118,10 +133,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    path: Path = args.artifact
+    path: Path | None = args.artifact
     from crossvit.contract import to_json
 
-    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+    if path is not None and path.suffix.lower() in (".onnx", ".plan", ".engine"):
         from crossvit.runtime.artifact import read_artifact
 
         info = read_artifact(path)
@@ -134,7 +149,9 @@ def cmd_info(args) -> int:
     else:
         from crossvit.model import load_model
 
-        loaded = load_model(path, name=args.model, config=args.config)
+        from crossvit.model import DEFAULT_MODEL
+
+        loaded = load_model(path, name=args.model or (DEFAULT_MODEL if path is None else None), config=args.config)
         d = loaded.info.to_dict()
         d["labels"] = d["labels"][:10] + (["..."] if len(d["labels"]) > 10 else [])
         d["parameters"] = sum(p.numel() for p in loaded.model.parameters())
@@ -312,6 +329,17 @@ def _batch_list(text: str) -> list[int]:
     return sizes
 
 
+def _precision_list(text: str) -> list[str]:
+    from crossvit.contract import PRECISION_TABLE
+
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    unknown = [n for n in names if n not in PRECISION_TABLE]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated precisions from {', '.join(PRECISION_TABLE)}, "
+                                         f"got {text!r}")
+    return names
+
+
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
@@ -354,7 +382,8 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                    help="auto: by the artifact's kind (a .plan that cannot run here falls back to its ONNX); "
                         "ort-tensorrt: ONNX Runtime's TensorRT provider")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: the GPU for a .plan (and for ONNX Runtime with onnxruntime-gpu), else the CPU")
     p.add_argument("--exact", action="store_true",
                    help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
                         "variant when one beside it was made from this file and passed the parity gate")
@@ -375,8 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("info", help="show what a checkpoint or ONNX file says about itself")
-    p.add_argument("artifact", type=Path, help=".safetensors/.pt/.pth/.bin checkpoint or .onnx file")
-    p.add_argument("--model", metavar="NAME", help="model name, for a foreign checkpoint")
+    p.add_argument("artifact", type=Path, nargs="?", default=None,
+                   help=".safetensors/.pt/.pth/.bin checkpoint, .onnx or .plan file (default: the embedded "
+                        "model, or --model NAME)")
+    p.add_argument("--model", metavar="NAME", help="model name, for a foreign checkpoint (alone: a registered model)")
     p.add_argument("--config", metavar="FILE.json", type=Path, help="config, for a foreign checkpoint")
     p.set_defaults(func=cmd_info)
 
@@ -421,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files or folders with an artifact")
     p.add_argument("artifact", type=Path, metavar="ARTIFACT",
                    help=".onnx, a TensorRT .plan (from `crossvit build`) or a checkpoint (torch backend)")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders searched recursively for .png/.jpg/... files")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="images per inference call (default: the artifact's largest batch, at most 32)")
@@ -459,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Needs the [serve] extra.")
     p.add_argument("artifact", type=Path, metavar="ARTIFACT", help=".onnx or .plan")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (0: any free port)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free port)")
     p.add_argument("--model-name", default=None, help="name clients use (default: the artifact's model name)")
     p.add_argument("--max-batch", type=_positive_int, default=32,
                    help="rows per session call; larger requests are split (default 32)")
@@ -483,14 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME", help="registered model for the PyTorch baseline (default: the "
                                                    "artifact's, or the embedded model)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for the PyTorch baseline")
-    p.add_argument("--precisions", type=lambda t: [x for x in t.split(",") if x], default=["fp32", "int8-cpu"],
+    p.add_argument("--precisions", type=_precision_list, default=["fp32", "int8-cpu"],
                    metavar="fp32,int8-cpu", help="variants to build when no artifact is given")
     p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], metavar="1,8,32")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the PyTorch rows run (default: the GPU if PyTorch sees one); on cuda the rows are "
                         "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="time limit per backend and batch")
+    p.add_argument("--max-seconds", type=_positive_number, default=20.0, help="time limit per backend and batch")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")
     p.add_argument("--served", action="store_true",
                    help="also time the first .onnx through `crossvit serve` with the real tritonclient, over HTTP "

@@ -83,7 +83,8 @@ def variants_stage(fp32: Path, out: Path, name: str, variants: tuple[str, ...], 
     from crossvit.export.precision import convert_precision
     from crossvit.runtime.artifact import read_artifact
 
-    written = []
+    written: list[Path] = []
+    why: dict[str, list[str]] = {}  # reason -> the precisions it skipped, said once each
     for precision in variants:
         try:
             calib = calibration_batch(read_artifact(fp32).raw, calibration,
@@ -91,8 +92,13 @@ def variants_stage(fp32: Path, out: Path, name: str, variants: tuple[str, ...], 
             written.append(convert_precision(fp32, out / f"{name}.{precision}.onnx", precision, calib,
                                              progress=say))
         except CrossViTError as e:
-            result.skipped.append(f"{precision} variant: {e}")
-            say(f"skipped {precision}: {e}")
+            if str(e) not in why:
+                say(f"skipped {precision}: {e}")
+            else:
+                say(f"skipped {precision}: the same reason")
+            why.setdefault(str(e), []).append(precision)
+    for reason, precisions in why.items():
+        result.skipped.append(f"{', '.join(precisions)} variant{'s' if len(precisions) > 1 else ''}: {reason}")
     return written
 
 

@@ -84,6 +84,29 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", tmp_path / "missing.onnx"), "no such file")
     (tmp_path / "d").mkdir()
     one_line_error(cli("bench", "--json", tmp_path / "d"), "is a directory")
+    one_line_error(cli("bench", "--precisions", "fp32,fp9"), "expected comma-separated precisions", code=2)
+    one_line_error(cli("bench", "--max-seconds", "-1"), "positive number", code=2)
+
+
+@pytest.mark.slow  # exports and times the embedded model
+def test_bench_rows_say_what_was_dropped_and_how_a_batch_outside_the_files_range_ran(tmp_path, cli):
+    """What a run could not time is in the result's notes (JSON), not only on stderr; a batch the
+    file cannot take at once is labelled with how it ran; a batch size given twice is timed once."""
+    assert cli("export", "-o", tmp_path / "d1.onnx", "--batch", "1:1").returncode == 0
+    proc = cli("bench", tmp_path / "d1.onnx", "--batch-sizes", "1,2,2", "--runs", "3", "--max-seconds", "2",
+               "--no-accuracy", "--json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    ort = [r for r in data["rows"] if r["backend"].startswith("onnxruntime")]
+    assert [r["batch"] for r in ort] == [1, 2]
+    assert "runs as 2 calls" in ort[1]["note"] and "runs as" not in ort[0]["note"]
+    assert "python" in data["command"] or "crossvit" in data["command"]
+    proc = cli("bench", "--precisions", "fp32,bf16", "--batch-sizes", "1", "--runs", "3", "--max-seconds", "2",
+               "--no-accuracy", "--json", tmp_path / "c.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert any("skipped crossvit_digits.bf16.onnx" in n for n in data["notes"]) or any(
+        r["precision"] == "bf16" and r["backend"].startswith("onnxruntime") for r in data["rows"])
 
 
 def test_bench_on_cuda_without_a_gpu_says_so_in_one_line(cli, one_line_error):

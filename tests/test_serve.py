@@ -779,3 +779,62 @@ def test_open_loop_load_is_bounded_and_finds_the_knee(server):
     rows = [{"rate": 100, "errors": 0, "p99_ms": 10}, {"rate": 200, "errors": 0, "p99_ms": 40},
             {"rate": 400, "errors": 0, "p99_ms": 90}, {"rate": 800, "errors": 3, "p99_ms": 20}]
     assert knee(rows, 50) == 200 and knee(rows, 5) is None
+
+
+def test_open_loop_against_a_server_that_never_answers_counts_and_goes_on():
+    """A server that accepts and never answers: the rate's requests are counted unanswered after
+    the grace time (no hang, no traceback), no knee, and the result file holds every rate."""
+    import socket
+    import threading
+
+    from crossvit.benchmarks.serve_load import knee, open_loop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        t0 = time.monotonic()
+        row = asyncio.run(open_loop(address, "m", _x(1), rate=20, seconds=0.5, max_requests=5, grace_seconds=1.0))
+        assert time.monotonic() - t0 < 20
+        assert row["sent"] == row["unanswered"] > 0 and row["answered"] == 0 and knee([row], 1e9) is None
+        assert row["capped_by_max_requests"] in (True, False) and row["seconds"] >= 1.0
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rates", "abc"], "comma-separated request rates"),
+    (["--rates", "0"], "positive numbers"),
+    (["--rates=-5,10"], "positive numbers"),
+    (["--seconds", "nan"], "positive number"),
+    (["--max-requests", "0"], ">= 1"),
+    (["--url", "127.0.0.1:9"], "give --rates too"),
+])
+def test_serve_load_refuses_bad_arguments_in_one_line(args, words, capsys):
+    from crossvit.benchmarks.serve_load import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_serve_load_bad_model_or_output_is_one_line_before_any_load(tmp_path, capsys):
+    from crossvit.benchmarks.serve_load import main
+
+    assert main(["--model", "nosuch", "--seconds", "1"]) == 1
+    assert "nosuch" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    t0 = time.monotonic()
+    assert main(["--out", str(tmp_path / "file"), "--rates", "5", "--seconds", "1"]) == 1
+    assert "not a folder" in capsys.readouterr().err and time.monotonic() - t0 < 10
