@@ -551,6 +551,35 @@ def write_plot(result: Result, path: Path) -> None:
 
 # -- the command -------------------------------------------------------------------------------
 
+def autocast_accuracy(loaded, device: str, say: Callable[[str], None]) -> dict:
+    """Each PyTorch autocast precision of the run (bf16 on a CPU with bf16 instructions; fp16 and
+    bf16 on a GPU) on the shipped held-out images against eager fp32, through the parity gate's
+    real-image case: top-1 agreement, relative L2, cosine and, the images being labelled, top-1
+    accuracy of both. (The compiled and CUDA-graph rows run the fp32/fp16 model itself, checked
+    at every batch size against eager on the timed batch.)"""
+    from crossvit.export.parity import real_image_case
+    from crossvit.runtime.preprocess import Preprocessor
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device != "cpu" else (
+        {"bf16": torch.bfloat16} if has_bf16() else {})
+    if not dtypes:
+        return {}
+    model = copy.deepcopy(loaded.model).to(device).eval() if device != "cpu" else loaded.model.eval()
+    preprocessor = Preprocessor.from_dict(loaded.info.preprocessing)
+    out = {}
+    for name, dtype in dtypes.items():
+        def run(x: np.ndarray, dtype=dtype) -> np.ndarray:
+            with torch.inference_mode(), torch.autocast(device, dtype=dtype):
+                return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        say(f"accuracy of torch autocast ({device}) {name} on the held-out images")
+        case, _ = real_image_case(loaded.model.eval(), run, preprocessor, loaded.info.labels, batch=32)
+        out[f"torch autocast ({device}) {name} images"] = {
+            "top1_agreement_images": case.top1_agreement, "rel_l2_images": case.rel_l2,
+            "cosine_images": case.cosine, "accuracy": case.accuracy_artifact,
+            "accuracy_reference": case.accuracy_reference}
+    return out
+
+
 def resolve_device(device: str) -> str:
     """"auto" is the GPU where PyTorch sees one; asking for "cuda" without one is a clear error."""
     from crossvit.errors import BackendUnavailable
@@ -641,6 +670,7 @@ def main(args, say: Callable[[str], None]) -> int:
                                               "rel_l2_images": images and images.rel_l2,
                                               "cosine_images": images and images.cosine,
                                               "accuracy": art, "accuracy_reference": ref}
+            result.accuracy.update(autocast_accuracy(loaded, device, say))
     print(result.table())
     if args.json:
         text = to_json(result.to_dict(), indent=2) + "\n"

@@ -150,6 +150,34 @@ def _reference_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) ->
     return np.concatenate(outs)
 
 
+def real_image_case(model: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray], preprocessor,
+                    labels, images: str | Path | None = None, *, batch: int = 32,
+                    say: Callable[[str], None] | None = None) -> tuple[CaseResult, list]:
+    """The real-image case of the gate: the folder (default: the shipped held-out images) through
+    `preprocessor`, the reference `model` and `run` (the artifact's session, or any other way to
+    compute the logits, such as PyTorch under autocast) in pieces of `batch`; the two compared, and
+    top-1 accuracy of both where the images are labelled with `labels`. Returns (case, the images
+    that could not be read, with why)."""
+    folder = Path(images) if images else heldout_images()
+    image_set: ImageSet = list_images(folder)
+    (say or (lambda m: None))(f"real images: {len(image_set)} from {folder}")
+    refs, outs, kept, bad = [], [], [], []  # in pieces: a large folder is never one array of images
+    for x, good, errors in iter_image_set(image_set, preprocessor):
+        bad += errors
+        if len(x):
+            refs.append(_reference_logits(model, x, batch))
+            outs.append(np.asarray(run(x), dtype=np.float32))
+            kept += good
+    ref, out = np.concatenate(refs), np.concatenate(outs)
+    case = CaseResult(source="images", batch_size=batch, n=len(ref), **compare(ref, out))
+    names = list(labels)
+    if image_set.labels is not None and all(image_set.labels[i] in names for i in kept):
+        truth = np.array([names.index(image_set.labels[i]) for i in kept])
+        case.accuracy_reference = float((ref.argmax(1) == truth).mean() * 100)
+        case.accuracy_artifact = float((out.argmax(1) == truth).mean() * 100)
+    return case, bad
+
+
 def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | Path | None = None,
                  batch_sizes: list[int] | None = None, thresholds: Thresholds | None = None,
                  seed: int | None = None, progress: Callable[[str], None] | None = None,
@@ -194,24 +222,9 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
                 case = CaseResult(source="random", batch_size=b, n=b, **compare(ref, out))
                 _gate(case, t)
                 report.cases.append(case)
-            folder = Path(images) if images else heldout_images()
-            image_set: ImageSet = list_images(folder)
-            say(f"real images: {len(image_set)} from {folder}")
-            b = min(info.batch_max, 32)
-            refs, outs, kept = [], [], []  # in pieces: a large folder is never one array of images
-            for x, good, errors in iter_image_set(image_set, session.preprocessor):
-                report.image_errors += errors
-                if len(x):
-                    refs.append(_reference_logits(model, x, b))
-                    outs.append(session.infer(x))
-                    kept += good
-            ref, out = np.concatenate(refs), np.concatenate(outs)
-            case = CaseResult(source="images", batch_size=b, n=len(ref), **compare(ref, out))
-            names = list(info.labels)
-            if image_set.labels is not None and all(image_set.labels[i] in names for i in kept):
-                truth = np.array([names.index(image_set.labels[i]) for i in kept])
-                case.accuracy_reference = float((ref.argmax(1) == truth).mean() * 100)
-                case.accuracy_artifact = float((out.argmax(1) == truth).mean() * 100)
+            case, errors = real_image_case(model, session.infer, session.preprocessor, info.labels, images,
+                                           batch=min(info.batch_max, 32), say=say)
+            report.image_errors += errors
             _gate(case, t)
             report.cases.append(case)
         except CrossViTError:

@@ -33,6 +33,10 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
         for b in (1, 2):
             bf16 = data["accuracy"][f"torch autocast (cpu) bf16 b{b}"]
             assert 0 < bf16["rel_l2"] < 5e-2 and bf16["cosine"] > 0.99
+        # and on the labelled held-out images, through the parity gate's real-image case
+        images = data["accuracy"]["torch autocast (cpu) bf16 images"]
+        assert images["top1_agreement_images"] >= 0.99 and images["accuracy_reference"] >= 97
+        assert abs(images["accuracy"] - images["accuracy_reference"]) <= 1.0
     assert data["machine"]["onnxruntime"] and "bench" in data["command"]
     assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == len(rows)
     assert "GFLOP per image" in proc.stdout and "of peak" in proc.stdout
