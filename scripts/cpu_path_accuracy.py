@@ -6,7 +6,7 @@ A random-weight model is new on every load, so the reference, the fp32 export an
 variants must come from one process. For each model: export fp32, the int8-cpu variant
 (attention fused, `convert_precision`) and the previous recipe without the fusion ("unfused":
 `quantize_dynamic` on the export as written), then the parity gate of each against the model on
-IMAGES_DIR. Wrote benchmarks/results/cpu_path/accuracy_random_weights.json (first 48 held-out
+IMAGES_DIR. Wrote benchmarks/results/cpu_epyc_2core/cpu_path/accuracy_random_weights.json (first 48 held-out
 images).
 """
 
