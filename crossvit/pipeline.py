@@ -61,11 +61,12 @@ class DeployResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        from crossvit.benchmarks.latency import machine_description
+        from crossvit.benchmarks.latency import command_line, machine_description
 
         return {"out_dir": str(self.out_dir), "rows": [asdict(r) for r in self.rows],
                 "skipped": self.skipped, "warnings": self.warnings, "parity_reports": self.reports,
-                "seconds": self.seconds, "machine": machine_description(), "crossvit_version": __version__}
+                "seconds": self.seconds, "machine": machine_description(), "command": command_line(),
+                "crossvit_version": __version__}
 
 
 # -- the stages ------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class ParityReport:
     image_errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     artifact_sha256: str = ""  # the file judged: a report is about these bytes only
+    environment: dict = field(default_factory=lambda: environment())  # what computed both sides
 
     @property
     def verdict(self) -> str:
@@ -148,6 +149,19 @@ def _reference_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int) ->
         for s in range(0, len(x), batch_size):
             outs.append(model(torch.from_numpy(x[s:s + batch_size])).float().numpy())
     return np.concatenate(outs)
+
+
+def environment() -> dict:
+    """The versions and platform a report's numbers come from (kernels differ between them)."""
+    import platform
+
+    import onnxruntime
+
+    from crossvit import __version__
+
+    return {"crossvit": __version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.processor() or platform.machine()}
 
 
 def real_image_case(model: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray], preprocessor,

@@ -29,6 +29,7 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     assert rows["crossvit_digits.safetensors"]["speedup"] == 1.0
     assert any("TensorRT" in s for s in summary["skipped"])
     assert "machine" in summary and summary["machine"]["onnxruntime"] and "modelopt" in summary["machine"]
+    assert "deploy" in summary["command"]
     assert "vs torch" in proc.stdout and "crossvit_digits.int8.onnx" in proc.stdout
     assert "[5/5]" in proc.stderr  # progress
     # the deploy folder is what predict/serve open: on a CPU its fp32 runs as the gated int8-cpu

@@ -107,7 +107,9 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     ckpt, onnx_path = small_artifacts
     ok = check(onnx_path, "--reference", ckpt, "--batch-sizes", "1,3", "--json", tmp_path / "ok.json")
     assert ok.returncode == 0, ok.stderr
-    assert "verdict: PASS" in ok.stdout and json.loads((tmp_path / "ok.json").read_text())["verdict"] == "pass"
+    saved = json.loads((tmp_path / "ok.json").read_text())
+    assert "verdict: PASS" in ok.stdout and saved["verdict"] == "pass"
+    assert saved["environment"]["onnxruntime"] and saved["environment"]["crossvit"]  # what computed it
     bad = check(corrupted, "--reference", ckpt, "--batch-sizes", "2")
     assert bad.returncode == 2 and "verdict: FAIL" in bad.stdout
     loose = check(onnx_path, "--reference", ckpt, "--max-abs", "0.5")
