@@ -41,6 +41,7 @@ import torch
 from crossvit.benchmarks.latency import BASELINE, command_line, cpu_flags, machine_description
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
+TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
                    "int8-cpu": "int8"}
 DEVICES = ("cpu", "cuda")
@@ -65,6 +66,7 @@ class Row:
     of_peak: float | None  # achieved GFLOP/s / the best measured GEMM rate of its precision
     spread: float  # (max - min) / min of the per-turn medians
     note: str = ""
+    runs: int = 0  # timed calls, all turns together
 
 
 @dataclass
@@ -184,20 +186,21 @@ def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
 # -- the backends ------------------------------------------------------------------------------
 
 def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, device: str = "cpu",
-                   say: Callable[[str], None] = lambda m: None, cache: dict | None = None
-                   ) -> dict[tuple[str, str], Callable]:
+                   say: Callable[[str], None] = lambda m: None, cache: dict | None = None,
+                   rows: frozenset = TORCH_ROWS) -> dict[tuple[str, str], Callable]:
     """PyTorch's ways to run `model` on `x` (both already on `device`), keyed (backend, precision).
 
     `cache` (one dict per run) keeps the fp16 copy and the compiled model across batch sizes, so
     torch.compile behaves as it does for a user calling one compiled model with several batch
     sizes: a graph for the first size, then one dynamic-batch graph (PyTorch's automatic dynamic
     shapes) that later sizes reuse. The compiled row's first call is made here, timed (its note
-    says how long compiling took) and guarded: a compiler failure costs that row, not the run."""
+    says how long compiling took) and guarded: a compiler failure costs that row, not the run.
+    `rows` picks the optional rows ("autocast", "cuda-graph"); eager fp32 is always there."""
     cache = {} if cache is None else cache
     model = model.eval()
     fns = {baseline(device): lambda: model(x)}
     if device == "cpu":
-        if has_bf16():
+        if has_bf16() and "autocast" in rows:
             def bf16():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return model(x)
@@ -205,7 +208,7 @@ def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, de
         if compile:
             _add_compiled(fns, ("torch.compile (cpu)", "fp32"), model, x, cache, say)
         return fns
-    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if "autocast" in rows else ():
         def autocast(dtype=dtype):
             with torch.autocast("cuda", dtype=dtype):
                 return model(x)
@@ -214,7 +217,8 @@ def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, de
         cache["half"] = copy.deepcopy(model).half()
     half, xh = cache["half"], x.half()
     try:
-        fns[(f"torch CUDA graph ({device})", "fp16")] = _cuda_graph(half, xh)
+        if "cuda-graph" in rows:
+            fns[(f"torch CUDA graph ({device})", "fp16")] = _cuda_graph(half, xh)
     except RuntimeError as e:  # a forward pass that syncs with the host cannot be captured
         _dropped(cache, say, f"no CUDA graph row: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if compile:
@@ -328,13 +332,14 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
 def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
         max_seconds: float, compile: bool = False, device: str = "cpu", served: Path | None = None,
         progress: Callable[[str], None] | None = None, on_batch: Callable[[Result], None] | None = None,
-        deadline: float | None = None) -> Result:
+        deadline: float | None = None, torch_rows: frozenset = TORCH_ROWS, min_seconds: float = 0.0) -> Result:
     """Every backend at every batch size (see the module docstring); `served`: also that ONNX file
     through `crossvit serve` and the real tritonclient, over HTTP and gRPC. `on_batch(result)` is
     called after each batch size (to save what is done so far). With `deadline` (a
     `time.monotonic()` value), a batch size that would not fit in the time left, judged by the
     previous one, is skipped, and the torch.compile rows are dropped first; both are said and
-    recorded in `result.notes`."""
+    recorded in `result.notes`. `torch_rows`: PyTorch's optional rows (`torch_backends`);
+    `min_seconds`: timed seconds per backend and batch at least (over the three turns)."""
     say = progress or (lambda m: None)
     cuda = device != "cpu"
     if cuda:  # the fp32 baseline is fp32: no TF32 (a run's setting, recorded with the machine)
@@ -364,7 +369,8 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
                 compile = keep_compile
             t0, compiling = time.monotonic(), sum(cache["compile_s"])
             _one_batch(result, f"[{i}/{len(batch_sizes)}]", b, model, on_device, artifacts, served_fns, runs=runs,
-                       max_seconds=max_seconds, compile=compile, device=device, say=say, cache=cache)
+                       max_seconds=max_seconds, compile=compile, device=device, say=say, cache=cache,
+                       torch_rows=torch_rows, min_seconds=min_seconds)
             last = time.monotonic() - t0 - (sum(cache["compile_s"]) - compiling)
             if on_batch is not None:
                 on_batch(result)
@@ -392,7 +398,8 @@ def _note(result: Result, say: Callable[[str], None], text: str) -> None:
 
 def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_device: torch.nn.Module,
                artifacts: list[Path], served_fns: dict, *, runs: int, max_seconds: float, compile: bool, device: str,
-               say: Callable[[str], None], cache: dict | None = None) -> None:
+               say: Callable[[str], None], cache: dict | None = None, torch_rows: frozenset = TORCH_ROWS,
+               min_seconds: float = 0.0) -> None:
     """Every backend on one random batch of `b`, in interleaved turns; appends the rows."""
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.session import open_session
@@ -405,7 +412,7 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
     xt = torch.from_numpy(x).to(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        fns = torch_backends(on_device, xt, compile=compile, device=device, say=say, cache=cache)
+        fns = torch_backends(on_device, xt, compile=compile, device=device, say=say, cache=cache, rows=torch_rows)
         result.notes.extend(f"batch {b}: {n}" for n in cache.pop("notes", []))
         result.accuracy.update(_agreement(fns, base_key, b))  # each PyTorch row against the baseline
         for path in artifacts:
@@ -430,7 +437,8 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
             fns[(f"{s.backend} ({path.stem})", info.precision)] = fn
         for key, fn in served_fns.items():
             fns[key] = (lambda fn: lambda: fn(x))(fn)
-        lat, spreads = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None)
+        lat, spreads = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None,
+                              min_seconds=min_seconds)
     base = lat[base_key].p50_ms
     for (backend, precision), l in lat.items():
         gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
@@ -439,15 +447,15 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
         result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
-                               spread=spread, note="; ".join(n for n in (
+                               spread=spread, runs=l.runs, note="; ".join(n for n in (
                                    NOISY if spread > SPREAD_WARNING else "",
                                    getattr(fns.get((backend, precision)), "note", "")) if n)))
     if cuda:
         torch.cuda.empty_cache()
 
 
-def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None
-           ) -> tuple[dict, dict]:
+def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None,
+           min_seconds: float = 0.0) -> tuple[dict, dict]:
     """Three turns of every backend (A B C, A B C, A B C), with a progress bar on a terminal, and
     the spread of each backend's per-turn medians."""
     turns, total = [], 3 * len(fns)
@@ -456,7 +464,7 @@ def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[
         for i, (key, fn) in enumerate(fns.items()):
             _bar(t * len(fns) + i, total, f"batch {batch}, turn {t + 1}/3: {key[0]}")
             turn.update(measure_interleaved({key: fn}, batch=batch, runs=max(runs // 3, 3), rounds=1,
-                                            max_seconds=max_seconds / 3, sync=sync))
+                                            max_seconds=max_seconds / 3, min_seconds=min_seconds / 3, sync=sync))
         turns.append(turn)
     _bar(total, total, "")
     pooled, spreads = {}, {}
@@ -632,13 +640,19 @@ def main(args, say: Callable[[str], None]) -> int:
         raise ConfigError("give --model NAME or --checkpoint for the PyTorch baseline")
     loaded = load_model(args.checkpoint, name=name)
     batch_sizes = args.batch_sizes
+    chosen = set(args.backends) if args.backends else None  # None: every row that applies
+    compile = args.compile or (chosen is not None and "compile" in chosen)
+    want_served = args.served or (chosen is not None and "served" in chosen)
+    torch_rows = TORCH_ROWS if chosen is None else frozenset(chosen & TORCH_ROWS)
+    kinds = {"onnx": "onnxruntime", "engine": "tensorrt"}
     dropped: list[str] = []  # for the result's notes
 
     def drop(text: str) -> None:
         dropped.append(text)
         say(text)
     with temporary_folder() as tmp:
-        if not artifacts and _builds_onnx(device, drop):  # build the ONNX variants of the model here
+        builds = chosen is None or "onnxruntime" in chosen or want_served
+        if not artifacts and builds and _builds_onnx(device, drop):  # build the ONNX variants of the model here
             fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, max(max(batch_sizes), 2)),
                                progress=say).path
             for p in args.precisions:
@@ -647,12 +661,14 @@ def main(args, say: Callable[[str], None]) -> int:
             artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
                                   for p in args.precisions if p != "fp32" and _runs_on(p, device)]
         served = None
-        if args.served:  # the first .onnx (the fp32 one when bench built them): what `serve` would get
+        if want_served:  # the first .onnx (the fp32 one when bench built them): what `serve` would get
             served = next((a for a in artifacts if a.suffix == ".onnx"), None)
             if served is None:
                 raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
-        result = run(loaded.model, name, artifacts, batch_sizes=batch_sizes, runs=args.runs,
-                     max_seconds=args.max_seconds, compile=args.compile, device=device, served=served, progress=say)
+        timed = [a for a in artifacts if chosen is None or kinds.get(read_artifact(a).kind) in chosen]
+        result = run(loaded.model, name, timed, batch_sizes=batch_sizes, runs=args.runs,
+                     max_seconds=args.max_seconds, compile=compile, device=device, served=served, progress=say,
+                     torch_rows=torch_rows, min_seconds=args.min_time)
         result.notes[:0] = dropped
         accuracy = not args.no_accuracy
         if accuracy and args.artifacts and loaded.info.random_weights:
@@ -661,7 +677,7 @@ def main(args, say: Callable[[str], None]) -> int:
                                "given files; give --checkpoint with the weights they were exported from")
             accuracy = False
         if accuracy:
-            for path in artifacts:
+            for path in timed:
                 report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)])
                 ref, art = report.accuracy
                 images = next((c for c in report.cases if c.source == "images"), None)
@@ -670,7 +686,8 @@ def main(args, say: Callable[[str], None]) -> int:
                                               "rel_l2_images": images and images.rel_l2,
                                               "cosine_images": images and images.cosine,
                                               "accuracy": art, "accuracy_reference": ref}
-            result.accuracy.update(autocast_accuracy(loaded, device, say))
+            if "autocast" in torch_rows:
+                result.accuracy.update(autocast_accuracy(loaded, device, say))
     print(result.table())
     if args.json:
         text = to_json(result.to_dict(), indent=2) + "\n"

@@ -57,15 +57,23 @@ _positive_int = _int_at_least(1)
 _seed = _int_at_least(0)
 
 
-def _positive_number(text: str) -> float:
-    """An argparse type: a finite number > 0 (seconds, milliseconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def _number_from(minimum: float, strict: bool):
+    """An argparse type: a finite number above `minimum` (`strict`) or at least it."""
+    what = f"a number {'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_number = _number_from(0, strict=True)  # seconds, milliseconds
+_non_negative_number = _number_from(0, strict=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -329,6 +337,16 @@ def _batch_list(text: str) -> list[int]:
     return sizes
 
 
+BENCH_BACKENDS = ("autocast", "compile", "cuda-graph", "onnxruntime", "tensorrt", "served")
+
+
+def _backend_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not names or any(n not in BENCH_BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated rows from {', '.join(BENCH_BACKENDS)}, got {text!r}")
+    return names
+
+
 def _precision_list(text: str) -> list[str]:
     from crossvit.contract import PRECISION_TABLE
 
@@ -523,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
     p.add_argument("--max-seconds", type=_positive_number, default=20.0, help="time limit per backend and batch")
+    p.add_argument("--min-time", type=_non_negative_number, default=0.0, metavar="S",
+                   help="timed seconds per backend and batch at least, beyond --runs (capped by --max-seconds)")
+    p.add_argument("--backends", type=_backend_list, default=None, metavar="autocast,onnxruntime,...",
+                   help="only these rows besides the eager fp32 baseline, from " + ", ".join(BENCH_BACKENDS) +
+                        " (default: all that apply here; compile and served also by --compile/--served)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes)")
     p.add_argument("--served", action="store_true",
                    help="also time the first .onnx through `crossvit serve` with the real tritonclient, over HTTP "

@@ -89,13 +89,14 @@ def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_sec
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, runs: int = 30, rounds: int = 3,
-                        max_seconds: float | None = None, sync: Callable[[], None] | None = None
-                        ) -> dict[str, Latency]:
+                        max_seconds: float | None = None, sync: Callable[[], None] | None = None,
+                        min_seconds: float = 0.0) -> dict[str, Latency]:
     """Time several backends in turns (A B C, A B C, ...) and pool each one's runs.
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
     whichever backend runs right after another (e.g. after torch's OpenMP pool) pays for it;
-    turns spread that over all of them. `max_seconds` bounds each backend's total time. Each
+    turns spread that over all of them. `max_seconds` bounds each backend's total time,
+    `min_seconds` sets its least timed time (both split over the rounds). Each
     result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
     the drift is made visible, not averaged away.
     """
@@ -106,7 +107,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, run
     for r in range(rounds):  # the first round warms up longer
         for name, fn in fns.items():
             times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else 0.1,
-                                max_seconds=budget, sync=sync)
+                                min_seconds=min_seconds / rounds, max_seconds=budget, sync=sync)
             samples[name].extend(times)
             medians[name].append(float(np.median(times)))
     out = {}

@@ -89,7 +89,8 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     (tmp_path / "d").mkdir()
     one_line_error(cli("bench", "--json", tmp_path / "d"), "is a directory")
     one_line_error(cli("bench", "--precisions", "fp32,fp9"), "expected comma-separated precisions", code=2)
-    one_line_error(cli("bench", "--max-seconds", "-1"), "positive number", code=2)
+    one_line_error(cli("bench", "--max-seconds", "-1"), "a number > 0", code=2)
+    one_line_error(cli("bench", "--backends", "onnxruntime,trt"), "expected comma-separated rows", code=2)
 
 
 @pytest.mark.slow  # exports and times the embedded model
@@ -244,3 +245,17 @@ def test_interleaved_turns_report_their_spread_and_deploy_flags_noisy_rows(monke
     monkeypatch.setattr(latency, "time_cpu_backends", time_cpu_backends)
     rows = latency_stage(load_model(name="crossvit_digits"), {}, {}, "d", batch=1, runs=9, max_seconds=5)
     assert rows[0].note.startswith("noisy: turns disagree (500%)") and rows[0].latency["spread"] == 5.0
+
+
+def test_bench_backends_pick_the_rows_and_min_time_sets_the_timed_time(tmp_path, cli):
+    """--backends keeps only the rows named (eager fp32, the baseline, always), builds no ONNX
+    when no ONNX row is wanted; --min-time makes each backend run at least that long."""
+    proc = cli("bench", "--backends", "autocast", "--batch-sizes", "1", "--runs", "3", "--min-time", "0.6",
+               "--json", tmp_path / "a.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "a.json").read_text())
+    backends = {r["backend"] for r in data["rows"]}
+    assert backends <= {"torch eager (cpu)", "torch autocast (cpu)"} and "torch eager (cpu)" in backends
+    assert "exporting" not in proc.stderr and not any(k.endswith(".onnx") for k in data["accuracy"])
+    eager = next(r for r in data["rows"] if r["backend"] == "torch eager (cpu)")
+    assert eager["images_per_s"] > 0 and eager["runs"] * eager["p50_ms"] >= 0.5 * 600  # about 0.6 s timed

@@ -817,7 +817,7 @@ def test_open_loop_against_a_server_that_never_answers_counts_and_goes_on():
     (["--rates", "abc"], "comma-separated request rates"),
     (["--rates", "0"], "positive numbers"),
     (["--rates=-5,10"], "positive numbers"),
-    (["--seconds", "nan"], "positive number"),
+    (["--seconds", "nan"], "a number > 0"),
     (["--max-requests", "0"], ">= 1"),
     (["--url", "127.0.0.1:9"], "give --rates too"),
 ])
