@@ -137,6 +137,7 @@ def gemm_rates(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict
     if has_bf16():
         ha, hb = ta.bfloat16(), tb.bfloat16()
         fns["torch bf16"] = lambda: ha @ hb
+    _add_if_it_runs(fns, "torch int8", _int8_matmul(n, "cpu"))
 
     def session(op: str, dtype, inputs, b_dtype=None):
         graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
@@ -173,8 +174,28 @@ def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, flo
 
     fns = {"torch fp32": tf32(False), "torch tf32": tf32(True), "torch fp16": lambda: half[0] @ half[1],
            "torch bf16": lambda: bf[0] @ bf[1]}
+    _add_if_it_runs(fns, "torch int8", _int8_matmul(n, device), sync=torch.cuda.synchronize)
     lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize)
     return {k: 2 * n**3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
+
+
+def _int8_matmul(n: int, device: str) -> Callable[[], torch.Tensor]:
+    """PyTorch's int8 x int8 -> int32 matrix product (`torch._int_mm`: oneDNN/VNNI on x86, cuBLASLt
+    on a GPU), what a PyTorch int8 backend would run."""
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    return lambda: torch._int_mm(a, b)
+
+
+def _add_if_it_runs(fns: dict, key: str, fn: Callable, sync: Callable[[], None] | None = None) -> None:
+    """`fns[key] = fn` when one call succeeds: a product this build or device lacks is no rate."""
+    try:
+        fn()
+        if sync is not None:
+            sync()
+    except Exception:  # no kernel for it here (a private API, hardware without int8 tensor cores)
+        return
+    fns[key] = fn
 
 
 def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
