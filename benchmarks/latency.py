@@ -48,6 +48,16 @@ def machine_description() -> dict:
             **{name: _installed(dist) for name, dist in OPTIONAL_LIBRARIES.items()}}
 
 
+def busy_machine(machine: dict) -> str | None:
+    """A warning when the 1-minute load average before timing says other work was running (over a
+    quarter of the cores busy, at least 0.5): such figures can be off by 2-3x."""
+    load, cores = (machine.get("load_average") or [0])[0], machine.get("cores") or 1
+    if load > max(0.5, cores / 4):
+        return (f"the machine was busy when timing began (load average {load:.2f} on {cores} cores): other work "
+                "moves these figures, by 2-3x on a small machine; time again when it is quiet")
+    return None
+
+
 def command_line() -> str:
     """The command that made a result, as it can be typed again (shell-quoted; `python -m MODULE
     ...` for a module run, `crossvit ...` for the console script), with the folder it ran in."""

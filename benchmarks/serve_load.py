@@ -328,7 +328,7 @@ def _rates(text: str) -> list[float]:
 
 
 def _main(args) -> int:
-    from crossvit.benchmarks.latency import command_line, machine_description
+    from crossvit.benchmarks.latency import busy_machine, command_line, machine_description
     from crossvit.contract import check_output_dir, check_output_path, temporary_folder
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.model import load_model
@@ -337,6 +337,10 @@ def _main(args) -> int:
         check_output_dir(args.out)
         check_output_path(args.out / ("serve_open_loop.json" if args.rates else "serve.json"))
     machine = machine_description()  # before the servers start: the load average says how quiet it was
+    busy = busy_machine(machine)
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
+        machine["warning"] = busy
     with temporary_folder() as tmp:
         if args.artifact is not None:
             from crossvit.runtime.session import open_session

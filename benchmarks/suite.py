@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import BASELINE, command_line, cpu_flags, machine_description
+from crossvit.benchmarks.latency import BASELINE, busy_machine, command_line, cpu_flags, machine_description
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
 TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
@@ -371,6 +371,9 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
     result.machine["bench_device"] = device
     if cuda:
         result.machine["tf32"] = False
+    busy = busy_machine(result.machine)
+    if busy:
+        _note(result, say, busy)
     say(f"measuring GEMM rates on {device} (the machine's own limits)")
     result.gemm = gemm_rates(device=device)
     on_device = copy.deepcopy(model).to(device).eval() if cuda else model.eval()

@@ -259,3 +259,11 @@ def test_bench_backends_pick_the_rows_and_min_time_sets_the_timed_time(tmp_path,
     assert "exporting" not in proc.stderr and not any(k.endswith(".onnx") for k in data["accuracy"])
     eager = next(r for r in data["rows"] if r["backend"] == "torch eager (cpu)")
     assert eager["images_per_s"] > 0 and eager["runs"] * eager["p50_ms"] >= 0.5 * 600  # about 0.6 s timed
+
+
+def test_a_busy_machine_is_said_and_a_quiet_one_is_not():
+    from crossvit.benchmarks.latency import busy_machine
+
+    assert "load average 1.60 on 2 cores" in busy_machine({"load_average": [1.6, 1.0, 0.9], "cores": 2})
+    assert busy_machine({"load_average": [0.3, 1.0, 0.9], "cores": 2}) is None
+    assert busy_machine({"load_average": [3.0, 1.0, 0.9], "cores": 16}) is None  # 3 of 16 cores
