@@ -659,9 +659,10 @@ def main(args, say: Callable[[str], None]) -> int:
             check_output_path(out, inputs=(*args.artifacts, args.checkpoint))
     artifacts = [Path(a) for a in args.artifacts]
     infos = [read_artifact(a) for a in artifacts]
+    if args.checkpoint is None and infos and not args.model and not infos[0].model.get("name"):
+        raise ConfigError(f"{artifacts[0].name} names no registered model: give --model NAME or --checkpoint "
+                          "for the PyTorch baseline")
     name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL
-    if args.checkpoint is None and infos and not args.model and name is None:
-        raise ConfigError("give --model NAME or --checkpoint for the PyTorch baseline")
     loaded = load_model(args.checkpoint, name=name)
     batch_sizes = args.batch_sizes
     chosen = set(args.backends) if args.backends else None  # None: every row that applies

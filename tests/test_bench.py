@@ -267,3 +267,9 @@ def test_a_busy_machine_is_said_and_a_quiet_one_is_not():
     assert "load average 1.60 on 2 cores" in busy_machine({"load_average": [1.6, 1.0, 0.9], "cores": 2})
     assert busy_machine({"load_average": [0.3, 1.0, 0.9], "cores": 2}) is None
     assert busy_machine({"load_average": [3.0, 1.0, 0.9], "cores": 16}) is None  # 3 of 16 cores
+
+
+def test_bench_asks_for_the_baseline_of_an_unregistered_models_artifact(small_artifacts, cli, one_line_error):
+    """It once timed the embedded model as the baseline of any such file (same input size, another model)."""
+    ckpt, onnx_path = small_artifacts
+    one_line_error(cli("bench", onnx_path, "--batch-sizes", "1", "--no-accuracy"), "names no registered model")
