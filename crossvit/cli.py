@@ -155,9 +155,7 @@ def cmd_info(args) -> int:
              "preprocessing": info.preprocessing, "source": info.raw.get("source"),
              "exporter": info.raw.get("exporter")}
     else:
-        from crossvit.model import load_model
-
-        from crossvit.model import DEFAULT_MODEL
+        from crossvit.model import DEFAULT_MODEL, load_model
 
         loaded = load_model(path, name=args.model or (DEFAULT_MODEL if path is None else None), config=args.config)
         d = loaded.info.to_dict()
@@ -343,7 +341,8 @@ BENCH_BACKENDS = ("autocast", "compile", "cuda-graph", "onnxruntime", "tensorrt"
 def _backend_list(text: str) -> list[str]:
     names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     if not names or any(n not in BENCH_BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated rows from {', '.join(BENCH_BACKENDS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated rows from {', '.join(BENCH_BACKENDS)}, "
+                                         f"got {text!r}")
     return names
 
 
