@@ -662,8 +662,12 @@ def main(args, say: Callable[[str], None]) -> int:
     if args.checkpoint is None and infos and not args.model and not infos[0].model.get("name"):
         raise ConfigError(f"{artifacts[0].name} names no registered model: give --model NAME or --checkpoint "
                           "for the PyTorch baseline")
-    name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL
-    loaded = load_model(args.checkpoint, name=name)
+    if args.checkpoint is not None:  # the checkpoint names its model (a foreign one needs --model)
+        loaded = load_model(args.checkpoint, name=args.model)
+        name = args.model or loaded.info.name or Path(args.checkpoint).name.split(".")[0]
+    else:
+        name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL
+        loaded = load_model(None, name=name)
     batch_sizes = args.batch_sizes
     chosen = set(args.backends) if args.backends else None  # None: every row that applies
     compile = args.compile or (chosen is not None and "compile" in chosen)

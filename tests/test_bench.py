@@ -274,3 +274,18 @@ def test_bench_asks_for_the_baseline_of_an_unregistered_models_artifact(small_ar
     """It once timed the embedded model as the baseline of any such file (same input size, another model)."""
     ckpt, onnx_path = small_artifacts
     one_line_error(cli("bench", onnx_path, "--batch-sizes", "1", "--no-accuracy"), "names no registered model")
+
+
+def test_bench_of_a_checkpoint_is_named_by_it(small_artifacts, tmp_path, cli):
+    """`bench --checkpoint P` times that model under its own name (it was labelled as the embedded
+    model), and given the checkpoint, an unregistered model's artifact is benched against it."""
+    ckpt, onnx_path = small_artifacts
+    proc = cli("bench", "--checkpoint", ckpt, "--precisions", "fp32", "--batch-sizes", "1", "--runs", "3",
+               "--max-seconds", "1", "--no-accuracy", "--json", tmp_path / "c.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["model"] == "small" and any(r["backend"] == "onnxruntime (small.fp32)" for r in data["rows"])
+    proc = cli("bench", onnx_path, "--checkpoint", ckpt, "--batch-sizes", "1", "--runs", "3", "--max-seconds", "1",
+               "--json", tmp_path / "d.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "d.json").read_text())["accuracy"]["small.onnx"]["verdict"] == "pass"
