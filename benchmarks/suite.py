@@ -175,6 +175,7 @@ def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, flo
     fns = {"torch fp32": tf32(False), "torch tf32": tf32(True), "torch fp16": lambda: half[0] @ half[1],
            "torch bf16": lambda: bf[0] @ bf[1]}
     _add_if_it_runs(fns, "torch int8", _int8_matmul(n, device), sync=torch.cuda.synchronize)
+    _add_if_it_runs(fns, "torch fp8", _fp8_matmul(n, device), sync=torch.cuda.synchronize)
     lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize)
     return {k: 2 * n**3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
 
@@ -185,6 +186,24 @@ def _int8_matmul(n: int, device: str) -> Callable[[], torch.Tensor]:
     a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
     b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
     return lambda: torch._int_mm(a, b)
+
+
+def _fp8_matmul(n: int, device: str) -> Callable[[], torch.Tensor]:
+    """PyTorch's fp8 (e4m3) matrix product with bf16 output (`torch._scaled_mm`, compute
+    capability 8.9+); its second operand column-major, as cuBLASLt wants."""
+    def make():
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=device)
+        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    try:
+        return make()
+    except Exception as e:  # no float8 dtype in this torch: the probe in _add_if_it_runs says no
+        why = f"no fp8 matmul here: {type(e).__name__}"
+
+        def unavailable():
+            raise RuntimeError(why)
+        return unavailable
 
 
 def _add_if_it_runs(fns: dict, key: str, fn: Callable, sync: Callable[[], None] | None = None) -> None:
