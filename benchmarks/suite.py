@@ -15,8 +15,10 @@ TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CU
 `.onnx` where onnxruntime-gpu is installed. With `--served`, the first `.onnx` also through
 `crossvit serve` (its own process, loopback) and the real tritonclient, over HTTP (binary
 tensors) and gRPC: the cost of the protocol on top of the session. PyTorch rows take their input
-already on the device; sessions and clients take host arrays (their copies are in their times). GPU calls are timed with
-a synchronize before each clock read. Model FLOPs are counted once with
+already on the device; sessions and clients take host arrays (their copies are in their times). On a GPU,
+PyTorch rows are timed by CUDA events around each call and synchronized after it (`CudaEvents`); the
+sessions' and clients' rows, which return host arrays, by the host's clock after a synchronize. Each row
+names its `timer`. Model FLOPs are counted once with
 `torch.utils.flop_counter` plus the attention matmuls it misses (benchmarks/flops.py). Each
 PyTorch row other than the baseline also reports its agreement with the baseline's logits
 (`export.parity.compare`), the ONNX/TensorRT rows their parity gate.
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from crossvit.benchmarks.latency import BASELINE, busy_machine, command_line, cpu_flags, machine_description
-from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
+from crossvit.runtime.timing import NOISY, measure_interleaved
 
 TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
@@ -67,6 +69,7 @@ class Row:
     spread: float  # (max - min) / min of the per-turn medians
     note: str = ""
     runs: int = 0  # timed calls, all turns together
+    timer: str = "wall"  # "wall": the host's clock around each call; "cuda-events": the device's (GPU PyTorch rows)
 
 
 @dataclass
@@ -176,7 +179,8 @@ def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, flo
            "torch bf16": lambda: bf[0] @ bf[1]}
     _add_if_it_runs(fns, "torch int8", _int8_matmul(n, device), sync=torch.cuda.synchronize)
     _add_if_it_runs(fns, "torch fp8", _fp8_matmul(n, device), sync=torch.cuda.synchronize)
-    lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize)
+    lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize,
+                              clocks={k: CudaEvents() for k in fns})
     return {k: 2 * n**3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
 
 
@@ -456,6 +460,7 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         fns = torch_backends(on_device, xt, compile=compile, device=device, say=say, cache=cache, rows=torch_rows)
+        torch_keys = list(fns)
         result.notes.extend(f"batch {b}: {n}" for n in cache.pop("notes", []))
         result.accuracy.update(_agreement(fns, base_key, b))  # each PyTorch row against the baseline
         for path in artifacts:
@@ -480,42 +485,55 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
             fns[(f"{s.backend} ({path.stem})", info.precision)] = fn
         for key, fn in served_fns.items():
             fns[key] = (lambda fn: lambda: fn(x))(fn)
-        lat, spreads = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None,
-                              min_seconds=min_seconds)
+        # PyTorch's rows on a GPU are timed by CUDA events; the others by the host's clock (see CudaEvents)
+        clocks = {key: CudaEvents() for key in torch_keys} if cuda else {}
+        lat = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None,
+                     min_seconds=min_seconds, clocks=clocks)
     base = lat[base_key].p50_ms
-    for (backend, precision), l in lat.items():
+    for key, l in lat.items():
         gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
-        peak = peak_for(precision, result.gemm)
-        spread = spreads[(backend, precision)]
-        result.rows.append(Row(backend=backend, precision=precision, batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
+        peak = peak_for(key[1], result.gemm)
+        note = "; ".join(n for n in (NOISY if l.noisy else "", getattr(fns[key], "note", "")) if n)
+        result.rows.append(Row(backend=key[0], precision=key[1], batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
-                               spread=spread, runs=l.runs, note="; ".join(n for n in (
-                                   NOISY if spread > SPREAD_WARNING else "",
-                                   getattr(fns.get((backend, precision)), "note", "")) if n)))
+                               spread=l.spread or 0.0, runs=l.runs,
+                               timer=clocks[key].name if key in clocks else "wall", note=note))
     if cuda:
         torch.cuda.empty_cache()
 
 
 def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None,
-           min_seconds: float = 0.0) -> tuple[dict, dict]:
-    """Three turns of every backend (A B C, A B C, A B C), with a progress bar on a terminal, and
-    the spread of each backend's per-turn medians."""
-    turns, total = [], 3 * len(fns)
-    for t in range(3):
-        turn = {}
-        for i, (key, fn) in enumerate(fns.items()):
-            _bar(t * len(fns) + i, total, f"batch {batch}, turn {t + 1}/3: {key[0]}")
-            turn.update(measure_interleaved({key: fn}, batch=batch, runs=max(runs // 3, 3), rounds=1,
-                                            max_seconds=max_seconds / 3, min_seconds=min_seconds / 3, sync=sync))
-        turns.append(turn)
-    _bar(total, total, "")
-    pooled, spreads = {}, {}
-    for key in fns:
-        medians = [t[key].p50_ms for t in turns]
-        spreads[key] = (max(medians) - min(medians)) / min(medians)
-        pooled[key] = _pool([t[key] for t in turns])
-    return pooled, spreads
+           min_seconds: float = 0.0, clocks: dict | None = None) -> dict:
+    """Three turns of every backend (A B C, A B C, A B C) with a progress bar on a terminal
+    (`measure_interleaved`: each result's percentiles over all its runs, and its spread)."""
+    return measure_interleaved(
+        fns, batch=batch, runs=runs, rounds=3, max_seconds=max_seconds, min_seconds=min_seconds, sync=sync,
+        clocks=clocks, progress=lambda done, total, key: _bar(
+            done, total, f"batch {batch}, turn {done // max(len(fns), 1) + 1}/3: {key[0]}" if key else ""))
+
+
+class CudaEvents:
+    """GPU time between two CUDA events recorded on the current stream around each call, read
+    once the second has completed (`Event.synchronize`): what the device spent from the first
+    launch to the last, without the host's wait for the result. For PyTorch rows, whose work
+    is queued on the current stream; sessions with their own streams copy results to the host
+    before returning, so those rows keep the wall clock."""
+
+    name = "cuda-events"
+
+    def __init__(self):
+        self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        self._start.record()
+        fn()
+        self._end.record()
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end)
 
 
 def _bar(done: int, total: int, label: str, width: int = 24) -> None:
@@ -530,17 +548,6 @@ def _bar(done: int, total: int, label: str, width: int = 24) -> None:
         fill = width * done // max(total, 1)
         err.write(f"\r\033[K  [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label[:60]}")
     err.flush()
-
-
-def _pool(parts: list[Latency]) -> Latency:
-    """Latency of several turns together (weighted by their run counts; percentiles approximated by the
-    turn whose median is the median, p99 by the worst turn)."""
-    parts = sorted(parts, key=lambda l: l.p50_ms)
-    mid = parts[len(parts) // 2]
-    runs = sum(p.runs for p in parts)
-    return Latency(batch=mid.batch, runs=runs, p50_ms=mid.p50_ms, p90_ms=max(p.p90_ms for p in parts),
-                   p99_ms=max(p.p99_ms for p in parts),
-                   mean_ms=sum(p.mean_ms * p.runs for p in parts) / runs)
 
 
 # -- output ------------------------------------------------------------------------------------

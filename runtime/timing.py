@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -39,6 +39,38 @@ class Latency:
         return {**asdict(self), "throughput_ips": self.throughput}
 
 
+class Clock(Protocol):
+    """How one call is timed: `time(fn)` calls `fn` once and returns milliseconds; `sync()`
+    waits for the device to finish what was queued (after warm-up). `name` goes into results."""
+
+    name: str
+
+    def time(self, fn: Callable[[], object]) -> float: ...
+
+    def sync(self) -> None: ...
+
+
+class WallClock:
+    """Host time around each call (time.perf_counter), read after `sync` (e.g.
+    torch.cuda.synchronize) has waited for the device: what a caller waits, launches included.
+    The device is idle when each call starts (the previous one was waited for)."""
+
+    name = "wall"
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self._sync = sync
+
+    def sync(self) -> None:
+        if self._sync is not None:
+            self._sync()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1000.0
+
+
 def _latency(batch: int, times_ms: np.ndarray) -> Latency:
     return Latency(batch=batch, runs=len(times_ms), p50_ms=float(np.percentile(times_ms, 50)),
                    p90_ms=float(np.percentile(times_ms, 90)), p99_ms=float(np.percentile(times_ms, 99)),
@@ -47,9 +79,10 @@ def _latency(batch: int, times_ms: np.ndarray) -> Latency:
 
 def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_seconds: float = 0.5,
            min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
-           sync: Callable[[], None] | None = None) -> list[float]:
-    """Warm up, then the per-call times in milliseconds."""
-    sync = sync or (lambda: None)
+           sync: Callable[[], None] | None = None, clock: Clock | None = None) -> list[float]:
+    """Warm up, then the per-call times in milliseconds, each read by `clock` (default: a
+    `WallClock` that runs `sync` before each read). Budgets are kept on the host's clock."""
+    clock = clock or WallClock(sync)
     if max_seconds is not None:
         warmup_seconds = min(warmup_seconds, max_seconds / 4)
     t0 = time.perf_counter()
@@ -59,16 +92,13 @@ def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_secon
         done += 1
         if max_seconds is not None and done >= 2 and time.perf_counter() - t0 > max_seconds / 4:
             break  # slow calls: a couple of warm-up runs are enough
-    sync()
+    clock.sync()
     times = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < min_seconds:
         if max_seconds is not None and len(times) >= min(min_runs, runs) and time.perf_counter() - start > max_seconds:
             break
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
+        times.append(clock.time(fn))
     return times
 
 
@@ -88,9 +118,10 @@ def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_sec
     return _latency(batch, np.asarray(times))
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, runs: int = 30, rounds: int = 3,
+def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 3,
                         max_seconds: float | None = None, sync: Callable[[], None] | None = None,
-                        min_seconds: float = 0.0) -> dict[str, Latency]:
+                        min_seconds: float = 0.0, clocks: dict | None = None,
+                        progress: Callable[[int, int, object], None] | None = None) -> dict:
     """Time several backends in turns (A B C, A B C, ...) and pool each one's runs.
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
@@ -98,18 +129,29 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, batch: int, run
     turns spread that over all of them. `max_seconds` bounds each backend's total time,
     `min_seconds` sets its least timed time (both split over the rounds). Each
     result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
-    the drift is made visible, not averaged away.
+    the drift is made visible, not averaged away. Percentiles are those of all runs pooled.
+
+    `clocks` names the clock of some backends (e.g. CUDA events for PyTorch on a GPU); the
+    others get a `WallClock(sync)`. `progress(done, total, name)` is called before each turn
+    and once at the end (name None).
     """
     per_round = max(1, -(-runs // rounds))  # at least `runs` in all
     budget = None if max_seconds is None else max_seconds / rounds
     samples: dict[str, list[float]] = {name: [] for name in fns}
     medians: dict[str, list[float]] = {name: [] for name in fns}
+    clocks = clocks or {}
+    wall = WallClock(sync)
+    total = rounds * len(fns)
     for r in range(rounds):  # the first round warms up longer
-        for name, fn in fns.items():
+        for i, (name, fn) in enumerate(fns.items()):
+            if progress is not None:
+                progress(r * len(fns) + i, total, name)
             times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else 0.1,
-                                min_seconds=min_seconds / rounds, max_seconds=budget, sync=sync)
+                           min_seconds=min_seconds / rounds, max_seconds=budget, clock=clocks.get(name, wall))
             samples[name].extend(times)
             medians[name].append(float(np.median(times)))
+    if progress is not None:
+        progress(total, total, None)
     out = {}
     for name, t in samples.items():
         low = min(medians[name])

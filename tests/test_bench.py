@@ -123,6 +123,36 @@ def test_bench_on_cuda_without_a_gpu_says_so_in_one_line(cli, one_line_error):
     one_line_error(cli("bench", "--device", "cuda", "--no-accuracy"), "no CUDA device", code=3)
 
 
+@pytest.mark.gpu
+def test_pytorch_rows_on_a_gpu_are_timed_by_cuda_events(tmp_path, cli):
+    """On a GPU, PyTorch's rows are read by CUDA events (the device's time from the first launch
+    to the last) and the rows whose calls return host arrays by the host's clock; each row says
+    which. The events' reading of a long matmul is close to, and not above, the host's."""
+    import statistics
+
+    import torch
+
+    from crossvit.benchmarks.suite import CudaEvents
+    from crossvit.runtime.timing import WallClock
+
+    a = torch.randn(4096, 4096, device="cuda")
+    events, wall = CudaEvents(), WallClock(torch.cuda.synchronize)
+    for _ in range(3):
+        a @ a
+    events.sync()
+    by_events = statistics.median(events.time(lambda: a @ a) for _ in range(9))
+    by_wall = statistics.median(wall.time(lambda: a @ a) for _ in range(9))
+    assert 0.5 * by_wall < by_events <= by_wall * 1.05 + 0.02, (by_events, by_wall)
+
+    proc = cli("bench", "--device", "cuda", "--backends", "autocast,cuda-graph,onnxruntime", "--precisions", "fp32",
+               "--batch-sizes", "1", "--runs", "6", "--max-seconds", "2", "--no-accuracy", "--json", tmp_path / "g.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert {r["timer"] for r in rows if r["backend"].startswith("torch")} == {"cuda-events"}
+    assert all(r["timer"] == "wall" for r in rows if not r["backend"].startswith("torch"))
+    assert all(r["p50_ms"] > 0 and r["runs"] >= 6 for r in rows)
+
+
 def test_gpu_acceptance_says_plainly_when_there_is_no_gpu():
     import torch
 

@@ -36,3 +36,51 @@ def test_interleaved_measurement_pools_every_round_per_backend():
     # turns: the backends alternate, not one after the other
     switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
     assert switches >= 5
+
+
+def test_each_backend_is_read_by_its_own_clock():
+    """`clocks` gives one backend another clock (CUDA events for PyTorch on a GPU); the others keep
+    the host's. Here the other clock is the thread's CPU time, which a sleep does not advance."""
+    from crossvit.runtime.timing import WallClock, measure_interleaved
+
+    class ThreadTime:
+        name = "thread-time"
+
+        def sync(self):
+            pass
+
+        def time(self, fn):
+            t0 = time.thread_time()
+            fn()
+            return (time.thread_time() - t0) * 1000.0
+
+    def sleep():
+        time.sleep(0.005)
+
+    lat = measure_interleaved({"wall": sleep, "cpu": sleep}, batch=1, runs=6, clocks={"cpu": ThreadTime()})
+    assert lat["wall"].p50_ms >= 5.0 > 4 * lat["cpu"].p50_ms
+    assert WallClock().name == "wall"
+
+
+def test_interleaved_percentiles_are_over_all_runs_and_progress_is_reported(monkeypatch):
+    """One slow call in one turn moves p99, not p90: percentiles are those of every run pooled
+    (they were once the worst turn's, which made one turn's outlier everyone's p90)."""
+    import numpy as np
+
+    from crossvit.runtime import timing
+
+    monkeypatch.setattr(timing, "_timed", lambda fn, **kw: fn())  # each backend returns one turn's times
+    from crossvit.benchmarks import suite
+
+    def one_backend():
+        turns = iter([[1.0] * 9 + [50.0], [1.0] * 10, [1.0] * 10])
+        return {("a", "fp32"): lambda: next(turns)}
+
+    pooled = [1.0] * 29 + [50.0]
+    lat = suite._timed(one_backend(), 1, 30, 10.0)[("a", "fp32")]  # what `crossvit bench` rows are made of
+    assert lat.runs == 30 and lat.p90_ms == 1.0
+    assert lat.p99_ms == float(np.percentile(pooled, 99)) and lat.spread == 0.0
+    seen = []
+    timing.measure_interleaved(one_backend(), batch=1, runs=30,
+                               progress=lambda done, total, name: seen.append((done, total, name)))
+    assert seen == [(0, 3, ("a", "fp32")), (1, 3, ("a", "fp32")), (2, 3, ("a", "fp32")), (3, 3, None)]
