@@ -32,6 +32,16 @@ BENCH_MODELS = ("crossvit_15_240", "crossvit_18_dagger_408")
 BENCH_BATCHES = [1, 8, 64, 256]
 
 
+class Verdicts(list):
+    """(name, ok, detail) results, each printed as a PASS/FAIL/SKIP line when it is added: a run
+    cut short by its time limit still shows what it found."""
+
+    def append(self, item: tuple) -> None:
+        super().append(item)
+        name, ok, detail = item
+        print(f"{'SKIP' if ok is None else ('PASS' if ok else 'FAIL'):<5} {name}: {detail}", flush=True)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -53,7 +63,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    results = []
+    results = Verdicts()  # each step's lines are printed as the step makes them
     try:
         results += parity_step(args.model)
     except Exception as e:  # a failure here must not cost the benchmark its turn: report it and go on
@@ -62,11 +72,9 @@ def main(argv=None) -> int:
                           compile=not args.no_compile)
     with tempfile.TemporaryDirectory(prefix="crossvit-gpu-") as tmp:
         results += tensorrt_step(args.model, Path(tmp), args.out)
-    failed = 0
-    for name, ok, detail in results:
-        word = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
-        failed += ok is False
-        print(f"{word:<5} {name}: {detail}")
+    failed = [name for name, ok, _ in results if ok is False]
+    print(f"gpu_acceptance: {sum(ok is True for _, ok, _ in results)} passed, {len(failed)} failed"
+          f"{' (' + '; '.join(failed) + ')' if failed else ''}, {sum(ok is None for _, ok, _ in results)} skipped")
     return 1 if failed else 0
 
 
@@ -76,7 +84,7 @@ def parity_step(model_name: str) -> list[tuple]:
     from crossvit.model import load_model
     from crossvit.runtime.session import open_session
 
-    results = []
+    results = Verdicts()
     loaded = load_model(name=model_name)
     c, h, w = loaded.model.input_shape
     x = np.random.default_rng().standard_normal((8, c, h, w), dtype=np.float32)
@@ -114,7 +122,7 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
     from crossvit.model import load_model
 
     out.mkdir(parents=True, exist_ok=True)
-    start, spent, done, results = time.monotonic(), [], [], []
+    start, spent, done, results = time.monotonic(), [], [], Verdicts()
 
     def save(results_so_far: list) -> None:  # after every batch size: a timeout loses one batch at most
         text = to_json({"results": [r.to_dict() for r in results_so_far]}, indent=2) + "\n"
@@ -174,9 +182,10 @@ def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:
     from crossvit.runtime.gpu import tensorrt_unavailable
 
     reason = tensorrt_unavailable()
+    results, rows = Verdicts(), []
     if reason:
-        return [("TensorRT engines", None, reason)]
-    results, rows = [], []
+        results.append(("TensorRT engines", None, reason))
+        return results
     for name in dict.fromkeys([model_name, "crossvit_15_240"]):
         loaded = load_model(name=name)
         fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, 64)).path
