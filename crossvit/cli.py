@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], metavar="1,8,32")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the PyTorch rows run (default: the GPU if PyTorch sees one); on cuda the rows are "
-                        "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model")
+                        "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model, "
+                        "timed by CUDA events")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
     p.add_argument("--max-seconds", type=_positive_number, default=20.0, help="time limit per backend and batch")
     p.add_argument("--min-time", type=_non_negative_number, default=0.0, metavar="S",
