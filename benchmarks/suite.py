@@ -91,6 +91,11 @@ class Result:
             peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
             lines.append(f"{r.backend:<36} {r.precision:<8} {r.batch:>5} {r.p50_ms:9.3f} {r.p99_ms:9.3f} "
                          f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {r.vs_eager:7.2f}x  {r.note}")
+        timers = {r.timer for r in self.rows}
+        if timers != {"wall"} and timers:
+            lines.append("timed by " + "; ".join(
+                f"{'CUDA events' if t == 'cuda-events' else 'the host clock'}: "
+                + ", ".join(dict.fromkeys(r.backend for r in self.rows if r.timer == t)) for t in sorted(timers)))
         if self.gemm:
             lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
         for name, acc in self.accuracy.items():

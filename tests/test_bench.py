@@ -151,6 +151,7 @@ def test_pytorch_rows_on_a_gpu_are_timed_by_cuda_events(tmp_path, cli):
     assert {r["timer"] for r in rows if r["backend"].startswith("torch")} == {"cuda-events"}
     assert all(r["timer"] == "wall" for r in rows if not r["backend"].startswith("torch"))
     assert all(r["p50_ms"] > 0 and r["runs"] >= 6 for r in rows)
+    assert "timed by CUDA events: torch eager (cuda)" in proc.stdout
 
 
 def test_gpu_acceptance_says_plainly_when_there_is_no_gpu():
