@@ -63,28 +63,28 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    results = Verdicts()  # each step's lines are printed as the step makes them
+    results = Verdicts()  # every step adds to it: each line is printed as it is made, and counted
     try:
-        results += parity_step(args.model)
+        parity_step(args.model, results)
     except Exception as e:  # a failure here must not cost the benchmark its turn: report it and go on
         results.append(("torch/ONNX Runtime on cuda", False, f"{type(e).__name__}: {e}"))
-    results += bench_step(args.bench_models or [args.model, *BENCH_MODELS], args.out, args.budget_seconds,
-                          compile=not args.no_compile)
+    bench_step(args.bench_models or [args.model, *BENCH_MODELS], args.out, args.budget_seconds,
+               compile=not args.no_compile, results=results)
     with tempfile.TemporaryDirectory(prefix="crossvit-gpu-") as tmp:
-        results += tensorrt_step(args.model, Path(tmp), args.out)
+        tensorrt_step(args.model, Path(tmp), args.out, results)
     failed = [name for name, ok, _ in results if ok is False]
     print(f"gpu_acceptance: {sum(ok is True for _, ok, _ in results)} passed, {len(failed)} failed"
           f"{' (' + '; '.join(failed) + ')' if failed else ''}, {sum(ok is None for _, ok, _ in results)} skipped")
     return 1 if failed else 0
 
 
-def parity_step(model_name: str) -> list[tuple]:
+def parity_step(model_name: str, results: Verdicts | None = None) -> Verdicts:
     """The torch backend and ONNX Runtime's CUDA provider against their CPU selves."""
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.model import load_model
     from crossvit.runtime.session import open_session
 
-    results = Verdicts()
+    results = Verdicts() if results is None else results
     loaded = load_model(name=model_name)
     c, h, w = loaded.model.input_shape
     x = np.random.default_rng().standard_normal((8, c, h, w), dtype=np.float32)
@@ -113,7 +113,8 @@ def disagreeing(accuracy: dict, min_cosine: float = 0.999) -> list[str]:
     return [f"{k} (cosine {a['cosine']:.4f})" for k, a in accuracy.items() if not a["cosine"] >= min_cosine]
 
 
-def bench_step(models: list[str], out: Path, budget: float, compile: bool = True) -> list[tuple]:
+def bench_step(models: list[str], out: Path, budget: float, compile: bool = True,
+               results: Verdicts | None = None) -> Verdicts:
     """`crossvit bench --device cuda` for each model, saved after each one."""
     import torch
 
@@ -122,7 +123,8 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
     from crossvit.model import load_model
 
     out.mkdir(parents=True, exist_ok=True)
-    start, spent, done, results = time.monotonic(), [], [], Verdicts()
+    start, spent, done = time.monotonic(), [], []
+    results = Verdicts() if results is None else results
 
     def save(results_so_far: list) -> None:  # after every batch size: a timeout loses one batch at most
         text = to_json({"results": [r.to_dict() for r in results_so_far]}, indent=2) + "\n"
@@ -166,7 +168,7 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
     return results
 
 
-def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:
+def tensorrt_step(model_name: str, tmp: Path, out: Path, results: Verdicts | None = None) -> Verdicts:
     """Engines of two models in three precisions: gate and time each (SKIP without TensorRT)."""
     from crossvit.assets import heldout_images
     from crossvit.benchmarks.latency import command_line, machine_description, time_engines
@@ -182,7 +184,7 @@ def tensorrt_step(model_name: str, tmp: Path, out: Path) -> list[tuple]:
     from crossvit.runtime.gpu import tensorrt_unavailable
 
     reason = tensorrt_unavailable()
-    results, rows = Verdicts(), []
+    results, rows = Verdicts() if results is None else results, []
     if reason:
         results.append(("TensorRT engines", None, reason))
         return results

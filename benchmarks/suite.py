@@ -94,7 +94,7 @@ class Result:
         timers = {r.timer for r in self.rows}
         if timers != {"wall"} and timers:
             lines.append("timed by " + "; ".join(
-                f"{'CUDA events' if t == 'cuda-events' else 'the host clock'}: "
+                f"{'CUDA events' if t == 'cuda-events' else 'the host clock' if t == 'wall' else t}: "
                 + ", ".join(dict.fromkeys(r.backend for r in self.rows if r.timer == t)) for t in sorted(timers)))
         if self.gemm:
             lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
@@ -437,17 +437,18 @@ def fits(left: float, last: float, compile_s: list[float], compile: bool, batche
     (without its compiling) with a 20 % margin, and whether its torch.compile row does too:
     (go, compile, why not). `compile_s` holds the first call's time at each batch size so far.
     PyTorch compiles the first shape as is and the second with a dynamic batch size, which later
-    shapes reuse: until two have compiled, allow twice the longest compile; then a quarter of the
-    last one (a reuse is a few seconds), and once a reuse was timed, what it took."""
+    shapes reuse (batch 1 excepted: it always gets a graph of its own): until two have compiled,
+    allow twice the longest compile; then a quarter of the last one (a reuse is a few seconds),
+    and once a reuse was timed, what it took."""
     if left < 1.2 * last:
         return False, False, (f"batch sizes {', '.join(map(str, batches))} skipped: {max(left, 0):.0f} s left, "
                               f"the previous one took {last:.0f} s")
     if compile and compile_s:
-        expect = (2 * max(compile_s) if len(compile_s) < 2 else
+        expect = (2 * max(compile_s) if len(compile_s) < 2 or batches[0] == 1 else  # 1 is always its own graph
                   compile_s[-1] / 4 if len(compile_s) == 2 else compile_s[-1])
         if left < 1.2 * last + expect:
             return True, False, (f"torch.compile rows dropped from batch {batches[0]}: {left:.0f} s left, "
-                                 f"its first call would take about {expect:.0f} s more")
+                                 f"its first call would take about {expect:.1f} s more")
     return True, compile, ""
 
 
@@ -519,10 +520,13 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
 def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None,
            min_seconds: float = 0.0, clocks: dict | None = None) -> dict:
     """Three turns of every backend (A B C, A B C, A B C) with a progress bar on a terminal
-    (`measure_interleaved`: each result's percentiles over all its runs, and its spread)."""
+    (`measure_interleaved`: each result's percentiles over all its runs, and its spread). Each
+    turn warms its backend up for 0.5 s (the one before it may have left caches, thread pools and
+    clocks elsewhere) and has at least 3 runs, so that its median is not one call."""
     return measure_interleaved(
-        fns, batch=batch, runs=runs, rounds=3, max_seconds=max_seconds, min_seconds=min_seconds, sync=sync,
-        clocks=clocks, progress=lambda done, total, key: _bar(
+        fns, batch=batch, runs=3 * max(-(-runs // 3), 3), rounds=3, max_seconds=max_seconds,
+        min_seconds=min_seconds, sync=sync, clocks=clocks, rewarm_seconds=0.5,
+        progress=lambda done, total, key: _bar(
             done, total, f"batch {batch}, turn {done // max(len(fns), 1) + 1}/3: {key[0]}" if key else ""))
 
 

@@ -41,7 +41,8 @@ class Latency:
 
 class Clock(Protocol):
     """How one call is timed: `time(fn)` calls `fn` once and returns milliseconds; `sync()`
-    waits for the device to finish what was queued (after warm-up). `name` goes into results."""
+    waits for the device to finish what was queued (after each warm-up call). `name` goes into
+    results."""
 
     name: str
 
@@ -105,7 +106,8 @@ def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_secon
 def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_seconds: float = 0.5,
             runs: int = 50, min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
             sync: Callable[[], None] | None = None) -> Latency:
-    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs before each clock read.
+    """Time `fn()`; `sync` (e.g. torch.cuda.synchronize) runs after every call, warm-up included,
+    so each timed call starts on an idle device and ends when it has finished.
 
     Warms up for `warmup` calls and at least `warmup_seconds` (thread pools, allocator arenas
     and clock frequency settle; a few milliseconds of warm-up made whichever backend ran
@@ -121,7 +123,8 @@ def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_sec
 def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 3,
                         max_seconds: float | None = None, sync: Callable[[], None] | None = None,
                         min_seconds: float = 0.0, clocks: dict | None = None,
-                        progress: Callable[[int, int, object], None] | None = None) -> dict:
+                        progress: Callable[[int, int, object], None] | None = None,
+                        rewarm_seconds: float = 0.1) -> dict:
     """Time several backends in turns (A B C, A B C, ...) and pool each one's runs.
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
@@ -133,12 +136,13 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
 
     `clocks` names the clock of some backends (e.g. CUDA events for PyTorch on a GPU); the
     others get a `WallClock(sync)`. `progress(done, total, name)` is called before each turn
-    and once at the end (name None).
+    and once at the end (name None). The first round warms each backend up for 0.5 s, later
+    ones for `rewarm_seconds`.
     """
     per_round = max(1, -(-runs // rounds))  # at least `runs` in all
     budget = None if max_seconds is None else max_seconds / rounds
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    medians: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict = {name: [] for name in fns}  # keyed as `fns` (names, or (backend, precision))
+    medians: dict = {name: [] for name in fns}
     clocks = clocks or {}
     wall = WallClock(sync)
     total = rounds * len(fns)
@@ -146,7 +150,7 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
         for i, (name, fn) in enumerate(fns.items()):
             if progress is not None:
                 progress(r * len(fns) + i, total, name)
-            times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else 0.1,
+            times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else rewarm_seconds,
                            min_seconds=min_seconds / rounds, max_seconds=budget, clock=clocks.get(name, wall))
             samples[name].extend(times)
             medians[name].append(float(np.median(times)))

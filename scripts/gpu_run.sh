@@ -18,7 +18,7 @@ cd /tmp  # not the checkout: its bare crossvit/ folder would shadow the tree abo
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, onnx, onnxruntime, onnxscript; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 trc=0
-[ "${GPU_RUN_TESTS:-1}" = 0 ] || timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_runtime.py" "$REPO/tests/test_tensorrt.py" "$REPO/tests/test_bench.py" 2>&1 | tee "$OUT/pytest_gpu.log" || trc=$?
+[ "${GPU_RUN_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_runtime.py" "$REPO/tests/test_tensorrt.py" "$REPO/tests/test_bench.py" 2>&1 | tee "$OUT/pytest_gpu.log" || trc=$?
 [ $trc = 0 ] || echo "gpu tests exit $trc$([ $trc = 124 ] && echo ' (timed out)')" | tee -a "$OUT/pytest_gpu.log"
 timeout $((BUDGET + 150)) python3 -m crossvit.benchmarks.gpu_acceptance --out "$OUT" --budget-seconds "$BUDGET" "$@" 2>&1 | tee "$OUT/acceptance.log"
 rc=$?
