@@ -247,6 +247,7 @@ def test_a_deadline_skips_what_would_not_fit_and_says_so():
     assert fits(80.0, 10.0, [60.0, 70.0], True, [64, 256]) == (True, True, "")
     assert fits(30.0, 10.0, [60.0, 70.0, 3.0], True, [256]) == (True, True, "")
     assert fits(30.0, 10.0, [60.0, 70.0, 40.0], True, [256])[:2] == (True, False)  # that reuse recompiled
+    assert fits(30.0, 10.0, [60.0, 70.0, 3.0], True, [1])[:2] == (True, False)  # batch 1 is its own graph
 
     result = run(load_model(name="crossvit_digits").model, "digits", [], batch_sizes=[1, 2, 4], runs=3, max_seconds=0.3, deadline=0.0)
     assert {r.batch for r in result.rows} == {1}
