@@ -84,12 +84,14 @@ class Result:
     notes: list[str] = field(default_factory=list)  # what the run skipped or dropped, and why
 
     def table(self) -> str:
-        head = (f"{'backend':<36} {'prec':<8} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'img/s':>9} "
+        wb = max([36, *(len(r.backend) for r in self.rows)])  # file names make long backend names
+        wp = max([8, *(len(r.precision) for r in self.rows)])
+        head = (f"{'backend':<{wb}} {'prec':<{wp}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} "
                 f"{'GFLOP/s':>8} {'of peak':>7} {'vs eager':>8}  note")
         lines = [f"{self.model}: {self.gflops_per_image:.2f} GFLOP per image", head, "-" * len(head)]
         for r in self.rows:
             peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
-            lines.append(f"{r.backend:<36} {r.precision:<8} {r.batch:>5} {r.p50_ms:9.3f} {r.p99_ms:9.3f} "
+            lines.append(f"{r.backend:<{wb}} {r.precision:<{wp}} {r.batch:>5} {r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
                          f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {r.vs_eager:7.2f}x  {r.note}")
         timers = {r.timer for r in self.rows}
         if timers != {"wall"} and timers:
