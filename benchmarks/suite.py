@@ -86,12 +86,13 @@ class Result:
     def table(self) -> str:
         wb = max([36, *(len(r.backend) for r in self.rows)])  # file names make long backend names
         wp = max([8, *(len(r.precision) for r in self.rows)])
-        head = (f"{'backend':<{wb}} {'prec':<{wp}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} "
-                f"{'GFLOP/s':>8} {'of peak':>7} {'vs eager':>8}  note")
+        head = (f"{'backend':<{wb}} {'prec':<{wp}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+                f"{'img/s':>9} {'GFLOP/s':>8} {'of peak':>7} {'vs eager':>8}  note")
         lines = [f"{self.model}: {self.gflops_per_image:.2f} GFLOP per image", head, "-" * len(head)]
         for r in self.rows:
             peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
-            lines.append(f"{r.backend:<{wb}} {r.precision:<{wp}} {r.batch:>5} {r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
+            lines.append(f"{r.backend:<{wb}} {r.precision:<{wp}} {r.batch:>5} "
+                         f"{r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
                          f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {r.vs_eager:7.2f}x  {r.note}")
         timers = {r.timer for r in self.rows}
         if timers != {"wall"} and timers:
