@@ -157,4 +157,5 @@ class Server:
         await stop.wait()
         self.say("stopping: answering the requests in flight")
         await self.stop()
-        self.say("stopped")
+        st = self.service.stats
+        self.say(f"stopped (inference requests answered: {st.success[0]}, failed or refused: {st.fail[0]})")

@@ -1,0 +1,106 @@
+"""What gRPC clients under continuous load see when `crossvit serve` gets SIGTERM.
+
+    python scripts/serve_sigterm_trial.py MODEL.onnx [--clients 48] [--seconds 3] [--runs 5]
+
+Starts `crossvit serve` on free loopback ports, runs `--clients` tritonclient asyncio gRPC
+clients that call it back to back (10 ms pause after an UNAVAILABLE), sends SIGTERM after
+`--seconds`, and counts each call's outcome until the server has exited. Prints, per run, the
+counts by status, when the CANCELLED calls came (relative to the signal and to the exit), and
+the server's own count of the requests it answered: equal to the clients' "answered" when no
+CANCELLED call was one the server had run.
+Needs the serve extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def trial(artifact: str, clients: int, seconds: float) -> dict:
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import InferenceServerException
+
+    from crossvit.runtime.artifact import read_artifact
+
+    info = read_artifact(artifact)
+    gp = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", artifact, "--http-port", "0",
+                             "--grpc-port", str(gp)], stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "serving" not in line:
+        line = proc.stderr.readline()
+        if not line:
+            raise SystemExit(f"the server exited ({proc.wait()}) before serving")
+    name = line.split("'")[1]
+    x = np.random.default_rng(0).standard_normal((1, *info.input_shape), dtype=np.float32)
+    outcomes: collections.Counter = collections.Counter()
+    cancelled_at: list[float] = []
+    stop = False
+
+    async def client() -> None:
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{gp}")
+        try:
+            while not stop:
+                inp = InferInput(info.input_name, list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                try:
+                    await c.infer(name, [inp])
+                    outcomes["answered"] += 1
+                except InferenceServerException as e:
+                    status = str(e.status()).replace("StatusCode.", "")
+                    outcomes[status] += 1
+                    if status == "CANCELLED":
+                        cancelled_at.append(time.monotonic())
+                    if status == "UNAVAILABLE":
+                        await asyncio.sleep(0.01)
+        finally:
+            await c.close()
+
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    await asyncio.sleep(seconds)
+    before = outcomes["answered"]
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    while proc.poll() is None and time.monotonic() - sent < 60:
+        await asyncio.sleep(0.005)
+    exited = time.monotonic()
+    await asyncio.sleep(0.5)
+    stop = True
+    await asyncio.wait(tasks, timeout=10)
+    rel = sorted(t - sent for t in cancelled_at)
+    stopped = next((l.strip() for l in proc.stderr.read().splitlines() if "stopped (" in l), "")
+    return {"exit_code": proc.returncode, "answered_before_signal": before, **outcomes, "server_said": stopped,
+            "cancelled_s_after_signal": [round(rel[0], 3), round(rel[-1], 3)] if rel else None,
+            "exit_s_after_signal": round(exited - sent, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact")
+    p.add_argument("--clients", type=int, default=48)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args(argv)
+    for i in range(args.runs):
+        print(f"run {i + 1}:", asyncio.run(trial(args.artifact, args.clients, args.seconds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
