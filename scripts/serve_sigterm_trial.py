@@ -97,6 +97,20 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--runs", type=int, default=5)
     args = p.parse_args(argv)
+    if args.clients < 1 or args.runs < 1 or not args.seconds > 0:
+        p.error("--clients and --runs must be at least 1, --seconds above 0")
+    try:
+        import tritonclient.grpc.aio  # noqa: F401
+
+        from crossvit.runtime.artifact import read_artifact
+
+        read_artifact(args.artifact)  # a missing or broken file: one line, before any server starts
+    except ImportError as e:
+        print(f"serve_sigterm_trial: error: needs the serve extra ({e})", file=sys.stderr)
+        return 1
+    except Exception as e:  # ArtifactError and the like
+        print(f"serve_sigterm_trial: error: {e}", file=sys.stderr)
+        return 1
     for i in range(args.runs):
         print(f"run {i + 1}:", asyncio.run(trial(args.artifact, args.clients, args.seconds)), flush=True)
     return 0
