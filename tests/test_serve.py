@@ -172,6 +172,17 @@ def test_image_files_as_bytes_are_decoded_and_classified(server, reference, pngs
         assert len(score.split(".")[1]) == 6  # std::to_string's six decimals, as Triton prints
 
 
+def test_json_numbers_of_exactly_zero_and_one_are_numbers(server, reference):
+    """Values are scanned for hidden booleans only where one is exactly 0 or 1: such data, flat,
+    nested or as integers, is still answered as the numbers it is."""
+    x = np.round(_x(2, seed=4)).clip(0, 1).astype(np.float32)  # nothing but 0.0 and 1.0
+    for data in (x.ravel().tolist(), x.tolist(), [int(v) for v in x.ravel()]):
+        status, out = server.raw("POST", INFER, _json(x.shape, data=data))
+        assert status == 200, out[:300]
+        logits = np.asarray(json.loads(out)["outputs"][0]["data"], dtype=np.float32).reshape(2, 10)
+        np.testing.assert_allclose(logits, reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_json_classification_strings_are_triton_format(server, reference):
     x = _x(2, seed=4)
     r = _http_infer(httpclient.InferenceServerClient(server.http), x, binary=False, class_count=3)
@@ -346,7 +357,8 @@ _HUGE_SHAPES = [[2 ** 62, 3, 32, 32], [2 ** 54 + 1, 3, 32, 32]]  # element count
                                                 "data": _ZEROS}]}).encode(), {}, "'id' must be a string"),
     *[(json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                "data": data}]}).encode(), {}, "must be numbers, not strings")
-      for data in (["1.5"] + _ZEROS[1:], [True] * 3072)],  # numpy would take both as numbers
+      for data in (["1.5"] + _ZEROS[1:], [True] * 3072,  # numpy would take all of these as numbers
+                   [0.5] + _ZEROS[1:-1] + [True], [[[[0.25] * 32] * 32] * 2 + [[[0.0] * 31 + [False]] * 32]])],
     (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], 5]}]}).encode(),
      {}, "JSON data must be strings"),
     (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], "bc"]}]}).encode(),
