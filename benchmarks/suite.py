@@ -102,7 +102,8 @@ class Result:
         if self.gemm:
             lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
         for name, acc in self.accuracy.items():
-            lines.append(f"accuracy {name}: " + ", ".join(f"{k} {v}" for k, v in acc.items()))
+            lines.append(f"accuracy {name}: " + ", ".join(
+                f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -136,6 +136,14 @@ def test_the_table_says_which_rows_each_timer_read():
     assert "timed by" not in Result("m", 1.0, rows=[row("torch eager (cpu)", "wall")]).table()
 
 
+def test_accuracy_lines_round_floats_and_keep_verdicts():
+    from crossvit.benchmarks.suite import Result
+
+    result = Result("m", 1.0, accuracy={"m.int8-cpu.onnx": {"verdict": "pass", "rel_l2": 0.0041289001738311635,
+                                                             "accuracy": 99.44444444444444}})
+    assert "accuracy m.int8-cpu.onnx: verdict pass, rel_l2 0.0041289, accuracy 99.4444" in result.table().splitlines()
+
+
 @pytest.mark.gpu
 def test_pytorch_rows_on_a_gpu_are_timed_by_cuda_events(tmp_path, cli):
     """On a GPU, PyTorch's rows are read by CUDA events (the device's time from the first launch
