@@ -13,7 +13,6 @@ fusion.png (log-log: FLOPs and time against tokens).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -64,12 +63,10 @@ def measure(dim: int, heads: int, token_counts: list[int], runs: int = 20) -> li
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from crossvit.benchmarks.suite import _pyplot
     from crossvit.contract import atomic_write
+
+    plt = _pyplot("--out")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     n = [r["tokens"] for r in rows]
@@ -87,14 +84,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from crossvit.benchmarks.latency import command_line, machine_description
-    from crossvit.contract import atomic_write, check_output_dir, to_json
+    from crossvit.cli import _Parser
 
-    p = argparse.ArgumentParser(prog="python -m crossvit.benchmarks.fusion", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m crossvit.benchmarks.fusion", description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=384, help="token width (crossvit_15_240's large branch: 384)")
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--tokens", default="64,128,256,512,1024,2048,4096")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, metavar="FOLDER",
+                   help="write fusion.json and fusion.png there (the plot needs matplotlib: the bench extra)")
     args = p.parse_args(argv)
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
@@ -102,8 +99,25 @@ def main(argv=None) -> int:
         p.error(f"--tokens: expected comma-separated token counts such as 64,256, got {args.tokens!r}")
     if not all(0 < t <= 65536 for t in tokens) or not 0 < args.heads <= args.dim or args.dim % args.heads:
         p.error("--tokens must be in 1..65536, and --dim a positive multiple of --heads")
+    from crossvit.errors import CrossViTError
+
+    try:
+        return _main(args, tokens)
+    except CrossViTError as e:  # an --out that cannot be written, or no matplotlib: one line, before the run
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _main(args, tokens: list[int]) -> int:
+    from crossvit.benchmarks.latency import command_line, machine_description
+    from crossvit.benchmarks.suite import _pyplot
+    from crossvit.contract import atomic_write, check_output_dir, check_output_path, to_json
+
     if args.out:
+        _pyplot("--out")
         check_output_dir(args.out)
+        for name in ("fusion.json", "fusion.png"):
+            check_output_path(args.out / name)
     rows = measure(args.dim, args.heads, tokens)
     print(f"{'tokens':>7} {'cross GFLOP':>12} {'all GFLOP':>10} {'cross ms':>9} {'all ms':>9} {'all/cross':>9}")
     for r in rows:

@@ -19,7 +19,6 @@ Checks, each printed as PASS/FAIL/SKIP, exit code 1 if any fails:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -45,9 +44,10 @@ class Verdicts(list):
 def main(argv=None) -> int:
     import torch
 
+    from crossvit.cli import _Parser
     from crossvit.model import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m crossvit.benchmarks.gpu_acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=Path("gpu-acceptance"))
     p.add_argument("--budget-seconds", type=float, default=480.0,

@@ -281,12 +281,11 @@ def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    from crossvit.cli import _int_at_least, _positive_number
+    from crossvit.cli import _int_at_least, _Parser, _positive_number
     from crossvit.errors import CrossViTError
     from crossvit.model import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m crossvit.benchmarks.serve_load",
-                                description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m crossvit.benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--clients", type=_int_at_least(1), default=16)
     p.add_argument("--artifact", type=Path, default=None,
@@ -308,13 +307,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.url and not args.rates:
         p.error("--url is for the open-loop measurement: give --rates too")
-    if args.url and args.url.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
-        p.error("--url must be a loopback address")
+    if args.url:
+        host, _, port = args.url.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            p.error(f"--url must be a loopback HOST:PORT (127.0.0.1, localhost or [::1]), got {args.url!r}")
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            p.error(f"--url: the port must be a number in 1..65535, got {port!r}")
     try:
         return _main(args)
-    except CrossViTError as e:  # a bad --model, --artifact or --out: one line, before any load
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except CrossViTError as e:  # a bad --model, --artifact, --out or --url: one line, before any load
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _rates(text: str) -> list[float]:
@@ -327,6 +330,33 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def check_server(address: str, model: str, shape: tuple) -> None:
+    """The server at `address` is ready and serves `model` with inputs of `shape`, or one line saying what is
+    wrong, before any load is offered."""
+    from crossvit.errors import UsageError
+
+    client = _client("http", address)[1]
+    try:
+        try:
+            ready = client.is_server_ready()
+        except Exception as e:
+            raise UsageError(f"--url {address}: no Open Inference Protocol HTTP server answers there "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not ready:
+            raise UsageError(f"--url {address}: the server says it is not ready")
+        try:
+            meta = client.get_model_metadata(model)
+        except Exception as e:
+            raise UsageError(f"--url {address}: it does not serve {model!r} (give --model NAME): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        dims = [list(map(int, i["shape"])) for i in meta.get("inputs", []) if i.get("name") == "input"]
+        if not dims or dims[0][-len(shape):] != list(shape):
+            raise UsageError(f"--url {address}: {model!r} takes inputs {dims[0] if dims else 'not named input'}, "
+                             f"not [-1, {', '.join(map(str, shape))}]")
+    finally:
+        client.close()
+
+
 def _main(args) -> int:
     from crossvit.benchmarks.latency import busy_machine, command_line, machine_description
     from crossvit.contract import check_output_dir, check_output_path, temporary_folder
@@ -336,11 +366,6 @@ def _main(args) -> int:
     if args.out is not None:  # before the run, not after it
         check_output_dir(args.out)
         check_output_path(args.out / ("serve_open_loop.json" if args.rates else "serve.json"))
-    machine = machine_description()  # before the servers start: the load average says how quiet it was
-    busy = busy_machine(machine)
-    if busy:
-        print(f"warning: {busy}", file=sys.stderr)
-        machine["warning"] = busy
     with temporary_folder() as tmp:
         if args.artifact is not None:
             from crossvit.runtime.session import open_session
@@ -351,6 +376,14 @@ def _main(args) -> int:
         else:
             loaded = load_model(name=args.model)
             shape, name = loaded.model.input_shape, loaded.info.name
+        if args.url:
+            check_server(args.url, name, shape)
+        machine = machine_description()  # before our server starts: the load average says how quiet it was
+        busy = busy_machine(machine)
+        if busy:
+            print(f"warning: {busy}", file=sys.stderr)
+            machine["warning"] = busy
+        if args.artifact is None:
             # another server (--url) serves its own copy: nothing to export then
             artifact = None if args.rates and args.url else export_onnx(loaded, tmp / "model.onnx",
                                                                            batch=BatchRange(1, 64)).path

@@ -587,7 +587,7 @@ def write_csv(results: Result | list[Result], path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _pyplot():
+def _pyplot(option: str = "--plot"):
     """matplotlib.pyplot (headless), or the one line that says how to get it."""
     try:
         import matplotlib
@@ -597,8 +597,26 @@ def _pyplot():
     except ImportError:
         from crossvit.errors import BackendUnavailable
 
-        raise BackendUnavailable("--plot needs matplotlib: pip install 'crossvit[bench]'") from None
+        raise BackendUnavailable(f"{option} needs matplotlib: pip install 'crossvit[bench]'") from None
     return plt
+
+
+def plot_format(path: Path) -> str:
+    """The image format the file name asks for (.png, .svg, .pdf, ...); checked before the run."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from crossvit.errors import UsageError
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in kinds:
+        raise UsageError(f"{path}: a plot is written as .png, .svg, .pdf or another of {', '.join(sorted(kinds))}; "
+                         f"not {path.suffix or 'a name without a suffix'}")
+    return fmt
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def write_plot(result: Result, path: Path) -> None:
@@ -624,7 +642,7 @@ def write_plot(result: Result, path: Path) -> None:
     where = where or result.machine.get("cpu_model") or result.machine.get("processor")
     fig.suptitle(f"{result.model} on {where} ({time.strftime('%Y-%m-%d')})")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=plot_format(path), dpi=110))
     plt.close(fig)
 
 
@@ -700,7 +718,8 @@ def main(args, say: Callable[[str], None]) -> int:
 
     device = resolve_device(args.device)
     if args.plot is not None:
-        _pyplot()  # a missing matplotlib is said now, not after the run
+        _pyplot()  # a missing matplotlib or an unknown image format is said now, not after the run
+        plot_format(args.plot)
     for out in (args.json, args.csv, args.plot):
         if out is not None:
             check_output_path(out, inputs=(*args.artifacts, args.checkpoint))
@@ -715,6 +734,11 @@ def main(args, say: Callable[[str], None]) -> int:
     else:
         name = args.model or (infos[0].model.get("name") if infos else None) or DEFAULT_MODEL
         loaded = load_model(None, name=name)
+    for path, info in zip(artifacts, infos):  # a baseline of another shape would time something else
+        if tuple(info.input_shape) != tuple(loaded.model.input_shape):
+            raise ConfigError(f"{path.name} takes {_shape(info.input_shape)} inputs, the PyTorch baseline {name} "
+                              f"takes {_shape(loaded.model.input_shape)}: give the --model or --checkpoint it "
+                              "was exported from")
     batch_sizes = args.batch_sizes
     chosen = set(args.backends) if args.backends else None  # None: every row that applies
     compile = args.compile or (chosen is not None and "compile" in chosen)

@@ -146,6 +146,8 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
     """Describe an `.onnx` file or a TensorRT engine (through its `NAME.plan.json` manifest)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory, not an .onnx or .plan file")
     if suffix == ".onnx":
         meta, proto = read_onnx_metadata(path)
         info = ArtifactInfo.from_metadata(path, "onnx", meta)

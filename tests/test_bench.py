@@ -91,6 +91,18 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", "--precisions", "fp32,fp9"), "expected comma-separated precisions", code=2)
     one_line_error(cli("bench", "--max-seconds", "-1"), "a number > 0", code=2)
     one_line_error(cli("bench", "--backends", "onnxruntime,trt"), "expected comma-separated rows", code=2)
+    one_line_error(cli("bench", tmp_path / "d", "--no-accuracy"), "is a directory")
+    one_line_error(cli("bench", "--plot", tmp_path / "b.txt"), "a plot is written as .png", code=2)
+    assert not (tmp_path / "b.txt").exists()
+
+
+def test_bench_refuses_a_baseline_of_another_input_size(small_artifacts, tmp_path, cli, one_line_error):
+    """It timed crossvit_tiny_240 as the baseline of a 32-px file, skipped the file with a note and
+    exited 0."""
+    ckpt, onnx_path = small_artifacts
+    one_line_error(cli("bench", onnx_path, "--model", "crossvit_tiny_240", "--batch-sizes", "1", "--no-accuracy",
+                       "--json", tmp_path / "b.json"), "takes 3x32x32 inputs, the PyTorch baseline crossvit_tiny_240 takes 3x240x240")
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.slow  # exports and times the embedded model
@@ -262,6 +274,22 @@ def test_a_deadline_skips_what_would_not_fit_and_says_so():
     skips = [n for n in result.notes if not n.startswith("the machine was busy")]  # that note depends on the box
     assert len(skips) == 1 and skips[0].startswith("batch sizes 2, 4 skipped: 0 s left")
     assert "note: batch sizes 2, 4 skipped" in result.table() and result.to_dict()["notes"] == result.notes
+
+
+def test_fusion_benchmark_refuses_bad_arguments_in_one_line_before_the_run(tmp_path, capsys, monkeypatch):
+    from crossvit.benchmarks.fusion import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file"), "--tokens", "64"]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--tokens", "a"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--tokens" in err and err.count("\n") == 1, err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
+    assert main(["--out", str(tmp_path / "out"), "--tokens", "64"]) == 3
+    err = capsys.readouterr().err
+    assert "pip install 'crossvit[bench]'" in err and err.count("\n") == 1 and not (tmp_path / "out" / "fusion.json").exists()
 
 
 def test_cls_cross_attention_fusion_is_linear_and_all_attention_quadratic_in_flops():

@@ -833,13 +833,36 @@ def test_open_loop_against_a_server_that_never_answers_counts_and_goes_on():
     (["--seconds", "nan"], "a number > 0"),
     (["--max-requests", "0"], ">= 1"),
     (["--url", "127.0.0.1:9"], "give --rates too"),
+    (["--url", "localhost:abc", "--rates", "5"], "the port must be a number"),
+    (["--url", "10.0.0.1:8000", "--rates", "5"], "loopback"),
+    (["--clients", "0"], ">= 1"),
+    (["--bogus"], "unrecognized arguments"),
 ])
 def test_serve_load_refuses_bad_arguments_in_one_line(args, words, capsys):
     from crossvit.benchmarks.serve_load import main
 
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code == 2 and words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_serve_load_checks_the_url_serves_the_model_before_any_load(server, tmp_path, capsys):
+    """A dead --url, or one serving another model, is one line and exit 2, and no result file."""
+    import socket
+
+    from crossvit.benchmarks.serve_load import main
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nobody listens there
+    out = tmp_path / "out"
+    for args, words in ((["--url", dead], "no Open Inference Protocol HTTP server answers"),
+                        (["--url", server.http, "--model", "crossvit_tiny_240"], "does not serve 'crossvit_tiny_240'")):
+        t0 = time.monotonic()
+        assert main([*args, "--rates", "5", "--seconds", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+        assert not (out / "serve_open_loop.json").exists() and time.monotonic() - t0 < 30
 
 
 def test_serve_load_bad_model_or_output_is_one_line_before_any_load(tmp_path, capsys):
