@@ -122,21 +122,25 @@ def _batch_sizes(text: str | None) -> list[int] | None:
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
+    from crossvit.benchmarks.suite import model_gflops
     from crossvit.model import build_model, get_spec, list_models
     import torch
 
     rows = []
     for name in list_models():
         spec = get_spec(name)
-        with torch.device("meta"):
-            n = sum(p.numel() for p in build_model(spec.architecture, spec.config).parameters())
-        rows.append((spec.architecture != "seed", n, name, spec))  # the embedded model first, then by size
-    print(f"{'name':<26} {'family':<9} {'params':>8} {'input':>11}  description")
-    for _, n, name, spec in sorted(rows, key=lambda r: r[:3]):
+        # the official family's FLOPs come from its config (no weights needed); the seed's are counted by a run
+        with torch.device("meta" if spec.architecture == "official" else "cpu"):
+            model = build_model(spec.architecture, spec.config)
+        n = sum(p.numel() for p in model.parameters())
+        rows.append((spec.architecture != "seed", n, name, spec, model_gflops(model)))  # embedded first, then by size
+    print(f"{'name':<26} {'family':<9} {'params':>8} {'GFLOP':>6} {'input':>11}  description")
+    for _, n, name, spec, gflops in sorted(rows, key=lambda r: r[:3]):
         c, h, w = spec.preprocessing.input_size
         shipped = " [weights shipped]" if spec.weights else ""
-        print(f"{name:<26} {spec.architecture:<9} {n / 1e6:7.2f}M {f'{c}x{h}x{w}':>11}  "
+        print(f"{name:<26} {spec.architecture:<9} {n / 1e6:7.2f}M {gflops:6.2f} {f'{c}x{h}x{w}':>11}  "
               f"{spec.description}{shipped}")
+    print("GFLOP: one image's forward pass, 2 per multiply-add (the CrossViT paper counts multiply-adds: half)")
     return 0
 
 

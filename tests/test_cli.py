@@ -8,12 +8,15 @@ import torch
 from crossvit.model import load_checkpoint
 
 
-def test_models_lists_every_registered_name_with_parameter_counts(cli):
+def test_models_lists_every_registered_name_with_parameter_counts_and_flops(cli):
     proc = cli("models")
     assert proc.returncode == 0, proc.stderr
     assert "crossvit_digits" in proc.stdout and "[weights shipped]" in proc.stdout
     line = next(l for l in proc.stdout.splitlines() if l.startswith("crossvit_15_240 "))
     assert "27.53M" in line and "3x240x240" in line  # timm's crossvit_15_240: 27,528,464 params
+    assert " 11.73 " in line  # 5.87 G multiply-adds; the paper: 5.8 (test_bench checks the count itself)
+    digits = next(l for l in proc.stdout.splitlines() if l.startswith("crossvit_digits "))
+    assert float(digits.split()[3]) > 0  # the seed's, counted by a run
 
 
 def test_convert_foreign_checkpoint_then_info_reads_it(tmp_path, vit_pytorch_cross_vit, cli):
