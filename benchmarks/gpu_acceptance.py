@@ -44,18 +44,27 @@ class Verdicts(list):
 def main(argv=None) -> int:
     import torch
 
-    from crossvit.cli import _Parser
-    from crossvit.model import DEFAULT_MODEL
+    from crossvit.cli import _Parser, _positive_number
+    from crossvit.contract import check_output_dir
+    from crossvit.errors import CrossViTError
+    from crossvit.model import DEFAULT_MODEL, get_spec
 
     p = _Parser(prog="python -m crossvit.benchmarks.gpu_acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=Path("gpu-acceptance"))
-    p.add_argument("--budget-seconds", type=float, default=480.0,
+    p.add_argument("--budget-seconds", type=_positive_number, default=480.0,
                    help="time for the benchmark step; what would not fit is skipped (default 480)")
     p.add_argument("--bench-models", type=lambda t: [m for m in t.split(",") if m], default=None,
                    metavar="A,B", help=f"models for the benchmark step (default: --model, {', '.join(BENCH_MODELS)})")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (compiling takes minutes)")
     args = p.parse_args(argv)
+    try:  # a bad name or --out: one line now, not a traceback after the parity step
+        check_output_dir(args.out)
+        for name in [args.model, *(args.bench_models or [])]:
+            get_spec(name)
+    except CrossViTError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
     if not torch.cuda.is_available():
         print("gpu_acceptance: no CUDA device (torch.cuda.is_available() is False); install a CUDA "
               "build of torch on a GPU machine", file=sys.stderr)

@@ -305,6 +305,12 @@ def main(argv=None) -> int:
                    help="the latency bound that defines the knee")
     p.add_argument("--max-requests", type=_int_at_least(1), default=20_000, help="per rate")
     args = p.parse_args(argv)
+    try:
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except (ImportError, RuntimeError):  # tritonclient without its http part raises RuntimeError
+        print(f"{p.prog}: error: it needs the server and its client: pip install 'crossvit[serve]'", file=sys.stderr)
+        return 3
     if args.url and not args.rates:
         p.error("--url is for the open-loop measurement: give --rates too")
     if args.url:
@@ -331,30 +337,34 @@ def _rates(text: str) -> list[float]:
 
 
 def check_server(address: str, model: str, shape: tuple) -> None:
-    """The server at `address` is ready and serves `model` with inputs of `shape`, or one line saying what is
-    wrong, before any load is offered."""
+    """The server at `address` answers, has `model` ready (Triton's whole-server readiness says no when any
+    other model failed to load, so the model's is asked) and takes inputs of `shape`; or one line saying what
+    is wrong, before any load is offered."""
+    from crossvit.contract import first_line
     from crossvit.errors import UsageError
 
     client = _client("http", address)[1]
     try:
         try:
-            ready = client.is_server_ready()
+            ready = client.is_model_ready(model)
         except Exception as e:
             raise UsageError(f"--url {address}: no Open Inference Protocol HTTP server answers there "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                             f"({first_line(e)})") from None
         if not ready:
-            raise UsageError(f"--url {address}: the server says it is not ready")
-        try:
-            meta = client.get_model_metadata(model)
-        except Exception as e:
-            raise UsageError(f"--url {address}: it does not serve {model!r} (give --model NAME): "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UsageError(f"--url {address}: the server has no model {model!r} ready (serve_load names it by "
+                             "--model's registered name, or by the --artifact's model)")
+        meta = client.get_model_metadata(model)
         dims = [list(map(int, i["shape"])) for i in meta.get("inputs", []) if i.get("name") == "input"]
-        if not dims or dims[0][-len(shape):] != list(shape):
+        if not dims or not takes(dims[0], shape):
             raise UsageError(f"--url {address}: {model!r} takes inputs {dims[0] if dims else 'not named input'}, "
                              f"not [-1, {', '.join(map(str, shape))}]")
     finally:
         client.close()
+
+
+def takes(dims: list[int], shape: tuple) -> bool:
+    """Whether a served input of `dims` (-1: any size; the batch dimension first) takes a batch of `shape`."""
+    return len(dims) == len(shape) + 1 and all(d in (-1, s) for d, s in zip(dims[1:], shape))
 
 
 def _main(args) -> int:

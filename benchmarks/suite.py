@@ -607,11 +607,12 @@ def plot_format(path: Path) -> str:
 
     from crossvit.errors import UsageError
 
-    kinds = FigureCanvasBase.get_supported_filetypes()
+    # what matplotlib writes by itself (pgf needs LaTeX, and would fail only after the run)
+    kinds = [k for k in ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff")
+             if k in FigureCanvasBase.get_supported_filetypes()]
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in kinds:
-        raise UsageError(f"{path}: a plot is written as .png, .svg, .pdf or another of {', '.join(sorted(kinds))}; "
-                         f"not {path.suffix or 'a name without a suffix'}")
+        raise UsageError(f"{path}: a plot is written as .{', .'.join(kinds)}; not {path.suffix or 'a name without a suffix'}")
     return fmt
 
 

@@ -146,8 +146,7 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
     """Describe an `.onnx` file or a TensorRT engine (through its `NAME.plan.json` manifest)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir():
-        raise ArtifactError(f"{path}: is a directory, not an .onnx or .plan file")
+    check_input_file(path, ArtifactError)  # missing, a folder, a pipe: said before the suffix is judged
     if suffix == ".onnx":
         meta, proto = read_onnx_metadata(path)
         info = ArtifactInfo.from_metadata(path, "onnx", meta)
@@ -155,7 +154,6 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
         return info
     if suffix in ENGINE_SUFFIXES:
         manifest = manifest_path(path)
-        check_input_file(path, ArtifactError)
         if not manifest.is_file():
             raise ArtifactError(f"{path}: its manifest {manifest.name} is missing (built by crossvit build)")
         try:

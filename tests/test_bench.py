@@ -92,8 +92,23 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     one_line_error(cli("bench", "--max-seconds", "-1"), "a number > 0", code=2)
     one_line_error(cli("bench", "--backends", "onnxruntime,trt"), "expected comma-separated rows", code=2)
     one_line_error(cli("bench", tmp_path / "d", "--no-accuracy"), "is a directory")
-    one_line_error(cli("bench", "--plot", tmp_path / "b.txt"), "a plot is written as .png", code=2)
-    assert not (tmp_path / "b.txt").exists()
+    for name in ("b.txt", "b.pgf"):  # pgf needs LaTeX: it would fail after the run
+        one_line_error(cli("bench", "--plot", tmp_path / name), "a plot is written as .png, .svg, .pdf", code=2)
+        assert not (tmp_path / name).exists()
+
+
+def test_gpu_acceptance_refuses_bad_arguments_in_one_line_before_any_step(tmp_path, capsys):
+    from crossvit.benchmarks.gpu_acceptance import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file")]) == 1
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["--bench-models", "crossvit_15_240,nosuch", "--out", str(tmp_path / "o")]) == 1
+    assert "unknown model name 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--budget-seconds", "nan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--budget-seconds" in err and err.count("\n") == 1, err
 
 
 def test_bench_refuses_a_baseline_of_another_input_size(small_artifacts, tmp_path, cli, one_line_error):

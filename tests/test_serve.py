@@ -857,12 +857,24 @@ def test_serve_load_checks_the_url_serves_the_model_before_any_load(server, tmp_
         dead = f"127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nobody listens there
     out = tmp_path / "out"
     for args, words in ((["--url", dead], "no Open Inference Protocol HTTP server answers"),
-                        (["--url", server.http, "--model", "crossvit_tiny_240"], "does not serve 'crossvit_tiny_240'")):
+                        (["--url", server.http, "--model", "crossvit_tiny_240"], "no model 'crossvit_tiny_240' ready")):
         t0 = time.monotonic()
         assert main([*args, "--rates", "5", "--seconds", "1", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
         assert not (out / "serve_open_loop.json").exists() and time.monotonic() - t0 < 30
+    # the server that does serve it: the load runs and the result is written
+    assert main(["--url", server.http, "--rates", "5", "--seconds", "0.5", "--out", str(out)]) == 0
+    row, = json.loads((out / "serve_open_loop.json").read_text())["open_loop"]
+    assert row["answered"] == row["sent"] > 0
+
+
+def test_a_served_input_takes_a_batch_of_the_models_shape():
+    from crossvit.benchmarks.serve_load import takes
+
+    assert takes([-1, 3, 32, 32], (3, 32, 32)) and takes([-1, 3, -1, -1], (3, 32, 32))  # Triton's dynamic H, W
+    assert not takes([-1, 3, 240, 240], (3, 32, 32)) and not takes([3, 32, 32], (3, 32, 32))
+    assert not takes([-1, 1, 32, 32], (3, 32, 32))
 
 
 def test_serve_load_bad_model_or_output_is_one_line_before_any_load(tmp_path, capsys):
