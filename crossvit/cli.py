@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "still compared with eager fp32, one call per batch size")
     p.add_argument("--json", type=Path, metavar="OUT.json")
     p.add_argument("--csv", type=Path, metavar="OUT.csv")
-    p.add_argument("--plot", type=Path, metavar="OUT.png", help="latency and throughput vs batch, as the suffix says (.png, .svg, .pdf; "
+    p.add_argument("--plot", type=Path, metavar="OUT.png",
+                   help="latency and throughput vs batch, in the format the suffix names (.png, .svg, .pdf; "
                         "needs matplotlib: the bench extra)")
     p.set_defaults(func=cmd_bench)
 
