@@ -13,19 +13,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-run: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-run
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,dev]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,dev]"
 	# vit-pytorch is the reference the tests compare against; its package __init__ needs
 	# torchvision, which the CPU torch build lacks, so it is installed without dependencies
 	# and the tests load its cross_vit.py file directly.
 	$(BIN)/pip install -q --no-deps "vit-pytorch==1.26.11"
-	# The real TensorRT runtime bindings (the lean runtime: a real wheel on PyPI, unlike the full
-	# builder) and cuda-python, so tests/test_tensorrt.py checks every TensorRT and CUDA runtime
-	# name our session uses against them. They import without a GPU; no object is ever created.
+	# Real TensorRT, no GPU needed: TensorRT-RTX (the rtx extra, above) builds every test engine.
+	# Standard TensorRT 11.4 cannot be installed from PyPI, but two real pieces of it can: the lean
+	# runtime (imports without a GPU: the session's runtime names are checked on its module) and the
+	# full bindings' binary (it cannot import without NVIDIA's libraries: the builder's names are
+	# read from it). cuda-bindings: the CUDA runtime names the session calls.
 	$(BIN)/pip install -q "tensorrt-lean-cu12==11.4.0.106" "cuda-bindings>=12.9"
+	$(BIN)/pip install -q --no-deps "tensorrt-cu13-bindings==11.4.0.106"
 	touch $@
 
 deploy: $(VENV)/.installed-run

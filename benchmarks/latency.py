@@ -71,8 +71,8 @@ def command_line() -> str:
 
 
 # optional libraries that change what a result means, by distribution name (read, never imported)
-OPTIONAL_LIBRARIES = {"modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "onnxscript": "onnxscript",
-                      "onnx": "onnx"}
+OPTIONAL_LIBRARIES = {"modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx",
+                      "onnxscript": "onnxscript", "onnx": "onnx"}
 
 
 def _installed(dist: str) -> str | None:

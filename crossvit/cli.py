@@ -298,12 +298,36 @@ def cmd_build(args) -> int:
 
     options = BuildOptions(batch=args.batch, workspace_gib=args.workspace, opt_level=args.opt_level,
                            timing_cache=args.timing_cache, hardware_compat=args.hardware_compat,
-                           version_compatible=args.version_compatible)
+                           version_compatible=args.version_compatible, library=args.library,
+                           compute_capabilities=tuple(args.compute_capability) if args.compute_capability else None)
     manifest = build_engine(args.onnx, args.output, options, progress=_say)
-    b = manifest["batch"]
+    b, trt = manifest["batch"], manifest["tensorrt"]
+    library = "TensorRT-RTX" if trt["library"] == "tensorrt-rtx" else "TensorRT"
+    where = (f"for compute capability {', '.join('.'.join(map(str, cc)) for cc in trt['target_compute_capabilities'])}"
+             if manifest["device"] is None else manifest["device"]["name"])
     print(f"wrote {printable(str(args.output))} ({manifest['precision']}, batch {b['min']}..{b['max']} tuned for {b['opt']}, "
-          f"TensorRT {manifest['tensorrt']['version']}, {manifest['device']['name']})")
+          f"{library} {trt['version']}, {where})")
     return 0
+
+
+def _compute_capabilities(text: str) -> list[tuple[int, int]]:
+    """An argparse type: '8.6' or '8.6,8.9'."""
+    from crossvit.runtime.trt_library import parse_compute_capability
+
+    try:
+        return [parse_compute_capability(part) for part in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_library_option(p) -> None:
+    from crossvit.runtime.trt_library import LIBRARY_CHOICES
+
+    p.add_argument("--library", default="auto", choices=LIBRARY_CHOICES,
+                   help="which TensorRT builds the engine: tensorrt (TensorRT 10/11, for every NVIDIA GPU; builds "
+                        "on the GPU it targets) or tensorrt-rtx (TensorRT for RTX, for Ampere and later RTX GPUs "
+                        "and the A100; builds without a GPU). auto: tensorrt where it is installed and a GPU is "
+                        "present, else tensorrt-rtx where installed")
 
 
 def cmd_serve(args) -> int:
@@ -374,7 +398,7 @@ def cmd_deploy(args) -> int:
     check_output_dir(args.output)
     loaded = _load(args)
     result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
-                    batch=batch, progress=_say)
+                    batch=batch, library=args.library, progress=_say)
     print(result.table())
     print(f"wrote {printable(str(args.output / 'summary.json'))} ({result.seconds:.0f} s)")
     _say_cpu_path(result.out_dir)
@@ -482,12 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session_options(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("build", help="build a TensorRT engine (.plan + manifest) from an ONNX (needs a GPU)",
+    p = sub.add_parser("build", help="build a TensorRT or TensorRT-RTX engine (.plan + manifest) from an ONNX",
                        description="Build a TensorRT engine from a crossvit ONNX (fp32 or a TensorRT variant "
-                                   "from `export --precision`): a strongly typed network, so the engine computes "
-                                   "in the ONNX's precision. Writes MODEL.plan and MODEL.plan.json (the manifest "
-                                   "the runtime checks against the machine). Needs an NVIDIA GPU, TensorRT 10/11 "
-                                   "and cuda-python.")
+                                   "from `export --precision`) through Polygraphy: a strongly typed network, so the "
+                                   "engine computes in the ONNX's precision. Writes MODEL.plan and MODEL.plan.json "
+                                   "(the manifest the runtime checks against the machine). Standard TensorRT 10/11 "
+                                   "needs an NVIDIA GPU and cuda-python; TensorRT-RTX builds on any machine, "
+                                   "one without a GPU included (running the plan needs an RTX/Ampere+ GPU).")
     p.add_argument("onnx", type=Path, metavar="MODEL.onnx")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.plan")
     p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
@@ -498,10 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
                    help="kernel timing cache: loaded if present, saved after the build")
     p.add_argument("--hardware-compat", default="none", choices=("none", "ampere+", "same-cc"),
-                   help="run on other GPUs: ampere+ (any compute capability >= 8.0, slower kernels) or "
-                        "same-cc (any GPU of this compute capability)")
+                   help="standard TensorRT: run on other GPUs: ampere+ (any compute capability >= 8.0, slower "
+                        "kernels; not fp8) or same-cc (any GPU of this compute capability)")
     p.add_argument("--version-compatible", action="store_true",
-                   help="runs on later TensorRT versions of the same major version")
+                   help="standard TensorRT: runs on later TensorRT versions of the same or the next major version")
+    _add_library_option(p)
+    p.add_argument("--compute-capability", type=_compute_capabilities, default=None, metavar="8.6[,8.9]",
+                   help="TensorRT-RTX: the GPUs the plan runs on (default: every one it builds for, 8.0, 8.6, 8.9, "
+                        "12.x, that computes in the ONNX's precision)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="serve an artifact over the Open Inference Protocol (HTTP + gRPC, as Triton)",
@@ -576,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")
     p.add_argument("--images", type=Path, metavar="DIR", help="real images for the parity gate")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")
+    _add_library_option(p)
     p.set_defaults(func=cmd_deploy)
     return parser
 

@@ -1,7 +1,8 @@
 """`crossvit deploy`: the stages in order, one function each.
 
     export fp32 -> precision variants -> parity gate on random inputs and real images ->
-    TensorRT engines (when a CUDA GPU and TensorRT are present) -> latency of the available
+    TensorRT engines (standard TensorRT on a GPU; TensorRT-RTX on any machine, run where a GPU
+    is one of its targets) -> latency of the available
     backends (the benchmark code) -> a summary table and DIR/summary.json.
 
 This module sits above export/, runtime/ and benchmarks/ and only calls them.
@@ -33,6 +34,7 @@ class Row:
     accuracy: float | None = None  # percent on the labelled images
     latency: dict | None = None  # Latency.to_dict()
     speedup: float | None = None  # vs PyTorch eager, same batch, same process
+    build_seconds: float | None = None  # engines: how long the TensorRT build took
     note: str = ""
 
 
@@ -40,6 +42,7 @@ class Row:
 class DeployResult:
     out_dir: Path
     rows: list[Row] = field(default_factory=list)
+    engines: list[Row] = field(default_factory=list)  # engines built but not run here (no target GPU)
     skipped: list[str] = field(default_factory=list)
     reports: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -56,6 +59,9 @@ class DeployResult:
                          f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
                          f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {fmt(r.speedup, '7.2f') + 'x' if r.speedup else '-':>8}"
                          f"  {r.note}")
+        for r in self.engines:
+            lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
+                         f"{'built':<8} {'-':>6} {'-':>8} {'-':>8} {'-':>8}  built in {r.build_seconds} s; {r.note}")
         lines += [f"skipped: {s}" for s in self.skipped]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -64,6 +70,7 @@ class DeployResult:
         from crossvit.benchmarks.latency import command_line, machine_description
 
         return {"out_dir": str(self.out_dir), "rows": [asdict(r) for r in self.rows],
+                "engines_not_run": [asdict(r) for r in self.engines],
                 "skipped": self.skipped, "warnings": self.warnings, "parity_reports": self.reports,
                 "seconds": self.seconds, "machine": machine_description(), "command": command_line(),
                 "crossvit_version": __version__}
@@ -118,30 +125,49 @@ def parity_stage(artifacts: list[Path], loaded, images, batch, out: Path, result
     return reports
 
 
-def engines_stage(reports: dict, loaded, images, batch, out: Path, result: DeployResult, say: Progress) -> dict:
-    """A TensorRT engine for each artifact meant for TensorRT that this GPU computes in, gated
-    like its ONNX; without a GPU or TensorRT, the skip line says what is missing."""
-    from crossvit.runtime.gpu import cuda_device, tensorrt_unavailable
-
-    reason = tensorrt_unavailable()
-    say(f"[4/{STAGES}] TensorRT engines" + (f": skipped ({reason})" if reason else ""))
-    if reason:
-        result.skipped.append(f"TensorRT engines: {reason}")
-        return {}
-    from crossvit.export.engine import BuildOptions, build_engine, check_device
+def engines_stage(reports: dict, loaded, images, batch, out: Path, result: DeployResult, say: Progress,
+                  library: str = "auto") -> dict:
+    """An engine for each artifact meant for TensorRT, with the TensorRT library that can build
+    here (`trt_library.choose_library`). Standard TensorRT builds on this GPU and each engine is
+    gated like its ONNX. TensorRT-RTX builds on any machine: where this GPU is one of the plan's
+    targets it is gated too; elsewhere (no GPU, or a Hopper/Blackwell data-centre GPU) its build
+    seconds and size are recorded and it is said plainly that it was not run here."""
+    from crossvit.export.engine import BuildOptions, build_engine
     from crossvit.export.parity import check_parity
+    from crossvit.runtime.gpu import cuda_device
+    from crossvit.runtime.trt_library import choose_library
 
-    device, engines = cuda_device(), {}
+    try:
+        lib = choose_library(library)
+    except CrossViTError as e:
+        say(f"[4/{STAGES}] TensorRT engines: skipped ({e})")
+        result.skipped.append(f"TensorRT engines: {e}")
+        return {}
+    try:
+        gpu = cuda_device()
+    except CrossViTError:
+        gpu = None
+    say(f"[4/{STAGES}] {lib.title} engines" + (f" on {gpu.name}" if gpu else " (no GPU here: built, not run)"))
+    engines = {}
     for onnx_path, report in reports.items():
         if get_precision(report.precision).target == "cpu":
             continue
         plan = onnx_path.with_suffix(".plan")
         try:
-            check_device(report.precision, device)
-            build_engine(onnx_path, plan, BuildOptions(), progress=say)
+            manifest = build_engine(onnx_path, plan, BuildOptions(library=lib.name), progress=say)
         except CrossViTError as e:
             result.skipped.append(f"{plan.name}: {e}")
             say(f"skipped {plan.name}: {e}")
+            continue
+        targets = [tuple(t) for t in manifest["tensorrt"]["target_compute_capabilities"]]
+        built = Row(artifact=plan.name, backend=lib.name, precision=report.precision,
+                    size_mb=plan.stat().st_size / 1e6, build_seconds=manifest["builder"]["seconds"])
+        if gpu is None or (lib.is_rtx and gpu.compute_capability not in targets):
+            cc = ", ".join(".".join(map(str, t)) for t in targets)
+            built.note = (f"built for RTX/Ampere+ GPUs (compute capability {cc}), not run here: "
+                          + ("no GPU on this machine" if gpu is None else f"{gpu.name} is not one of them"))
+            result.engines.append(built)
+            say(f"{plan.name}: {built.note}")
             continue
         gate = check_parity(plan, loaded, images=images, batch_sizes=[1, 7, batch.max])
         gate.save(out / f"{plan.stem}.plan.parity.json")
@@ -213,7 +239,7 @@ def _check_folders(**folders) -> None:
 
 def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_NAMES,
            calibration: str | Path | None = None, images: str | Path | None = None, batch=None,
-           bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
+           bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0, library: str = "auto",
            progress: Progress | None = None) -> DeployResult:
     from crossvit.export.onnx import BatchRange
     from crossvit.model import RANDOM_WEIGHTS_NOTE
@@ -236,7 +262,7 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     artifacts = [fp32, *variants_stage(fp32, out, name, variants, calibration, result, say)]
     say(f"[3/{STAGES}] parity gate on random inputs and real images")
     reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
-    engines = engines_stage(reports, loaded, images, batch, out, result, say)
+    engines = engines_stage(reports, loaded, images, batch, out, result, say, library)
     say(f"[5/{STAGES}] latency at batch {bench_batch} ({bench_runs} runs each in 3 turns, "
         f"at most ~{bench_seconds:.0f} s a backend)")
     result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,

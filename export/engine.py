@@ -1,20 +1,25 @@
-"""`crossvit build`: a TensorRT engine from a crossvit ONNX, and its manifest beside it.
+"""`crossvit build`: a TensorRT or TensorRT-RTX engine from a crossvit ONNX, and its manifest.
 
-One code path for TensorRT 10.x and 11.x on the raw Python API: a strongly typed network and
-no precision flags (TensorRT 11 has none), so the engine computes in the precision the ONNX
-variant was written in (fp32, or fp16/bf16/int8/fp8 by `crossvit export --precision`).
-int8-cpu graphs hold ONNX Runtime-only ops and are refused.
+One code path for both TensorRT libraries (`runtime/trt_library.py` holds what differs), built
+through Polygraphy's loaders (network from the ONNX path, strongly typed; the builder config with
+one profile; engine bytes from the network). A strongly typed network and no precision flags
+(TensorRT 11 has none), so the engine computes in the precision the ONNX variant was written in.
+int8-cpu graphs hold ONNX Runtime-only ops and are refused before TensorRT is called.
 
-Everything that can be decided without a GPU (the batch profile, what may be built, the I/O
-check of the built engine, the manifest) is a plain function here, tested on CPU; the TensorRT
-calls are confined to `build_engine` and `engine_io`, and made only after `cuda_device()` has
-found a GPU (a TensorRT object created without one segfaults later).
+What a machine without a GPU can verify is verified before the plan is written: zero parser
+errors, the network's I/O (strongly typed: the engine's) against the artifact contract, the
+profile TensorRT holds against the request, and (TensorRT-RTX) that the plan is not malformed.
+Where a GPU can load the plan, the engine's own I/O is checked too. Standard TensorRT builds on
+the GPU it targets, so it asks `cuda_device()` first (a TensorRT object created without one
+segfaults later); TensorRT-RTX builds anywhere, for the compute capabilities it is given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -26,12 +31,21 @@ from crossvit.contract import (ENGINE_FORMAT, ENGINE_SUFFIXES, atomic_write, che
                                get_precision, manifest_path, new_metadata, sha256_file, to_json)
 from crossvit.errors import BackendUnavailable, ExportError
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
-from crossvit.runtime.gpu import CudaDevice, cuda_device, import_tensorrt, make_logger
+from crossvit.runtime.gpu import CudaDevice, cuda_device
+from crossvit.runtime.tensorrt import engine_io, network_io, rtx_validity, verify_io
+from crossvit.runtime.trt_library import (LIBRARY_CHOICES, MIN_COMPUTE_CAPABILITY, TensorRTLibrary, cc_text,
+                                          choose_library, message_mark, recent_messages, trt_logger, use_polygraphy)
 
 Progress = Callable[[str], None]
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
-# The oldest GPU architecture whose TensorRT kernels compute in each precision.
-MIN_COMPUTE_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}
+# The oldest build GPU for each hardware compatibility level (NVIDIA's docstrings).
+HARDWARE_COMPAT_BUILD_GPU = {"ampere+": (8, 0), "same-cc": (7, 5)}
+OPTION_FLAGS = {"hardware_compat": "--hardware-compat", "version_compatible": "--version-compatible",
+                "timing_cache": "--timing-cache", "compute_capabilities": "--compute-capability"}
+# Standard TensorRT options that exist in TensorRT-RTX but must not be used there (tried here).
+RTX_REFUSES = {"hardware_compat": "ignores the hardware compatibility level (it logs \"unsupported\")",
+               "version_compatible": "cannot build version-compatible plans (it has no lean runtime)",
+               "timing_cache": "has no timing cache (a deprecated no-op there)"}
 
 
 @dataclass(frozen=True)
@@ -76,20 +90,33 @@ class BuildOptions:
     batch: str | None = None  # profile text, see Profile.parse
     workspace_gib: float | None = None
     opt_level: int | None = None  # TensorRT's builder_optimization_level 0..5 (its default 3)
-    timing_cache: Path | None = None
-    hardware_compat: str = "none"
-    version_compatible: bool = False
+    timing_cache: Path | None = None  # standard TensorRT only
+    hardware_compat: str = "none"  # standard TensorRT only
+    version_compatible: bool = False  # standard TensorRT only
+    library: str = "auto"  # "auto", "tensorrt" or "tensorrt-rtx" (trt_library.choose_library)
+    compute_capabilities: tuple[tuple[int, int], ...] | None = None  # TensorRT-RTX's targets (default: all it has)
 
     def check(self) -> None:
-        if self.workspace_gib is not None and not 0 < self.workspace_gib <= 1024:
+        """What can be judged without knowing the library."""
+        if self.workspace_gib is not None and not (0 < self.workspace_gib <= 1024):
             raise ExportError(f"--workspace must be in (0, 1024] GiB, got {self.workspace_gib}")
         if self.opt_level is not None and self.opt_level not in range(6):
             raise ExportError(f"--opt-level must be 0..5, got {self.opt_level}")
         if self.hardware_compat not in HARDWARE_COMPAT:
             raise ExportError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}, "
                               f"got {self.hardware_compat!r}")
+        if self.library not in LIBRARY_CHOICES:
+            raise ExportError(f"--library must be one of {', '.join(LIBRARY_CHOICES)}, got {self.library!r}")
         if self.timing_cache is not None and self.timing_cache.is_dir():
             raise ExportError(f"--timing-cache {self.timing_cache} is a folder; give a file")
+        if self.compute_capabilities is not None and not self.compute_capabilities:
+            raise ExportError("--compute-capability needs at least one compute capability, e.g. 8.6")
+
+    def given(self) -> dict[str, bool]:
+        """The library-specific options the user set."""
+        return {"hardware_compat": self.hardware_compat != "none", "version_compatible": self.version_compatible,
+                "timing_cache": self.timing_cache is not None,
+                "compute_capabilities": self.compute_capabilities is not None}
 
 
 def check_buildable(info: ArtifactInfo, graph) -> None:
@@ -107,42 +134,74 @@ def check_buildable(info: ArtifactInfo, graph) -> None:
 def check_device(precision: str, device: CudaDevice) -> None:
     need = MIN_COMPUTE_CAPABILITY.get(precision)
     if need and device.compute_capability < need:
-        have = ".".join(map(str, device.compute_capability))
-        raise BackendUnavailable(f"{precision} engines need compute capability {need[0]}.{need[1]} or newer; "
-                                 f"{device.name} has {have}")
+        raise BackendUnavailable(f"{precision} engines need compute capability {cc_text(need)} or newer; "
+                                 f"{device.name} has {cc_text(device.compute_capability)}")
 
 
-def verify_io(io: list[dict], info: ArtifactInfo, profile: Profile) -> None:
-    """The built engine's I/O must be the ONNX's: the same names, float32, [batch, C, H, W] in and
-    [batch, classes] out, and the profile we asked for. A mismatch is an error: never a silently
-    different engine. `io` entries: {name, mode ("input"/"output"), dtype, shape, profile}."""
-    by_name = {t["name"]: t for t in io}
-    expected = {info.input_name: "input", info.output_name: "output"}
-    if set(by_name) != set(expected):
-        raise ExportError(f"the engine's tensors {sorted(by_name)} are not the ONNX's {sorted(expected)}")
-    for name, mode in expected.items():
-        t = by_name[name]
-        if t["mode"] != mode:
-            raise ExportError(f"engine tensor {name!r} is an {t['mode']}, expected an {mode}")
-        if t["dtype"] != "float32":
-            raise ExportError(f"engine tensor {name!r} is {t['dtype']}, expected float32 (the ONNX's)")
+def check_options(options: BuildOptions, library: TensorRTLibrary, precision: str,
+                  build_gpu: CudaDevice | None, known_targets: list[tuple[int, int]]) -> None:
+    """Refuse, in one line, what this library would ignore, fail on, or build wrong: options of the
+    other library, precision vs target GPU, and hardware compatibility vs precision and build GPU."""
+    for option, set_ in options.given().items():
+        if not set_ or option in library.options:
+            continue
+        flag = OPTION_FLAGS[option]
+        if library.is_rtx:
+            raise ExportError(f"{flag} is a standard TensorRT option; TensorRT-RTX {RTX_REFUSES[option]}: choose "
+                              "the GPUs an RTX plan runs on with --compute-capability instead")
+        raise ExportError(f"{flag} is a TensorRT-RTX option (--library tensorrt-rtx); standard TensorRT builds for "
+                          "the GPU it runs on (--hardware-compat ampere+ for any Ampere or later GPU)")
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    if library.is_rtx:
+        for cc in options.compute_capabilities or ():
+            if cc not in known_targets:
+                raise ExportError(f"--compute-capability {cc_text(cc)}: TensorRT-RTX builds for "
+                                  f"{', '.join(map(cc_text, known_targets))} (Hopper and Blackwell data-centre GPUs "
+                                  "need standard TensorRT: --library tensorrt)")
+            if need and cc < need:
+                raise ExportError(f"{precision} engines need compute capability {cc_text(need)} or newer; "
+                                  f"--compute-capability {cc_text(cc)} is older")
+        return
+    if build_gpu is None:
+        raise BackendUnavailable("standard TensorRT builds on the GPU it targets, and this machine has none "
+                                 "(TensorRT-RTX builds without one: --library tensorrt-rtx)")
+    check_device(precision, build_gpu)
+    level = options.hardware_compat
+    oldest = HARDWARE_COMPAT_BUILD_GPU.get(level)
+    if oldest and build_gpu.compute_capability < oldest:
+        raise ExportError(f"--hardware-compat {level} needs a build GPU of compute capability {cc_text(oldest)} or "
+                          f"newer; {build_gpu.name} has {cc_text(build_gpu.compute_capability)}")
+    if level == "ampere+" and need and need > (8, 0):
+        raise ExportError(f"--hardware-compat ampere+ makes a plan that loads on any GPU of compute capability 8.0 "
+                          f"or newer, but {precision} needs {cc_text(need)}: build {precision} without it")
+
+
+def rtx_targets(options: BuildOptions, library: TensorRTLibrary, trt, precision: str) -> list[tuple[int, int]]:
+    if not library.is_rtx:
+        return []
+    if options.compute_capabilities:
+        return sorted(set(options.compute_capabilities))
+    return library.default_targets(trt, precision)
+
+
+def engine_manifest(info: ArtifactInfo, *, onnx_sha256: str, plan_sha256: str, profile: Profile, io: list[dict],
+                    library: TensorRTLibrary, version: str, targets: list[tuple[int, int]],
+                    device: CudaDevice | None, options: BuildOptions, seconds: float) -> dict:
+    """What the runtime needs to load and use the plan without anything else (DESIGN.md).
+
+    `tensorrt.target_compute_capabilities`: the GPUs the plan runs on. TensorRT-RTX: exactly
+    these. Standard TensorRT: the build GPU's (hardware compatibility "none"/"same-cc"), or 8.0
+    and every newer one ("ampere+"). `device` is the build GPU, null for a build without one."""
     c, h, w = info.input_shape
-    checks = ((info.input_name, [-1, c, h, w]), (info.output_name, [-1, info.num_classes]))
-    for name, want in checks:
-        got = list(by_name[name]["shape"])
-        if len(got) != len(want) or any(g != x for g, x in zip(got[1:], want[1:])) or \
-                got[0] not in (-1, profile.min if profile.min == profile.max else -1):
-            raise ExportError(f"engine tensor {name!r} has shape {got}, expected {want} (-1: the batch)")
-    got_profile = by_name[info.input_name].get("profile")
-    want_profile = [[profile.min, c, h, w], [profile.opt, c, h, w], [profile.max, c, h, w]]
-    if got_profile is not None and [list(s) for s in got_profile] != want_profile:
-        raise ExportError(f"engine profile {got_profile} differs from the requested {want_profile}")
-
-
-def engine_manifest(info: ArtifactInfo, *, onnx_sha256: str, profile: Profile, io: list[dict],
-                    device: CudaDevice, tensorrt_version: str, options: BuildOptions, seconds: float) -> dict:
-    """What the runtime needs to load and use the plan without anything else (DESIGN.md)."""
-    c, h, w = info.input_shape
+    trt_info = {"library": library.name, "version": version}
+    if library.is_rtx:
+        trt_info["target_compute_capabilities"] = [list(t) for t in targets]
+    else:
+        level = options.hardware_compat
+        trt_info["target_compute_capabilities"] = [[8, 0]] if level == "ampere+" else \
+            [list(device.compute_capability)] if device else []
+        trt_info.update(hardware_compatibility=level, version_compatible=options.version_compatible)
+    trt_info.update(builder_optimization_level=options.opt_level, workspace_gib=options.workspace_gib)
     return new_metadata(
         ENGINE_FORMAT,
         model=info.model,
@@ -152,72 +211,67 @@ def engine_manifest(info: ArtifactInfo, *, onnx_sha256: str, profile: Profile, i
         outputs=[{"name": info.output_name, "dtype": "float32", "shape": ["batch", info.num_classes]}],
         engine_io=io,
         source=derived_source(info.path.name, onnx_sha256, info.raw.get("source"), random_weights=info.random_weights),
-        tensorrt={"version": tensorrt_version, "hardware_compatibility": options.hardware_compat,
-                  "version_compatible": options.version_compatible,
-                  "builder_optimization_level": options.opt_level, "workspace_gib": options.workspace_gib},
-        device=device.to_dict(),
+        plan_sha256=plan_sha256,
+        tensorrt=trt_info,
+        device=device.to_dict() if device else None,
         builder={"crossvit": __version__, "seconds": round(seconds, 1)},
     )
 
 
-# -- the TensorRT calls ----------------------------------------------------------------------
+# -- the build, through Polygraphy ---------------------------------------------------------------
 
-def _dtype_name(trt, dtype) -> str:
-    names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT32: "int32",
-             trt.DataType.INT8: "int8", trt.DataType.BOOL: "bool"}
-    for attr, name in (("BF16", "bfloat16"), ("FP8", "float8"), ("INT64", "int64")):
-        if hasattr(trt.DataType, attr):
-            names[getattr(trt.DataType, attr)] = name
-    return names.get(dtype, str(dtype))
-
-
-def engine_io(trt, engine) -> list[dict]:
-    """The engine's I/O tensors as plain dicts (see verify_io)."""
-    io = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        entry = {"name": name, "mode": "input" if is_input else "output",
-                 "dtype": _dtype_name(trt, engine.get_tensor_dtype(name)),
-                 "shape": [int(d) for d in engine.get_tensor_shape(name)]}
-        if is_input:
-            entry["profile"] = [[int(d) for d in s] for s in engine.get_tensor_profile_shape(name, 0)]
-        io.append(entry)
-    return io
+def _parse_failure(library: TensorRTLibrary, onnx_path: Path, messages: list[str]) -> str:
+    """One line from the parser's errors: how many nodes failed, their operators, the first in full."""
+    nodes = [m for m in messages if m.startswith("In node ")]
+    ops = sorted({m.group(1) for m in (re.search(r"operator: (\S+)", n) for n in nodes) if m})
+    if nodes:
+        return (f"{library.title} cannot parse {onnx_path.name}: {len(nodes)} node(s) failed "
+                f"({', '.join(ops)}); first: {nodes[0]}")
+    return f"{library.title} cannot parse {onnx_path.name}: {'; '.join(messages[-3:]) or 'no reason logged'}"
 
 
-def _parse(trt, builder, logger, onnx_path: Path):
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = []
-        for i in range(parser.num_errors):
-            e = parser.get_error(i)
-            errors.append(f"node {e.node_name() or '?'} ({e.node_operator() or '?'}): {e.desc()}")
-        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: " + "; ".join(errors or logger.messages[-3:]))
-    return network, parser
+def _optional_gpu() -> CudaDevice | None:
+    try:
+        return cuda_device()
+    except BackendUnavailable:
+        return None
 
 
-def _config(trt, builder, info: ArtifactInfo, profile: Profile, options: BuildOptions):
-    config = builder.create_builder_config()
-    c, h, w = info.input_shape
-    p = builder.create_optimization_profile()
-    p.set_shape(info.input_name, (profile.min, c, h, w), (profile.opt, c, h, w), (profile.max, c, h, w))
-    config.add_optimization_profile(p)
+def _config_loader(backend, library: TensorRTLibrary, trt, profile, options: BuildOptions,
+                   targets: list[tuple[int, int]]):
+    """Polygraphy's CreateConfig (or CreateConfigRTX) for one profile and the options this library honours."""
+    kwargs = dict(profiles=[profile], profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY)
     if options.workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
+        kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gib * 1024**3)}
     if options.opt_level is not None:
-        config.builder_optimization_level = options.opt_level
+        kwargs["builder_optimization_level"] = options.opt_level
+    if library.is_rtx:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        return CreateConfigRTX(compute_capabilities=targets, **kwargs)
     if options.hardware_compat != "none":
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
-                                                      HARDWARE_COMPAT[options.hardware_compat])
+        try:
+            kwargs["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel,
+                                                             HARDWARE_COMPAT[options.hardware_compat])
+        except AttributeError:  # same-cc came after 10.8/10.9
+            raise ExportError(f"--hardware-compat {options.hardware_compat} is not in TensorRT {trt.__version__} "
+                              "(it came in a later 10.x); upgrade TensorRT or use ampere+") from None
     if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if options.timing_cache is not None:  # loaded if present, saved after the build
-        data = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, False)
-    return config
+        kwargs["version_compatible"] = True
+    config = backend.CreateConfig(**kwargs)
+    if options.timing_cache is None or not options.timing_cache.is_file():
+        return config
+
+    def load_timing_cache(builder, network, cfg):
+        cache = cfg.create_timing_cache(options.timing_cache.read_bytes())
+        if cache is None or not cfg.set_timing_cache(cache, False):
+            # Polygraphy merges the file's entries with this build's when it saves (ignore_mismatch)
+            from crossvit.runtime.trt_library import log
+
+            log.warning("timing cache %s is from another GPU or TensorRT version: not used for this build; its "
+                        "entries are kept when the cache is saved", options.timing_cache)
+
+    return backend.PostprocessConfig(config, load_timing_cache)
 
 
 @contextlib.contextmanager
@@ -255,42 +309,93 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOpt
 
     check_buildable(info, onnx.load(str(onnx_path), load_external_data=False).graph)
     profile = Profile.parse(options.batch, info.batch_min, info.batch_max)
-    device = cuda_device()  # before any TensorRT object exists
-    check_device(info.precision, device)
-    trt = import_tensorrt()
+    gpu = _optional_gpu()  # before any TensorRT object exists
+    library = choose_library(options.library, gpu=gpu is not None)
+    if not library.builds_without_gpu and gpu is None:
+        cuda_device()  # raises with the reason
+    trt = library.module()
+    known = library.known_targets(trt) if library.is_rtx else []
+    check_options(options, library, info.precision, gpu, known)
+    targets = rtx_targets(options, library, trt, info.precision)
+    backend = use_polygraphy(library)
+    from polygraphy.exception import PolygraphyException
 
+    trt_logger(trt)  # the process's one TensorRT logger (trt_library): every message is recorded
+    mark = message_mark()
     start = time.perf_counter()
-    logger = make_logger(trt)
-    builder = trt.Builder(logger)
-    say(f"parsing {onnx_path.name} ({info.precision}, strongly typed) with TensorRT {trt.__version__}")
-    network, _parser = _parse(trt, builder, logger, onnx_path)
-    config = _config(trt, builder, info, profile, options)
-    say(f"building for {device.name} (batch {profile.min}..{profile.max}, tuned for {profile.opt}); "
-        "this can take minutes")
+    say(f"parsing {onnx_path.name} ({info.precision}, strongly typed) with {library.title} {trt.__version__} "
+        "through Polygraphy")
+    try:
+        builder, network, parser = backend.network_from_onnx_path(str(onnx_path), strongly_typed=True)
+    except PolygraphyException:
+        raise ExportError(_parse_failure(library, onnx_path, recent_messages(mark, last=200))) from None
+    if parser.num_errors:
+        raise ExportError(_parse_failure(library, onnx_path, recent_messages(mark, last=200)))
+    c, h, w = info.input_shape
+    verify_io(network_io(trt, network), info, None, ExportError)  # strongly typed: the engine's I/O
+    poly_profile = backend.Profile().add(info.input_name, (profile.min, c, h, w), (profile.opt, c, h, w),
+                                         (profile.max, c, h, w))
+    held = [[int(d) for d in s] for s in poly_profile.to_trt(builder, network).get_shape(info.input_name)]
+    if held != [[b, c, h, w] for b in (profile.min, profile.opt, profile.max)]:
+        raise ExportError(f"TensorRT holds the profile {held}, not the requested "
+                          f"{profile.min}:{profile.opt}:{profile.max}")
+    config = _config_loader(backend, library, trt, poly_profile, options, targets)
+    where = (f"compute capabilities {', '.join(map(cc_text, targets))}" if library.is_rtx else gpu.name)
+    say(f"building for {where} (batch {profile.min}..{profile.max}, tuned for {profile.opt})"
+        + ("" if library.is_rtx else "; this can take minutes"))
     with _heartbeat(say):
-        plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        reasons = "; ".join(logger.messages[-5:]) or "no reason logged"
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name}: {reasons}")
+        try:
+            plan = backend.engine_bytes_from_network(
+                (builder, network, parser), config=config,
+                save_timing_cache=str(options.timing_cache) if options.timing_cache else None)
+        except PolygraphyException:
+            reasons = "; ".join(recent_messages(mark, last=3)) or "no reason logged"
+            raise ExportError(f"{library.title} could not build an engine from {onnx_path.name}: {reasons}") from None
     plan_bytes = bytes(memoryview(plan))
     seconds = time.perf_counter() - start
-    say(f"built in {seconds:.0f} s; checking the engine's inputs and outputs")
-    runtime = trt.Runtime(logger)
-    if options.version_compatible:
-        runtime.engine_host_code_allowed = True
-    engine = runtime.deserialize_cuda_engine(plan_bytes)
-    if engine is None:
-        raise ExportError(f"TensorRT cannot load the engine it just built: {'; '.join(logger.messages[-3:])}")
-    io = engine_io(trt, engine)
-    verify_io(io, info, profile)
-    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), profile=profile, io=io, device=device,
-                               tensorrt_version=trt.__version__, options=options, seconds=seconds)
+    io = _check_plan(trt, library, plan_bytes, info, profile, gpu, targets, network, say, mark)
+    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path),
+                               plan_sha256=hashlib.sha256(plan_bytes).hexdigest(), profile=profile, io=io,
+                               library=library, version=trt.__version__, targets=targets, device=gpu,
+                               options=options, seconds=seconds)
     write_plan(plan_path, plan_bytes, manifest)
-    if options.timing_cache is not None:
-        cache = bytes(memoryview(config.get_timing_cache().serialize()))
-        atomic_write(options.timing_cache, lambda tmp: tmp.write_bytes(cache))
-    say(f"wrote {plan_path.name} ({len(plan_bytes) / 1e6:.1f} MB) and {manifest_path(plan_path).name}")
+    say(f"wrote {plan_path.name} ({len(plan_bytes) / 1e6:.1f} MB, {library.title} {trt.__version__}, "
+        f"{seconds:.1f} s) and {manifest_path(plan_path).name}")
     return manifest
+
+
+def _check_plan(trt, library: TensorRTLibrary, plan: bytes, info: ArtifactInfo, profile: Profile,
+                gpu: CudaDevice | None, targets, network, say: Progress, mark: int) -> list[dict]:
+    """The built plan's I/O: from the engine itself where this GPU can load it, else from the
+    strongly typed network (the engine's by construction) with the profile that was verified."""
+    runs_here = gpu is not None and (not library.is_rtx or gpu.compute_capability in targets)
+    if runs_here:
+        say("checking the engine's inputs and outputs on the GPU")
+        runtime = trt.Runtime(trt_logger(trt))
+        if library.is_rtx:
+            why = rtx_validity(trt, runtime, plan)
+            if why:
+                raise ExportError(f"TensorRT-RTX says the plan it just built is invalid here ({why})")
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise ExportError(f"{library.title} cannot load the engine it just built: "
+                              f"{'; '.join(recent_messages(mark, 3))}")
+        io = engine_io(trt, engine)
+        verify_io(io, info, (profile.min, profile.opt, profile.max), ExportError)
+        return io
+    if library.is_rtx:
+        runtime = trt.Runtime(trt_logger(trt))  # without a GPU: only a malformed plan can be told apart
+        _, diagnostics = runtime.get_engine_validity(plan)
+        if int(diagnostics) & int(trt.EngineInvalidityDiagnostics.MALFORMED_ENGINE):
+            raise ExportError("TensorRT-RTX reports the plan it just built as malformed")
+        say(f"built for GPUs of compute capability {', '.join(map(cc_text, targets))} "
+            f"(RTX/Ampere+), not run here: {'no GPU on this machine' if gpu is None else gpu.name + ' is not a target'}")
+    c, h, w = info.input_shape
+    io = network_io(trt, network)
+    for t in io:
+        if t["mode"] == "input":
+            t["profile"] = [[b, c, h, w] for b in (profile.min, profile.opt, profile.max)]
+    return io
 
 
 def write_plan(plan_path: Path, plan: bytes, manifest: dict) -> None:

@@ -141,6 +141,11 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
     what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"
     if info.kind not in PLATFORMS:
         raise ExportError(f"{info.path.name}: Triton serves an .onnx or a .plan, not a {info.kind}")
+    if info.kind == "engine" and (info.raw.get("tensorrt") or {}).get("library") == "tensorrt-rtx":
+        onnx = (info.raw.get("source") or {}).get("onnx") or "the ONNX it was built from"
+        raise ExportError(f"{info.path.name} is a TensorRT-RTX plan and Triton has no backend for those (its "
+                          f"tensorrt backend runs standard TensorRT plans): give {onnx} instead (ONNX Runtime, "
+                          "optionally with --tensorrt-accelerator), or build with `crossvit build --library tensorrt`")
     external, domains, fixed = _inspect_onnx(info) if info.kind == "onnx" else ((), [], False)
     if info.kind == "engine":
         io = {t.get("name"): t for t in info.raw.get("engine_io") or []}

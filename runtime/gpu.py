@@ -1,8 +1,9 @@
-"""What GPU and TensorRT this machine has, asked without creating any TensorRT object.
+"""What GPU this machine has, asked without creating any TensorRT object.
 
 TensorRT objects created without a usable GPU do not raise: `trt.Runtime` logs a CUDA
-initialization failure and returns an object that segfaults on first use. So every TensorRT
-path asks `cuda_device()` first (cuda-python's runtime API, no torch), then `import_tensorrt()`.
+initialization failure and returns an object that segfaults on first use. So every path that
+runs a plan asks `cuda_device()` first (cuda-python's runtime API, no torch), then imports its
+TensorRT library (`trt_library`). Only TensorRT-RTX's builder is meant to work without a GPU.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 
 from crossvit.errors import BackendUnavailable
 
-TENSORRT_INSTALL = ("on a machine with an NVIDIA GPU, pip install 'crossvit[gpu]' (TensorRT and cuda-python; "
-                    "the tensorrt package fetches its wheels from NVIDIA's package index)")
+CUDA_PYTHON_INSTALL = ("pip install 'crossvit[gpu-cu12]', 'crossvit[gpu-cu13]' or 'crossvit[rtx]' on a machine with an "
+                       "NVIDIA GPU (the TensorRT library and the cuda-python of its CUDA major)")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def cudart():
             from cuda import cudart as runtime  # cuda-python < 12.6.1; removed in cuda-bindings 13
         except ImportError:
             raise BackendUnavailable(f"TensorRT engines need cuda-python, which is not installed: "
-                                     f"{TENSORRT_INSTALL}") from None
+                                     f"{CUDA_PYTHON_INSTALL}") from None
     return runtime
 
 
@@ -72,37 +73,13 @@ def cuda_device(index: int = 0) -> CudaDevice:
                       cuda_driver=_version(check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion")))
 
 
-def import_tensorrt():
-    """The `tensorrt` module, or BackendUnavailable naming the install route."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendUnavailable(f"TensorRT is not installed: {TENSORRT_INSTALL}") from None
-    return tensorrt
+def tensorrt_unavailable(library: str = "tensorrt") -> str | None:
+    """None when plans of `library` can run here (a GPU, cuda-python and the library), else why."""
+    from .trt_library import get_library
 
-
-def make_logger(trt):
-    """A TensorRT logger that keeps every warning and error (the reasons a build or load failed)."""
-
-    sev = trt.ILogger.Severity
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (sev.INTERNAL_ERROR, sev.ERROR, sev.WARNING):
-                self.messages.append(" ".join(str(msg).split()))
-
-    return Logger()
-
-
-def tensorrt_unavailable() -> str | None:
-    """None when TensorRT engines can be built and run here, else the reason (one line)."""
     try:
         cuda_device()
-        import_tensorrt()
+        get_library(library).module()
     except BackendUnavailable as e:
         return str(e)
     return None
