@@ -22,6 +22,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -343,7 +344,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOpt
     where = (f"compute capabilities {', '.join(map(cc_text, targets))}" if library.is_rtx else gpu.name)
     say(f"building for {where} (batch {profile.min}..{profile.max}, tuned for {profile.opt})"
         + ("" if library.is_rtx else "; this can take minutes"))
-    with _heartbeat(say):
+    with _heartbeat(say), warnings.catch_warnings():
+        # Polygraphy's CreateConfig always sets an (empty) timing cache, a deprecated no-op in TensorRT-RTX
+        warnings.filterwarnings("ignore", message=".*Timing cache operations are no-ops", category=DeprecationWarning)
         try:
             plan = backend.engine_bytes_from_network(
                 (builder, network, parser), config=config,

@@ -27,7 +27,15 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     # ONNX Runtime on the CPU has no bf16 MatMul: said plainly, never passed.
     assert rows["crossvit_digits.bf16.onnx"]["parity"] == "not run"
     assert rows["crossvit_digits.safetensors"]["speedup"] == 1.0
-    assert any("TensorRT" in s for s in summary["skipped"])
+    # no GPU here: TensorRT-RTX built an engine of every GPU variant, said plainly it did not run them
+    engines = {r["artifact"]: r for r in summary["engines_not_run"]}
+    assert set(engines) == {f"crossvit_digits.{p}.plan" for p in ("fp32", "fp16", "bf16", "int8", "fp8")}
+    for name, row in engines.items():
+        assert row["backend"] == "tensorrt-rtx" and row["size_mb"] > 1 and row["build_seconds"] > 0, row
+        assert "not run here: no GPU on this machine" in row["note"]
+        manifest = json.loads((out / (name + ".json")).read_text())
+        assert manifest["tensorrt"]["library"] == "tensorrt-rtx" and manifest["device"] is None
+    assert "crossvit_digits.fp8.plan" in proc.stdout and "built for RTX/Ampere+ GPUs" in proc.stdout
     assert "machine" in summary and summary["machine"]["onnxruntime"] and "modelopt" in summary["machine"]
     assert "deploy" in summary["command"]
     assert "vs torch" in proc.stdout and "crossvit_digits.int8.onnx" in proc.stdout
@@ -77,6 +85,7 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
 def test_tensorrt_skip_reasons(monkeypatch):
     import crossvit.runtime.gpu as gpu
     from crossvit.errors import BackendUnavailable
+    from crossvit.runtime.trt_library import choose_library
 
     def no_gpu():
         raise BackendUnavailable("TensorRT needs an NVIDIA GPU: no CUDA device on this machine")
@@ -86,3 +95,12 @@ def test_tensorrt_skip_reasons(monkeypatch):
     monkeypatch.setattr(gpu, "cuda_device", lambda: gpu.CudaDevice(0, "NVIDIA H100", (9, 0), "12.8", "12.8"))
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     assert "TensorRT is not installed" in gpu.tensorrt_unavailable()
+    assert "TensorRT-RTX is not installed" in gpu.tensorrt_unavailable("tensorrt-rtx") or \
+        gpu.tensorrt_unavailable("tensorrt-rtx") is None
+    # auto: standard TensorRT is missing, TensorRT-RTX (installed by make test) builds
+    assert choose_library("auto", gpu=True).name == "tensorrt-rtx"
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(BackendUnavailable, match=r"no TensorRT library can build here: .*crossvit\[rtx\]"):
+        choose_library("auto", gpu=False)
+    with pytest.raises(BackendUnavailable, match=r"no TensorRT library is installed: .*gpu-cu12.*crossvit\[rtx\]"):
+        choose_library("auto", gpu=True)
