@@ -356,7 +356,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOpt
             raise ExportError(f"{library.title} could not build an engine from {onnx_path.name}: {reasons}") from None
     plan_bytes = bytes(memoryview(plan))
     seconds = time.perf_counter() - start
-    io = _check_plan(trt, library, plan_bytes, info, profile, gpu, targets, network, say, mark)
+    io = _check_plan(backend, trt, library, plan_bytes, info, profile, gpu, targets, network, say, mark)
     manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path),
                                plan_sha256=hashlib.sha256(plan_bytes).hexdigest(), profile=profile, io=io,
                                library=library, version=trt.__version__, targets=targets, device=gpu,
@@ -367,7 +367,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, options: BuildOpt
     return manifest
 
 
-def _check_plan(trt, library: TensorRTLibrary, plan: bytes, info: ArtifactInfo, profile: Profile,
+def _check_plan(backend, trt, library: TensorRTLibrary, plan: bytes, info: ArtifactInfo, profile: Profile,
                 gpu: CudaDevice | None, targets, network, say: Progress, mark: int) -> list[dict]:
     """The built plan's I/O: from the engine itself where this GPU can load it, else from the
     strongly typed network (the engine's by construction) with the profile that was verified."""
@@ -379,10 +379,13 @@ def _check_plan(trt, library: TensorRTLibrary, plan: bytes, info: ArtifactInfo, 
             why = rtx_validity(trt, runtime, plan)
             if why:
                 raise ExportError(f"TensorRT-RTX says the plan it just built is invalid here ({why})")
-        engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            engine = backend.engine_from_bytes(plan, runtime=runtime)
+        except PolygraphyException:
             raise ExportError(f"{library.title} cannot load the engine it just built: "
-                              f"{'; '.join(recent_messages(mark, 3))}")
+                              f"{'; '.join(recent_messages(mark, 3))}") from None
         io = engine_io(trt, engine)
         verify_io(io, info, (profile.min, profile.opt, profile.max), ExportError)
         return io

@@ -212,8 +212,9 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     t = thresholds or get_precision(info.precision).thresholds
     kind = artifact_kind(Path(artifact))
     backend = backend or AUTO_BACKEND[kind]
+    library = (info.raw.get("tensorrt") or {}).get("library") if kind == "engine" else None
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
-                          precision=info.precision, backend=backend, thresholds=dataclasses.asdict(t),
+                          precision=info.precision, backend=library if library == "tensorrt-rtx" else backend, thresholds=dataclasses.asdict(t),
                           artifact_sha256=sha256_file(artifact))
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
     bad = [b for b in sizes if b < 1]
