@@ -773,3 +773,54 @@ def test_close_waits_for_a_running_inference():
     s._lock.release()
     closer.join(5)
     assert not closer.is_alive() and s._closed
+
+
+def test_triton_repo_offers_the_onnx_for_an_rtx_plan(gpu_variants, tmp_path, cli, one_line_error):
+    """Triton has no backend for TensorRT-RTX plans: one line, the ONNX offered, nothing written."""
+    import shutil
+
+    from crossvit.export.engine import build_engine
+
+    onnx = Path(shutil.copy(gpu_variants["fp16"], tmp_path / "d.fp16.onnx"))
+    plan = tmp_path / "d.fp16.plan"
+    build_engine(onnx, plan, BuildOptions(library="tensorrt-rtx"))
+    line = one_line_error(cli("triton-repo", plan, "-o", tmp_path / "repo"), "Triton has no backend for those")
+    assert "give d.fp16.onnx instead" in line and "--library tensorrt" in line
+    assert not (tmp_path / "repo").exists()
+    assert cli("triton-repo", onnx, "-o", tmp_path / "repo").returncode == 0
+
+
+@pytest.mark.gpu
+def test_rtx_plans_on_this_gpu_run_and_pass_the_gate_or_fall_back_with_one_line(gpu_variants, tmp_path):
+    """On an RTX/Ampere+ GPU the plan runs, passes its gate, keeps its runtime cache, and a manifest
+    that lies about the classes is refused on load (buffers are sized from the engine). On a GPU that
+    is not a target (an H100): a one-line refusal, and auto falls back to the ONNX."""
+    import shutil
+
+    from crossvit.export.engine import build_engine
+    from crossvit.export.parity import check_parity
+    from crossvit.model import load_model
+    from crossvit.runtime.gpu import cuda_device
+    from crossvit.runtime.session import open_session
+    from crossvit.runtime.tensorrt import runtime_cache_path
+
+    gpu = cuda_device()
+    onnx = Path(shutil.copy(gpu_variants["fp16"], tmp_path / "d.fp16.onnx"))
+    plan = tmp_path / "d.fp16.plan"
+    manifest = build_engine(onnx, plan, BuildOptions(library="tensorrt-rtx", batch="1:8:32"))
+    targets = [tuple(t) for t in manifest["tensorrt"]["target_compute_capabilities"]]
+    if gpu.compute_capability not in targets:
+        with pytest.raises(ArtifactError, match="GPU architecture differ") as e:
+            open_session(plan, backend="tensorrt")
+        assert "\n" not in str(e.value)
+        with open_session(plan) as s:
+            assert s.backend == "onnxruntime" and s.info.path == onnx
+        return
+    report = check_parity(plan, load_model(name="crossvit_digits"), batch_sizes=[1, 7, 32])
+    assert report.verdict == "pass" and report.backend.startswith("tensorrt-rtx"), report.table()
+    assert runtime_cache_path(plan).is_file()  # kept by close(): the next start skips the JIT compile
+    m = json.loads(manifest_path(plan).read_text())
+    m["model"]["labels"] = m["model"]["labels"] + ["extra"]  # 11 classes claimed, the engine has 10
+    manifest_path(plan).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="has shape"):
+        open_session(plan, backend="tensorrt")
