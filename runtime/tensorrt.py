@@ -244,7 +244,14 @@ class TensorRTSession(Session):
         self._context = self._engine = self._runtime_cache = self._runtime_config = None
         library = library_of(info.raw)
         gpu = cuda_device()  # before any TensorRT object: without a GPU they segfault later
-        trt = library.module()
+        try:
+            trt = library.module()
+        except BackendUnavailable:
+            # a plan this GPU could never run is refused for that reason, not for a missing library
+            reason = manifest_mismatch(info.raw, gpu, library, "(not installed)")
+            if reason and "GPU architecture" in reason:
+                raise ArtifactError(f"{info.path}: {reason}") from None
+            raise
         reason = manifest_mismatch(info.raw, gpu, library, trt.__version__)
         if reason:
             raise ArtifactError(f"{info.path}: {reason}")

@@ -824,3 +824,19 @@ def test_rtx_plans_on_this_gpu_run_and_pass_the_gate_or_fall_back_with_one_line(
     manifest_path(plan).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="has shape"):
         open_session(plan, backend="tensorrt")
+
+
+def test_an_rtx_plan_on_a_hopper_gpu_is_refused_for_the_gpu_even_without_the_library(digits_onnx, tmp_path,
+                                                                                    monkeypatch):
+    """The reason a user on an H100 gets is the one that matters (no RTX target for this GPU), not
+    the install line of a library that could not run the plan anyway."""
+    import crossvit.runtime.tensorrt as session_module
+    from crossvit.runtime.session import open_session
+
+    plan = _fake_plan(digits_onnx, tmp_path, device=None, trt="1.7.1.116", library="tensorrt-rtx",
+                      targets=[(8, 0), (8, 6), (8, 9), (12, 0), (12, 1)])
+    monkeypatch.setattr(session_module, "cuda_device", lambda: H100)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(ArtifactError, match="TensorRT-RTX has no target for this GPU") as e:
+        open_session(plan, backend="tensorrt")
+    assert "need standard TensorRT" in str(e.value) and "\n" not in str(e.value)

@@ -39,11 +39,17 @@ def fake_plan(onnx_path: Path, folder: Path, profile: Profile = Profile(1, 4, 8)
     io = [{"name": "input", "mode": "input", "dtype": "float32", "shape": [-1, c, h, w],
            "profile": [[profile.min, c, h, w], [profile.opt, c, h, w], [profile.max, c, h, w]]},
           {"name": "logits", "mode": "output", "dtype": "float32", "shape": [-1, info.num_classes]}]
-    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), profile=profile, io=io, device=H100,
-                               tensorrt_version="10.13.0.35", options=BuildOptions(**options), seconds=1.0)
+    import hashlib
+
+    from crossvit.runtime.trt_library import TENSORRT
+
+    body = b"not a real engine"
+    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), plan_sha256=hashlib.sha256(body).hexdigest(),
+                               profile=profile, io=io, library=TENSORRT, version="10.13.0.35", targets=[],
+                               device=H100, options=BuildOptions(**options), seconds=1.0)
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "small.plan"
-    write_plan(plan, b"not a real engine", manifest)
+    write_plan(plan, body, manifest)
     return plan
 
 
