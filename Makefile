@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-run: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,openvino]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-run
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,dev]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,openvino,dev]"
 	# vit-pytorch is the reference the tests compare against; its package __init__ needs
 	# torchvision, which the CPU torch build lacks, so it is installed without dependencies
 	# and the tests load its cross_vit.py file directly.

@@ -24,6 +24,7 @@ import torch
 from crossvit.contract import first_line
 from crossvit.errors import CrossViTError
 from crossvit.runtime.artifact import read_artifact
+from crossvit.runtime.cpu_choice import SPEED_FLAGS, cpu_flags, cpu_model
 from crossvit.runtime.session import OnnxRuntimeSession
 from crossvit.runtime.timing import Latency, measure, measure_interleaved
 
@@ -39,7 +40,7 @@ def machine_description() -> dict:
 
     gpu = torch.cuda.is_available()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(), "cpu_flags": sorted(set(SPEED_FLAGS) & cpu_flags()), "cores": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_flags": sorted(set(SPEED_FLAGS) & cpu_flags()), "cores": os.cpu_count(),
             "load_average": [round(v, 2) for v in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
@@ -72,7 +73,7 @@ def command_line() -> str:
 
 # optional libraries that change what a result means, by distribution name (read, never imported)
 OPTIONAL_LIBRARIES = {"modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx",
-                      "onnxscript": "onnxscript", "onnx": "onnx"}
+                      "onnxscript": "onnxscript", "onnx": "onnx", "openvino": "openvino", "nncf": "nncf"}
 
 
 def _installed(dist: str) -> str | None:
@@ -84,28 +85,6 @@ def _installed(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), None)
-
-
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16",
-               "amx_int8", "amx_tile")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's flags from /proc/cpuinfo: x86's "flags", Arm's "Features" (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def _gpu_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -115,15 +94,20 @@ def _gpu_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def time_cpu_backends(model: torch.nn.Module, artifacts: dict[str, Path], *, batch: int, runs: int = 30,
-                      max_seconds: float | None = None, extra: dict[str, Callable[[np.ndarray], object]] | None = None
+def time_cpu_backends(model: torch.nn.Module, artifacts: dict[str, Path | tuple[Path, str, dict]], *, batch: int,
+                      runs: int = 30, max_seconds: float | None = None,
+                      extra: dict[str, Callable[[np.ndarray], object]] | None = None
                       ) -> tuple[dict[str, Latency], dict[str, str]]:
-    """PyTorch eager fp32 (key BASELINE) and each artifact in ONNX Runtime on the CPU, timed in
-    interleaved turns on one random batch (`measure_interleaved`).
+    """PyTorch eager fp32 (key BASELINE) and each artifact on the CPU, timed in interleaved turns
+    on one random batch (`measure_interleaved`).
 
-    Returns (latencies by key, reasons by key for artifacts ONNX Runtime could not open).
-    `extra` adds more backends as functions of the input batch.
+    An artifact is a path (run in our tuned ONNX Runtime session) or (path, backend, session
+    options), e.g. (fp32, "openvino", {"hint": "bf16"}). Returns (latencies by key, reasons by
+    key for artifacts that could not be opened or run). `extra` adds more backends as functions
+    of the input batch.
     """
+    from crossvit.runtime.session import open_session
+
     x = np.random.default_rng(0).standard_normal((batch, *model.input_shape), dtype=np.float32)
     xt = torch.from_numpy(x)
     model = model.eval()
@@ -133,15 +117,20 @@ def time_cpu_backends(model: torch.nn.Module, artifacts: dict[str, Path], *, bat
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        for key, path in artifacts.items():
+        for key, spec in artifacts.items():
+            path, backend, options = (spec, "onnxruntime", {}) if isinstance(spec, Path) else spec
             try:
-                session = stack.enter_context(OnnxRuntimeSession(read_artifact(path), device="cpu"))
-                session.infer(x)  # a graph ORT loads but cannot run (bf16 on CPU) fails here
+                if backend == "onnxruntime":
+                    session = OnnxRuntimeSession(read_artifact(path), device="cpu", **options)
+                else:
+                    session = open_session(path, backend=backend, device="cpu", **options)
+                stack.enter_context(session)
+                session.infer(x)  # a graph a backend loads but cannot run (bf16 in ORT on a CPU) fails here
             except CrossViTError as e:
                 failed[key] = str(e)
                 continue
             except Exception as e:
-                failed[key] = f"ONNX Runtime (CPU) cannot run it: {first_line(e)}"
+                failed[key] = f"{backend} (CPU) cannot run it: {first_line(e)}"
                 continue
             fns[key] = (lambda s: lambda: s.infer(x))(session)
         return measure_interleaved(fns, batch=batch, runs=runs, max_seconds=max_seconds), failed

@@ -213,8 +213,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from crossvit.contract import check_output_path, get_precision, source_checkpoint
-    from crossvit.export.parity import check_parity
+    from crossvit.contract import check_output_path, source_checkpoint
+    from crossvit.export.parity import check_parity, gate_thresholds
     from crossvit.model import load_model
     from crossvit.runtime.artifact import read_artifact
 
@@ -238,7 +238,7 @@ def cmd_check(args) -> int:
     if origin and reference.sha256 and origin["sha256"] != reference.sha256:
         _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was made from"
              f"{' (' + printable(origin['name']) + ')' if origin.get('name') else ''}")
-    thresholds = get_precision(info.precision).thresholds.tightened(
+    thresholds = gate_thresholds(info.precision, info.random_weights or reference.info.random_weights).tightened(
         max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
     report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
                           thresholds=thresholds, seed=args.seed, progress=_say)
@@ -401,23 +401,26 @@ def cmd_deploy(args) -> int:
                     batch=batch, library=args.library, progress=_say)
     print(result.table())
     print(f"wrote {printable(str(args.output / 'summary.json'))} ({result.seconds:.0f} s)")
-    _say_cpu_path(result.out_dir)
+    if result.cpu_path:
+        print(f"{result.cpu_path}; predict/serve run it on this CPU (--exact runs the fp32 file in ONNX Runtime)")
+    else:
+        _say_cpu_path(result.out_dir)
     failed = [r for r in result.rows if r.parity == "fail"]
     return 2 if failed else 0
 
 
 def _say_cpu_path(out: Path) -> None:
-    """What `predict`/`serve` of the fp32 file here will run on a CPU (open_session's rule)."""
-    from crossvit.runtime.session import gated_cpu_variant
+    """What `predict`/`serve` of each fp32 file here will run on this CPU (open_session's choice)."""
+    from crossvit.runtime.cpu_choice import choose_cpu_path
 
     for fp32 in sorted(out.glob("*.fp32.onnx")):
-        found = gated_cpu_variant(fp32)
+        found = choose_cpu_path(fp32)
         if found:
-            print(f"on a CPU, predict/serve {printable(fp32.name)} run {printable(found[0].name)} (it passed its "
-                  "gate); --exact runs the fp32 file")
-        elif fp32.with_name(fp32.name.replace(".fp32.onnx", ".int8-cpu.onnx")).exists():
-            print(f"on a CPU, predict/serve {printable(fp32.name)} run it as is: its int8-cpu variant did not pass "
-                  "its gate")
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run {printable(found[0].label)}: "
+                  f"{found[1]}; --exact runs the fp32 file in ONNX Runtime")
+        else:
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run it as is in ONNX Runtime: no other CPU "
+                  "path passed its gate")
 
 
 # -- parser ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from crossvit.errors import CrossViTError
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING
 
 Progress = Callable[[str], None]
-STAGES = 5
+STAGES = 6
 
 
 @dataclass
@@ -34,8 +34,11 @@ class Row:
     accuracy: float | None = None  # percent on the labelled images
     latency: dict | None = None  # Latency.to_dict()
     speedup: float | None = None  # vs PyTorch eager, same batch, same process
+    latency_b1: dict | None = None  # CPU paths: also timed at batch 1 (the choice weighs both)
+    speedup_b1: float | None = None
     build_seconds: float | None = None  # engines: how long the TensorRT build took
     note: str = ""
+    candidate: object = None  # CPU paths: the runtime.cpu_choice.Candidate this row timed
 
 
 @dataclass
@@ -47,21 +50,24 @@ class DeployResult:
     reports: dict = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    cpu_path: str = ""  # the one line naming the chosen CPU path and its measured ratios
 
     def table(self) -> str:
         head = (f"{'artifact':<30} {'backend':<12} {'prec':<8} {'size MB':>8} {'parity':<8} {'acc %':>6} "
-                f"{'p50 ms':>8} {'p99 ms':>8} {'vs torch':>8}  note")
+                f"{'b1 p50':>8} {'b1 vs':>7} {'p50 ms':>8} {'p99 ms':>8} {'vs torch':>8}  note")
         lines = [head, "-" * len(head)]
         fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        ratio = lambda v, w: fmt(v, f"{w - 1}.2f") + "x" if v else "-"  # noqa: E731
         for r in self.rows:
-            lat = r.latency or {}
+            lat, lat1 = r.latency or {}, r.latency_b1 or {}
             lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
-                         f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
-                         f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {fmt(r.speedup, '7.2f') + 'x' if r.speedup else '-':>8}"
-                         f"  {r.note}")
+                         f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat1.get('p50_ms'), '8.3f'):>8} "
+                         f"{ratio(r.speedup_b1, 7):>7} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
+                         f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {ratio(r.speedup, 8):>8}  {r.note}")
         for r in self.engines:
             lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
-                         f"{'built':<8} {'-':>6} {'-':>8} {'-':>8} {'-':>8}  built in {r.build_seconds} s; {r.note}")
+                         f"{'built':<8} {'-':>6} {'-':>8} {'-':>7} {'-':>8} {'-':>8} {'-':>8}  "
+                         f"built in {r.build_seconds} s; {r.note}")
         lines += [f"skipped: {s}" for s in self.skipped]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -72,6 +78,7 @@ class DeployResult:
         return {"out_dir": str(self.out_dir), "rows": [asdict(r) for r in self.rows],
                 "engines_not_run": [asdict(r) for r in self.engines],
                 "skipped": self.skipped, "warnings": self.warnings, "parity_reports": self.reports,
+                "cpu_path": self.cpu_path,
                 "seconds": self.seconds, "machine": machine_description(), "command": command_line(),
                 "crossvit_version": __version__}
 
@@ -123,6 +130,32 @@ def parity_stage(artifacts: list[Path], loaded, images, batch, out: Path, result
         reports[path] = report
         say(f"{path.name}: {report.verdict}")
     return reports
+
+
+def cpu_gates_stage(fp32: Path, loaded, images, batch, out: Path, result: DeployResult, say: Progress) -> dict:
+    """The fp32 file as OpenVINO runs it (fp32, and the bf16 hint gated as bf16), each gated like a
+    file, its report beside it (`cpu_choice.gate_report_path`). None without OpenVINO: then the
+    candidates that exist are the ones measured."""
+    from crossvit.export.parity import check_parity
+    from crossvit.runtime.cpu_choice import candidates_for, gate_report_path
+    from crossvit.runtime.openvino import OPENVINO_INSTALL, openvino_version
+
+    if openvino_version() is None:
+        result.skipped.append(f"OpenVINO CPU paths: OpenVINO is not installed ({OPENVINO_INSTALL})")
+        say(f"OpenVINO is not installed: its CPU paths are left out ({OPENVINO_INSTALL})")
+        return {}
+    gates = {}
+    for c in candidates_for(fp32):
+        if c.file != fp32.name or c.hint is None:
+            continue
+        report = check_parity(fp32, loaded, images=images, batch_sizes=[1, 7, batch.max], backend=c.backend,
+                              hint=c.hint)
+        path = report.save(gate_report_path(out, c))
+        result.reports[path.name[:-len(".parity.json")]] = report.to_dict()
+        gates[c] = report
+        say(f"{fp32.name} in OpenVINO ({c.precision}): {report.verdict}"
+            + (f" ({report.not_run})" if report.not_run else ""))
+    return gates
 
 
 def engines_stage(reports: dict, loaded, images, batch, out: Path, result: DeployResult, say: Progress,
@@ -177,48 +210,133 @@ def engines_stage(reports: dict, loaded, images, batch, out: Path, result: Deplo
     return engines
 
 
+def _candidate_rows(fp32: Path, reports: dict, cpu_gates: dict) -> list[tuple]:
+    """(candidate, its gate report) for every CPU path of `fp32` that was gated in this run."""
+    from crossvit.runtime.cpu_choice import candidates_for
+
+    by_name = {path.name: report for path, report in reports.items()}
+    out = []
+    for c in candidates_for(fp32):
+        report = cpu_gates.get(c) if c.hint else by_name.get(c.file)
+        if report is not None:
+            out.append((c, report))
+    return out
+
+
+CPU_NOTES = {("onnxruntime", "fp32"): "the reference file in ONNX Runtime",
+             ("openvino", "fp32"): "the reference file in OpenVINO",
+             ("openvino", "bf16"): "the fp32 file computed in bf16 (OpenVINO's hint)",
+             ("onnxruntime", "int8-cpu"): "dynamic int8, one row at a time (its scales depend on batch-mates)",
+             ("openvino", "int8-ov"): "static int8 (NNCF) in OpenVINO"}
+
+
 def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int,
-                  max_seconds: float) -> list[Row]:
-    """PyTorch eager, every artifact ONNX Runtime can run and every engine, timed by the benchmark code."""
+                  max_seconds: float, cpu_gates: dict | None = None) -> list[Row]:
+    """PyTorch eager; every CPU path (`cpu_choice.candidates_for`) at batch 1 and `batch`; the
+    TensorRT-oriented files in ONNX Runtime at `batch`; every engine — timed by the benchmark code."""
     from crossvit.benchmarks.latency import BASELINE, time_cpu_backends, time_engines
 
     acc_ref = next((r.accuracy[0] for r in reports.values() if r.accuracy[0] is not None), None)
     torch_row = Row(artifact=loaded.source.name if loaded.source else name, backend="torch (cpu)",
                     precision="fp32", size_mb=loaded.source.stat().st_size / 1e6 if loaded.source else None,
                     parity="ref", accuracy=acc_ref, note="PyTorch eager, reference")
-    rows, timed = [torch_row], {}
+    rows, timed, timed_b1 = [torch_row], {}, {}
+    fp32 = next(path for path, r in reports.items() if r.precision == "fp32")
+    keys: dict[int, str] = {}  # id(row) -> its timing key
+    for c, report in _candidate_rows(fp32, reports, cpu_gates or {}):
+        path = fp32.parent / c.file
+        row = Row(artifact=c.file, backend=c.backend, precision=c.precision, size_mb=path.stat().st_size / 1e6,
+                  parity=report.verdict, accuracy=report.accuracy[1], note=CPU_NOTES.get((c.backend, c.precision), ""))
+        row.candidate = c
+        rows.append(row)
+        if report.not_run:
+            row.note = report.not_run
+            continue
+        key = f"{c.backend} {c.precision} {c.file}"
+        keys[id(row)] = key
+        timed[key] = timed_b1[key] = (path, c.backend, c.options)
     for path, report in reports.items():
+        if get_precision(report.precision).target != "tensorrt":
+            continue
         row = Row(artifact=path.name, backend="onnxruntime", precision=report.precision,
                   size_mb=path.stat().st_size / 1e6, parity=report.verdict, accuracy=report.accuracy[1])
         rows.append(row)
-        target = get_precision(report.precision).target
         if report.not_run:
             row.note = "ONNX Runtime (CPU) has no kernels for it; meant for TensorRT"
             continue
-        if target == "cpu":
-            row.note = "ONNX Runtime int8 for CPUs; not for TensorRT"
-        elif target == "tensorrt":
-            row.note = "TensorRT-oriented graph; CPU speed is not its purpose"
+        row.note = "TensorRT-oriented graph; CPU speed is not its purpose"
+        keys[id(row)] = path.name
         timed[path.name] = path
     lat, failed = time_cpu_backends(loaded.model, timed, batch=batch, runs=runs, max_seconds=max_seconds)
-    base = lat[BASELINE]
+    lat1, failed1 = (lat, failed) if batch == 1 else \
+        time_cpu_backends(loaded.model, timed_b1, batch=1, runs=runs, max_seconds=max_seconds)
+    base, base1 = lat[BASELINE], lat1.get(BASELINE)
     torch_row.latency, torch_row.speedup = base.to_dict(), 1.0
+    if base1:
+        torch_row.latency_b1, torch_row.speedup_b1 = base1.to_dict(), 1.0
     engine_lat = time_engines(list(engines), batch=batch, runs=runs, max_seconds=max_seconds) if engines else {}
     for plan, gate in engines.items():
-        rows.append(Row(artifact=plan.name, backend="tensorrt", precision=gate.precision,
-                        size_mb=plan.stat().st_size / 1e6, parity=gate.verdict, accuracy=gate.accuracy[1],
-                        note="TensorRT engine on the GPU; ratio against PyTorch eager on the CPU"))
+        row = Row(artifact=plan.name, backend="tensorrt", precision=gate.precision,
+                  size_mb=plan.stat().st_size / 1e6, parity=gate.verdict, accuracy=gate.accuracy[1],
+                  note="TensorRT engine on the GPU; ratio against PyTorch eager on the CPU")
+        rows.append(row)
+        keys[id(row)] = plan.name
         lat[plan.name] = engine_lat[plan]
     for row in rows[1:]:
-        if row.artifact in lat:
-            row.latency = lat[row.artifact].to_dict()
-            row.speedup = base.p50_ms / lat[row.artifact].p50_ms
-        elif row.artifact in failed:
-            row.note = failed[row.artifact]
-    for row, latency in [(torch_row, base)] + [(r, lat[r.artifact]) for r in rows[1:] if r.artifact in lat]:
+        key = keys.get(id(row))
+        if key in lat:
+            row.latency = lat[key].to_dict()
+            row.speedup = base.p50_ms / lat[key].p50_ms
+        elif key in failed or key in failed1:
+            row.note = failed.get(key) or failed1[key]
+        if key in lat1 and base1:
+            row.latency_b1 = lat1[key].to_dict()
+            row.speedup_b1 = base1.p50_ms / lat1[key].p50_ms
+    for row, latency in [(torch_row, base)] + [(r, lat[keys[id(r)]]) for r in rows[1:] if keys.get(id(r)) in lat]:
         if latency.noisy:  # the machine, not the backend, set this figure
             row.note = f"{NOISY} ({latency.spread:.0%}); {row.note}"
     return rows
+
+
+def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):
+    """The fastest gated CPU path, by the geometric mean of its two ratios to PyTorch eager (batch 1
+    and `batch`, measured here side by side), recorded beside the files with this CPU's
+    fingerprint (`NAME.cpu.json`) for `open_session` to run. Returns the record, or None."""
+    import math
+
+    from crossvit.benchmarks.latency import machine_description
+    from crossvit.contract import sha256_file
+    from crossvit.runtime.cpu_choice import (CHOICE_FORMAT, choice_path, cpu_fingerprint, describe_fingerprint,
+                                             gate_passed)
+
+    measured = [r for r in rows if getattr(r, "candidate", None) is not None and r.speedup and r.speedup_b1]
+    gated = [r for r in measured if r.parity == "pass" and gate_passed(fp32, r.candidate)]
+    path = choice_path(fp32)
+    if not gated:
+        say("no CPU path passed its gate and was timed: predict/serve run the fp32 file in ONNX Runtime")
+        path.unlink(missing_ok=True)  # an old choice is about other measurements
+        return None
+    best = max(gated, key=lambda r: math.sqrt(r.speedup * r.speedup_b1))
+    best.note = f"CHOSEN for this CPU; {best.note}"
+    fingerprint = cpu_fingerprint()
+    record = {
+        "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},
+        "fingerprint": fingerprint, "chosen": best.candidate.to_dict(),
+        "speedup": {"1": best.speedup_b1, str(batch): best.speedup},
+        "how": f"the gated CPU path with the best geometric mean of its ratios to PyTorch eager at batch 1 and "
+               f"{batch}, all timed side by side in interleaved turns in one process",
+        "candidates": [{**r.candidate.to_dict(), "gate": r.parity,
+                        "latency": {"1": r.latency_b1, str(batch): r.latency},
+                        "speedup": {"1": r.speedup_b1, str(batch): r.speedup}}
+                       for r in rows if getattr(r, "candidate", None) is not None],
+        "machine": machine_description()}
+    text = to_json(record, indent=2)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+    line = (f"CPU path for {fp32.name}: {best.candidate.label}, {best.speedup_b1:.2f}x PyTorch eager at batch 1 "
+            f"and {best.speedup:.2f}x at batch {batch} on {describe_fingerprint(fingerprint)} (recorded in {path.name})")
+    result.cpu_path = line
+    say(line)
+    return record
 
 
 # -- the whole path --------------------------------------------------------------------------
@@ -262,11 +380,14 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     artifacts = [fp32, *variants_stage(fp32, out, name, variants, calibration, result, say)]
     say(f"[3/{STAGES}] parity gate on random inputs and real images")
     reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
+    cpu_gates = cpu_gates_stage(fp32, loaded, images, batch, out, result, say)
     engines = engines_stage(reports, loaded, images, batch, out, result, say, library)
-    say(f"[5/{STAGES}] latency at batch {bench_batch} ({bench_runs} runs each in 3 turns, "
-        f"at most ~{bench_seconds:.0f} s a backend)")
+    say(f"[5/{STAGES}] latency at batch 1 (CPU paths) and {bench_batch} ({bench_runs} runs each in 3 turns, "
+        f"at most ~{bench_seconds:.0f} s a backend and batch)")
     result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,
-                                max_seconds=bench_seconds)
+                                max_seconds=bench_seconds, cpu_gates=cpu_gates)
+    say(f"[6/{STAGES}] the CPU path for this machine")
+    choice_stage(fp32, result.rows, bench_batch, result, say)
     noisy = [r.artifact for r in result.rows if r.note.startswith(NOISY)]
     if noisy:
         result.warnings.append(f"{len(noisy)} latency row(s) are noisy: their 3 turns' medians differ by over "

@@ -124,7 +124,8 @@ def check_buildable(info: ArtifactInfo, graph) -> None:
     """Refuse what TensorRT must never be fed: CPU-only precisions and ONNX Runtime's own ops."""
     precision = get_precision(info.precision)
     if precision.target == "cpu":
-        raise ExportError(f"{info.path.name} is {info.precision}, a graph for ONNX Runtime on CPUs, not for "
+        runtime = {"openvino": "OpenVINO"}.get(precision.runtime, "ONNX Runtime")
+        raise ExportError(f"{info.path.name} is {info.precision}, a graph for {runtime} on CPUs, not for "
                           "TensorRT; build from the fp32 ONNX or a TensorRT variant (fp16, bf16, int8, fp8)")
     foreign = sorted({n.domain for n in graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:

@@ -58,6 +58,7 @@ class ParityReport:
     image_errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     artifact_sha256: str = ""  # the file judged: a report is about these bytes only
+    gate: str = ""  # which gate judged it, when not the precision's usual one
     environment: dict = field(default_factory=lambda: environment())  # what computed both sides
 
     @property
@@ -91,7 +92,8 @@ class ParityReport:
     def table(self) -> str:
         head = f"{'source':<8} {'batch':>5} {'n':>4} {'max abs':>9} {'max rel':>9} {'rel L2':>9} " \
                f"{'cosine':>9} {'top1':>7} {'top5':>7} {'acc ref':>8} {'acc art':>8}  result"
-        lines = [f"parity: {self.artifact} ({self.precision}, {self.backend}) vs {self.reference}", head]
+        lines = [f"parity: {self.artifact} ({self.precision}, {self.backend}) vs {self.reference}"
+                 + (f" ({self.gate})" if self.gate else ""), head]
         for c in self.cases:
             acc = lambda v: f"{v:7.2f}%" if v is not None else f"{'-':>8}"
             lines.append(
@@ -134,6 +136,8 @@ def _gate(case: CaseResult, t: Thresholds) -> None:
         case.failures.append(f"max abs {case.max_abs:.2e} > {t.max_abs:.0e}")
     if t.rel_l2 is not None and case.rel_l2 > t.rel_l2:
         case.failures.append(f"rel L2 {case.rel_l2:.2e} > {t.rel_l2:.0e}")
+    if t.cosine is not None and not case.cosine >= t.cosine:
+        case.failures.append(f"cosine {case.cosine:.6f} < {t.cosine}")
     if t.top1_agreement is not None and case.source in t.agreement_sources \
             and case.top1_agreement < t.top1_agreement:
         case.failures.append(f"top-1 agreement {case.top1_agreement:.2%} < {t.top1_agreement:.0%}")
@@ -192,15 +196,27 @@ def real_image_case(model: torch.nn.Module, run: Callable[[np.ndarray], np.ndarr
     return case, bad
 
 
+def gate_thresholds(precision: str, random_weights: bool) -> Thresholds:
+    """The gate of a precision: today's for a trained model; for one with random weights (top-1
+    agreement of near-tied logits says nothing) rel L2 and cosine on every case instead."""
+    spec = get_precision(precision)
+    return spec.random_weights if random_weights else spec.thresholds
+
+
+RANDOM_WEIGHTS_GATE = "random weights: judged by rel L2 and cosine, not top-1 agreement"
+
+
 def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | Path | None = None,
                  batch_sizes: list[int] | None = None, thresholds: Thresholds | None = None,
                  seed: int | None = None, progress: Callable[[str], None] | None = None,
-                 backend: str | None = None) -> ParityReport:
+                 backend: str | None = None, hint: str | None = None) -> ParityReport:
     """Run the gate; returns the report (check `bool(report)`).
 
     The artifact runs through the session that would serve it: ONNX Runtime on the CPU for an
-    .onnx, TensorRT for a .plan (never a fallback: the gate judges the file it was given), or
-    `backend` when given.
+    .onnx (OpenVINO for an int8-ov file), TensorRT for a .plan (never a fallback: the gate judges
+    the file it was given), or `backend` when given. `hint` is OpenVINO's inference precision
+    ("bf16" computes an fp32 file in bf16: it is gated as bf16). A model with random weights
+    (its metadata says so) is gated by `gate_thresholds(precision, random_weights=True)`.
     """
     say = progress or (lambda m: None)
     start = time.perf_counter()
@@ -209,13 +225,16 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     if info.input_shape != expected or len(info.labels) != len(reference.info.labels):
         raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "
                           f"the reference takes {expected} with {len(reference.info.labels)}: not the same model")
-    t = thresholds or get_precision(info.precision).thresholds
+    precision = "bf16" if hint == "bf16" else info.precision
+    random_weights = info.random_weights or reference.info.random_weights
+    t = thresholds or gate_thresholds(precision, random_weights)
     kind = artifact_kind(Path(artifact))
-    backend = backend or AUTO_BACKEND[kind]
+    backend = backend or (get_precision(info.precision).runtime if kind == "onnx" else AUTO_BACKEND[kind])
     library = (info.raw.get("tensorrt") or {}).get("library") if kind == "engine" else None
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
-                          precision=info.precision, backend=library if library == "tensorrt-rtx" else backend, thresholds=dataclasses.asdict(t),
-                          artifact_sha256=sha256_file(artifact))
+                          precision=precision, backend=library if library == "tensorrt-rtx" else backend,
+                          thresholds=dataclasses.asdict(t), artifact_sha256=sha256_file(artifact),
+                          gate=RANDOM_WEIGHTS_GATE if random_weights else "")
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})
     bad = [b for b in sizes if b < 1]
     if bad:
@@ -223,7 +242,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     rng = np.random.default_rng(seed)
     model = reference.model.eval()
     try:
-        session = open_session(artifact, backend=backend, device="cpu" if kind == "onnx" else "auto")
+        options = {"hint": hint} if hint else {}
+        session = open_session(artifact, backend=backend, device="cpu" if kind == "onnx" else "auto", **options)
     except CrossViTError as e:
         report.not_run = str(e)
         return report

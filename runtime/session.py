@@ -4,7 +4,8 @@ A session is a context manager with `infer(float32 N x C x H x W) -> logits` and
 `predict(images, top_k)`. `infer` validates its input before touching the backend, splits
 batches larger than the artifact allows and pads ones smaller than its minimum.
 Backends: ONNX Runtime (CPU; CUDA/TensorRT execution providers when onnxruntime-gpu is
-installed), and PyTorch checkpoints (lazily imported, for comparisons).
+installed), OpenVINO (CPU, runtime/openvino.py), TensorRT engines (runtime/tensorrt.py) and
+PyTorch checkpoints (lazily imported, for comparisons).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossvit.contract import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, first_line
+from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, PRECISION_TABLE,
+                               first_line)
 from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
 
 from .artifact import ArtifactInfo, read_artifact
@@ -28,6 +30,7 @@ log = logging.getLogger("crossvit.runtime")
 BACKENDS = {
     "onnxruntime": "onnx",  # ONNX Runtime: CPU, or its CUDA provider with onnxruntime-gpu
     "ort-tensorrt": "onnx",  # ONNX Runtime's TensorRT execution provider (onnxruntime-gpu)
+    "openvino": "onnx",  # OpenVINO on the CPU, runtime/openvino.py
     "tensorrt": "engine",  # our engines (`crossvit build`), runtime/tensorrt.py
     "torch": "checkpoint",  # PyTorch, for comparisons
 }
@@ -107,6 +110,13 @@ class Session:
     def describe(self) -> str:
         return f"{self.backend} ({self.device}, {self.info.precision})"
 
+    @property
+    def batch_invariant(self) -> bool:
+        """False for a file whose rows' answers depend on their batch-mates (dynamic int8): `infer`
+        then runs it one row at a time, so a row gets the same answer alone or in any batch."""
+        spec = PRECISION_TABLE.get(self.info.precision)
+        return spec is None or spec.batch_invariant
+
     # -- inference ----------------------------------------------------------------------
     def validate(self, batch) -> np.ndarray:
         """Check type, dtype, rank and C x H x W; say exactly what was received."""
@@ -135,11 +145,12 @@ class Session:
             raise ArtifactError(f"session for {self.info.path.name} is closed")
         x = self.validate(batch)
         n, lo, hi = x.shape[0], self.info.batch_min, self.info.batch_max
-        if lo <= n <= hi:
+        step = hi if self.batch_invariant else 1  # one row (padded to the minimum) at a time
+        if lo <= n <= step:
             return self._checked_run(x)
         outs = []
-        for start in range(0, n, hi):
-            chunk = x[start:start + hi]
+        for start in range(0, n, step):
+            chunk = x[start:start + step]
             k = chunk.shape[0]
             if k < lo:  # pad up to the artifact's minimum batch, then drop the padding
                 pad = np.zeros((lo - k, *chunk.shape[1:]), dtype=np.float32)
@@ -361,10 +372,21 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
     if backend == "torch":
         return TorchSession(path, device, **options)
     info = read_artifact(path)
+    if backend == "auto":  # an .onnx: the backend its precision is made for
+        spec = PRECISION_TABLE.get(info.precision)
+        backend = spec.runtime if spec else "onnxruntime"
     if backend == "tensorrt":
         from .tensorrt import TensorRTSession
 
         return TensorRTSession(info, device, **options)
+    if backend == "openvino":
+        from .openvino import OpenVinoSession
+
+        return OpenVinoSession(info, device, **options)
+    if options.get("hint"):
+        raise BackendUnavailable(f"an inference-precision hint ({options['hint']}) is OpenVINO's; "
+                                 f"the {backend} backend has none")
+    options = {k: v for k, v in options.items() if k != "hint"}
     return OnnxRuntimeSession(info, "tensorrt" if backend == "ort-tensorrt" else device, **options)
 
 
@@ -385,50 +407,6 @@ def _fallback_onnx(plan: Path) -> Path | None:
     return onnx if sha256_file(onnx) == source.get("sha256") else None
 
 
-MAX_REPORT_BYTES = 16 << 20  # a parity report is a few kB; more is not one of ours
-
-
-def gated_cpu_variant(onnx: Path) -> tuple[Path, str] | None:
-    """The faster CPU variant (int8-cpu) of the fp32 `onnx`, when one beside it passed the parity
-    gate: its metadata names this file, with the same sha256, as its source, and its parity
-    report beside it (`NAME.parity.json`, as `crossvit deploy` writes) says "pass" about the same
-    bytes. Returns (variant, why it was chosen) or None."""
-    import json
-
-    from crossvit.contract import PRECISION_TABLE, check_input_file, sha256_file
-    from crossvit.errors import CrossViTError
-
-    candidates = [(name, c) for name, spec in PRECISION_TABLE.items() if spec.target == "cpu"
-                  for c in sorted(onnx.parent.glob(f"*.{name}.onnx")) if c != onnx]
-    if not candidates:  # the common case costs one directory listing, no parsing or hashing
-        return None
-    try:
-        if read_artifact(onnx).precision != "fp32":
-            return None
-    except CrossViTError:
-        return None
-    source_sha = None
-    for name, candidate in candidates:
-        report = candidate.with_name(candidate.stem + ".parity.json")
-        try:
-            check_input_file(report, ArtifactError)  # a FIFO would hang this, /dev/zero fill memory
-            if report.stat().st_size > MAX_REPORT_BYTES:
-                continue
-            gate = json.loads(report.read_text())
-            if not isinstance(gate, dict) or gate.get("verdict") != "pass":
-                continue
-            info = read_artifact(candidate)
-        except (CrossViTError, OSError, ValueError, RecursionError):  # a broken candidate is skipped
-            continue
-        source = info.raw.get("source") or {}
-        if not isinstance(source, dict) or info.precision != name or source.get("onnx") != onnx.name:
-            continue
-        source_sha = source_sha or sha256_file(onnx)
-        if source.get("sha256") == source_sha and gate.get("artifact_sha256") == sha256_file(candidate):
-            return candidate, f"{name}, made from {onnx.name} and passed the parity gate ({report.name})"
-    return None
-
-
 def _runs_on_cpu(device: str) -> bool:
     if device == "cpu":
         return True
@@ -445,9 +423,11 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
     """Open `artifact` (.onnx, .plan or a checkpoint) with `backend`, or the one for its kind.
 
     With backend="auto":
-    - an fp32 .onnx that will run on the CPU is replaced by its gated CPU variant
-      (`gated_cpu_variant`: int8-cpu, made from this very file, its parity report beside it
-      saying pass), the fastest CPU path; `exact=True` runs the file given;
+    - an fp32 .onnx that will run on the CPU runs the CPU path chosen for this machine
+      (`cpu_choice.choose_cpu_path`: the fastest gated candidate measured here by `crossvit
+      deploy`, else the rule for this CPU's flags over the gated ones: OpenVINO bf16 or int8,
+      ONNX Runtime int8-cpu...); `exact=True` runs the file given, in ONNX Runtime;
+    - another .onnx runs in the backend its precision is made for (int8-ov: OpenVINO);
     - an engine that cannot run here (no GPU or TensorRT, or built for another GPU or TensorRT
       version) falls back to the ONNX it was built from, when that file is beside it and
       unchanged (and from there, as above, to its gated CPU variant).
@@ -462,7 +442,9 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
         raise ArtifactError(f"{path}: no such file")
     kind = artifact_kind(path)
     chosen = AUTO_BACKEND[kind] if backend == "auto" else backend
-    if BACKENDS[chosen] != kind:
+    if backend == "auto" and kind == "onnx":
+        chosen = "auto"  # by the file's precision, in _open
+    elif BACKENDS[chosen] != kind:
         runs = {"onnx": ".onnx files", "engine": "TensorRT engines (.plan from `crossvit build`)",
                 "checkpoint": f"checkpoints ({', '.join(CHECKPOINT_SUFFIXES)})"}[BACKENDS[chosen]]
         raise ArtifactError(f"{path}: the {chosen} backend runs {runs}, not {path.suffix} files")
@@ -483,11 +465,17 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
 
 
 def _open_preferring_cpu_variant(onnx: Path, device: str, options: dict) -> Session:
-    found = gated_cpu_variant(onnx) if _runs_on_cpu(device) else None
+    from .cpu_choice import choose_cpu_path
+
+    found = choose_cpu_path(onnx) if _runs_on_cpu(device) and not options.get("hint") else None
     if found is None:
-        return _open("onnxruntime", onnx, device, options)
-    variant, why = found
-    log.info("using %s instead of %s (%s; exact=True / --exact runs the file given)", variant.name, onnx.name, why)
-    session = _open("onnxruntime", variant, device, options)
-    session.chosen = f"{variant.name} for {onnx.name}: {why}"
+        return _open("auto", onnx, device, options)
+    candidate, why = found
+    try:
+        session = _open(candidate.backend, onnx.parent / candidate.file, device, {**options, **candidate.options})
+    except (ArtifactError, BackendUnavailable) as e:
+        log.warning("%s cannot run here (%s); using %s with ONNX Runtime", candidate.label, e, onnx.name)
+        return _open("auto", onnx, device, options)
+    log.info("using %s for %s: %s (exact=True / --exact runs the file given)", candidate.label, onnx.name, why)
+    session.chosen = f"{candidate.label} for {onnx.name}: {why}"
     return session

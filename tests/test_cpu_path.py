@@ -1,96 +1,216 @@
-"""The fastest CPU path: an fp32 .onnx on a CPU runs as its gated int8-cpu variant, unless told not to."""
+"""The CPU path: every candidate gated, answers that do not depend on batch-mates, and the choice
+measured per machine (`NAME.cpu.json`) that predict/serve/open_session(auto) run."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from crossvit.runtime.session import gated_cpu_variant, open_session
+from crossvit.runtime.cpu_choice import (Candidate, candidates_for, choice_path, choose_cpu_path, cpu_fingerprint,
+                                         gate_report_path, rule_for_flags)
+from crossvit.runtime.session import open_session
+
+DIGITS = "crossvit_digits"
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
-    """What `crossvit deploy --variants int8-cpu` leaves: fp32, int8-cpu and int8-cpu's parity report."""
-    from crossvit.export.onnx import BatchRange, export_onnx
-    from crossvit.export.parity import check_parity
-    from crossvit.export.precision import convert_precision
+    """What `crossvit deploy --variants int8-cpu,int8-ov` leaves: the files, every gate and the choice,
+    measured here (few runs: the choice's speed is not what these tests judge)."""
+    from crossvit.export.onnx import BatchRange
     from crossvit.model import load_model
+    from crossvit.pipeline import deploy
 
     out = tmp_path_factory.mktemp("deployed")
-    loaded = load_model(name="crossvit_digits")
-    fp32 = export_onnx(loaded, out / "crossvit_digits.fp32.onnx", batch=BatchRange(1, 16)).path
-    int8 = convert_precision(fp32, out / "crossvit_digits.int8-cpu.onnx", "int8-cpu", None)
-    report = check_parity(int8, loaded, batch_sizes=[1, 7])
-    assert report.verdict == "pass"
-    report.save(out / "crossvit_digits.int8-cpu.parity.json")
-    return out, fp32, int8
+    result = deploy(load_model(name=DIGITS), out, variants=("int8-cpu", "int8-ov"), batch=BatchRange(1, 16),
+                    bench_runs=3, bench_seconds=1.0)
+    fp32 = out / f"{DIGITS}.fp32.onnx"
+    assert choice_path(fp32).is_file() and result.cpu_path
+    return out, fp32, result
 
 
 def _copy(deployed, tmp_path):
-    out, fp32, int8 = deployed
+    out, fp32, _ = deployed
     for f in out.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    return tmp_path / fp32.name, tmp_path / int8.name, tmp_path / "crossvit_digits.int8-cpu.parity.json"
+    return tmp_path / fp32.name
 
 
-def test_an_fp32_onnx_on_the_cpu_runs_as_its_gated_int8_variant(deployed):
-    _, fp32, int8 = deployed
-    x = np.random.default_rng().standard_normal((3, 3, 32, 32), dtype=np.float32)
-    with open_session(fp32, device="cpu") as s, open_session(int8, device="cpu") as direct:
-        assert s.info.precision == "int8-cpu" and s.info.path == int8
-        assert "int8-cpu" in s.chosen and "passed the parity gate" in s.chosen
-        assert np.array_equal(s.infer(x), direct.infer(x))
-    for kwargs in ({"exact": True}, {"backend": "onnxruntime"}):  # forced: the file given
-        with open_session(fp32, device="cpu", **kwargs) as s:
-            assert s.info.precision == "fp32" and s.chosen is None
+def _chosen(fp32):
+    found = choose_cpu_path(fp32)
+    return (found[0], found[1]) if found else (None, None)
 
 
-def test_no_swap_without_a_passing_gate_about_these_very_files(deployed, tmp_path):
-    import onnx
+def test_deploy_gates_every_candidate_and_records_its_choice_with_this_cpu(deployed):
+    out, fp32, result = deployed
+    record = json.loads(choice_path(fp32).read_text())
+    assert record["fingerprint"] == cpu_fingerprint() and record["source"]["onnx"] == fp32.name
+    by = {(c["backend"], c["precision"]): c for c in record["candidates"]}
+    assert {("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "int8-cpu"),
+            ("openvino", "int8-ov")} <= set(by)
+    for c in record["candidates"]:  # each candidate's gate is a report beside it, about these bytes
+        report = json.loads(gate_report_path(out, Candidate(c["file"], c["backend"], c["precision"],
+                                                            c["hint"])).read_text())
+        assert report["verdict"] == c["gate"] and report["precision"] == c["precision"]
+    chosen = record["chosen"]
+    assert by[(chosen["backend"], chosen["precision"])]["gate"] == "pass"
+    timed = [c for c in record["candidates"] if c["gate"] == "pass" and c["speedup"]["1"]]
+    best = max(timed, key=lambda c: c["speedup"]["1"] * c["speedup"]["8"])
+    assert (best["backend"], best["precision"]) == (chosen["backend"], chosen["precision"])
+    assert chosen["file"] in result.cpu_path and "x PyTorch eager at batch 1" in result.cpu_path
+    candidate, why = _chosen(fp32)
+    assert candidate == Candidate(**chosen) and why.startswith("measured fastest")
+    with open_session(fp32) as s:
+        assert s.info.path.name == chosen["file"] and s.backend == chosen["backend"]
+        assert s.chosen.startswith(candidate.label)
+    with open_session(fp32, exact=True) as s:  # forced: the file given, in ONNX Runtime
+        assert s.info.path == fp32 and s.backend == "onnxruntime" and s.chosen is None
 
-    fp32, int8, report = _copy(deployed, tmp_path)
-    assert gated_cpu_variant(fp32) is not None
+
+def _write_choice(fp32, **changes):
+    path = choice_path(fp32)
+    record = json.loads(path.read_text())
+    record.update(changes)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def test_a_record_from_another_cpu_gives_way_to_the_rule_for_this_cpus_flags(deployed, tmp_path):
+    fp32 = _copy(deployed, tmp_path)
+    _write_choice(fp32, fingerprint={"cpu_model": "Some Other CPU", "cores": 96, "flags": ["amx_bf16"]})
+    candidate, why = _chosen(fp32)
+    assert "measured on another CPU (Some Other CPU, 96 cores" in why and why.startswith("the rule for this CPU")
+    flags = set(cpu_fingerprint()["flags"])
+    gated = [c for c in candidates_for(fp32) if json.loads(gate_report_path(tmp_path, c).read_text())["verdict"]
+             == "pass"]
+    assert candidate == rule_for_flags(flags, gated)
+    with open_session(fp32) as s:
+        assert "measured on another CPU" in s.chosen
+
+
+def test_a_failed_gate_is_never_run_even_when_the_record_names_it(deployed, tmp_path):
+    fp32 = _copy(deployed, tmp_path)
+    int8_ov = Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    _write_choice(fp32, chosen=int8_ov.to_dict())
+    report = gate_report_path(tmp_path, int8_ov)
     gate = json.loads(report.read_text())
-
-    report.write_text(json.dumps({**gate, "verdict": "fail"}))  # the gate failed
-    assert gated_cpu_variant(fp32) is None
-    report.write_text(json.dumps({**gate, "artifact_sha256": "0" * 64}))  # the variant changed after the gate
-    assert gated_cpu_variant(fp32) is None
+    assert gate["verdict"] == "pass"
+    assert _chosen(fp32)[0] == int8_ov
+    report.write_text(json.dumps({**gate, "verdict": "fail"}))
+    candidate, why = _chosen(fp32)
+    assert candidate != int8_ov and "no longer has a passing gate" in why
+    report.write_text(json.dumps({**gate, "artifact_sha256": "0" * 64}))  # the file changed after its gate
+    assert _chosen(fp32)[0] != int8_ov
     for garbage in ("not json", "[]", '{"verdict": ["pass"]}'):  # a mangled report is no pass
         report.write_text(garbage)
-        assert gated_cpu_variant(fp32) is None
-    report.write_text(json.dumps(gate))
-    report_saved = report.read_bytes()
-    report.unlink()  # no report at all
-    assert gated_cpu_variant(fp32) is None
-    report.write_bytes(report_saved)
-    assert gated_cpu_variant(fp32) == (int8, gated_cpu_variant(fp32)[1])
+        assert _chosen(fp32)[0] != int8_ov
 
-    proto = onnx.load(str(fp32))  # the fp32 file is not the one the variant was made from
-    proto.metadata_props.add(key="edited", value="after the variant was made")
+
+def test_the_bf16_hint_is_gated_as_bf16(deployed):
+    out, fp32, _ = deployed
+    report = json.loads(gate_report_path(out, Candidate(fp32.name, "openvino", "bf16", "bf16")).read_text())
+    assert report["precision"] == "bf16" and "bf16 hint" in report["backend"]
+    assert report["thresholds"]["rel_l2"] == 1e-2  # bf16's gate, not fp32's max abs 1e-4
+    if report["verdict"] == "not run":
+        assert "no bf16 arithmetic" in report["not_run"]
+
+
+def test_an_edited_fp32_file_voids_the_record_and_every_variant(deployed, tmp_path):
+    import onnx
+
+    fp32 = _copy(deployed, tmp_path)
+    proto = onnx.load(str(fp32))
+    proto.metadata_props.add(key="edited", value="after the variants were made")
     onnx.save(proto, str(fp32))
-    assert gated_cpu_variant(fp32) is None
-    with open_session(fp32, device="cpu") as s:
-        assert s.info.precision == "fp32" and s.chosen is None
+    assert _chosen(fp32) == (None, None)  # fp32's own gate is about the old bytes too
+    with open_session(fp32) as s:
+        assert s.info.path == fp32 and s.chosen is None
 
 
-def test_predict_says_which_file_ran_and_exact_runs_the_one_given(deployed, cli):
+def test_without_openvino_the_candidates_that_exist_are_the_ones_used(deployed, tmp_path):
+    """OpenVINO uninstalled (its import fails, as for a user without it): the record's OpenVINO
+    choice cannot run, the rule picks among the rest, and predict says so in one line."""
+    fp32 = _copy(deployed, tmp_path)
+    _write_choice(fp32, chosen=Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov").to_dict())
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from crossvit.runtime.cpu_choice import choose_cpu_path\n"
+            "from crossvit.runtime.session import open_session\n"
+            f"c, why = choose_cpu_path(__import__('pathlib').Path({str(fp32)!r}))\n"
+            "print(c.backend, c.precision); print(why)\n"
+            f"s = open_session({str(fp32)!r}); print(s.backend, s.info.precision)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "onnxruntime int8-cpu" and "cannot run here (OpenVINO missing?)" in lines[1]
+    assert lines[2] == "onnxruntime int8-cpu"
+
+
+def test_with_no_record_the_rule_picks_among_gated_candidates(deployed, tmp_path):
+    fp32 = _copy(deployed, tmp_path)
+    choice_path(fp32).unlink()
+    candidate, why = _chosen(fp32)
+    assert "no crossvit_digits.cpu.json beside it" in why
+    assert rule_for_flags({"avx512_vnni"}, candidates_for(fp32)) == Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    assert rule_for_flags({"amx_bf16", "avx512_vnni"}, candidates_for(fp32)).precision == "bf16"
+    assert rule_for_flags(set(), candidates_for(fp32)).precision == "int8-cpu"
+    assert rule_for_flags(set(), []) is None
+
+
+def _rows_alone_and_together(session, x):
+    together = session.infer(x)
+    alone = np.concatenate([session.infer(x[i:i + 1]) for i in range(len(x))])
+    rel = np.linalg.norm(together - alone, axis=1) / np.linalg.norm(alone, axis=1)
+    return rel, together.argmax(1), alone.argmax(1)
+
+
+def test_every_candidate_gives_a_row_the_same_answer_alone_or_in_any_batch(deployed):
+    """A server's dynamic batcher puts unrelated requests side by side: no candidate's answer may
+    depend on them (float noise only: rel L2 <= 1e-4, top-1 unchanged). Dynamic int8 takes one
+    scale per batch, so its session runs one row at a time."""
+    from crossvit.assets import heldout_images
+    from crossvit.errors import BackendUnavailable
+    from crossvit.runtime.images import list_images, load_image_set
+
+    _, fp32, _ = deployed
+    rng = np.random.default_rng()
+    checked = []
+    for c in candidates_for(fp32):
+        try:
+            session = open_session(fp32.parent / c.file, backend=c.backend, device="cpu", **c.options)
+        except BackendUnavailable as e:  # the bf16 hint on a CPU without bf16
+            assert c.hint == "bf16" and "no bf16 arithmetic" in str(e)
+            continue
+        with session:
+            images, _, _ = load_image_set(list_images(heldout_images()), session.preprocessor)
+            for x in (images[:16], rng.standard_normal((16, 3, 32, 32), dtype=np.float32),
+                      np.concatenate([images[:1], 40 * rng.standard_normal((15, 3, 32, 32), dtype=np.float32)])):
+                rel, top_together, top_alone = _rows_alone_and_together(session, x)
+                assert rel.max() <= 1e-4, (c, rel.max())
+                assert (top_together == top_alone).all(), c
+        checked.append((c.backend, c.precision))
+    assert ("onnxruntime", "int8-cpu") in checked and ("openvino", "int8-ov") in checked
+
+
+def test_predict_says_which_path_ran_and_exact_runs_the_file_given(deployed, cli):
     from crossvit.assets import heldout_images
 
     _, fp32, _ = deployed
+    chosen = json.loads(choice_path(fp32).read_text())["chosen"]
     image = sorted(heldout_images().glob("*.png"))[0]
     proc = cli("predict", fp32, image)
     assert proc.returncode == 0, proc.stderr
-    assert "# crossvit_digits.int8-cpu.onnx on" in proc.stderr and "--exact runs the file given" in proc.stderr
+    assert f"# {chosen['file']} on {chosen['backend']}" in proc.stderr and "measured fastest" in proc.stderr
     proc = cli("predict", fp32, image, "--exact")
     assert proc.returncode == 0, proc.stderr
-    assert "# crossvit_digits.fp32.onnx on" in proc.stderr and "int8-cpu" not in proc.stderr
+    assert f"# {fp32.name} on onnxruntime" in proc.stderr and "# running" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_serve_load_measures_what_serve_runs_in_turns(deployed, tmp_path):
-    """serve_load --artifact serves a deploy output as users get it (the gated int8-cpu), the two
+    """serve_load --artifact serves a deploy output as users get it (the chosen CPU path), the two
     batching configurations take turns, and the result says how the server spent its time."""
     from crossvit.benchmarks.serve_load import main
 
@@ -113,10 +233,11 @@ def test_serve_load_measures_what_serve_runs_in_turns(deployed, tmp_path):
 def test_deploy_says_what_predict_and_serve_will_run(deployed, tmp_path, capsys):
     from crossvit.cli import _say_cpu_path
 
-    fp32, _, report = _copy(deployed, tmp_path)
+    fp32 = _copy(deployed, tmp_path)
+    chosen = json.loads(choice_path(fp32).read_text())["chosen"]
     _say_cpu_path(tmp_path)
-    assert f"predict/serve {fp32.name} run crossvit_digits.int8-cpu.onnx" in capsys.readouterr().out
-    gate = json.loads(report.read_text())
-    report.write_text(json.dumps({**gate, "verdict": "fail"}))
+    assert f"predict/serve {fp32.name} run " in (out := capsys.readouterr().out) and chosen["file"] in out
+    for f in tmp_path.glob("*.parity.json"):
+        f.unlink()
     _say_cpu_path(tmp_path)
-    assert "run it as is: its int8-cpu variant did not pass its gate" in capsys.readouterr().out
+    assert "run it as is in ONNX Runtime: no other CPU path passed its gate" in capsys.readouterr().out

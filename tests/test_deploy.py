@@ -15,14 +15,18 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     proc = cli("deploy", "-o", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    rows = {r["artifact"]: r for r in summary["rows"]}
+    rows = {r["artifact"]: r for r in summary["rows"] if r["backend"] != "openvino" or r["precision"] != "fp32"
+            and r["precision"] != "bf16"}  # the fp32 file also runs in OpenVINO: its own rows, below
     assert set(rows) == {"crossvit_digits.safetensors", *(f"crossvit_digits.{p}.onnx" for p in PRECISION_NAMES)}
+    openvino = {r["precision"]: r for r in summary["rows"] if r["backend"] == "openvino"}
+    assert set(openvino) == {"fp32", "bf16", "int8-ov"} and openvino["fp32"]["parity"] == "pass"
     for p in (p for p in PRECISION_NAMES if p != "bf16"):
         row = rows[f"crossvit_digits.{p}.onnx"]
         assert row["parity"] == "pass", (p, row)
         assert row["accuracy"] >= 97.0
         assert row["latency"]["p50_ms"] > 0 and row["latency"]["p99_ms"] >= row["latency"]["p50_ms"]
-        assert row["speedup"] > 0
+        assert row["speedup"] == pytest.approx(rows["crossvit_digits.safetensors"]["latency"]["p50_ms"]
+                                               / row["latency"]["p50_ms"])
         assert (out / f"crossvit_digits.{p}.parity.json").is_file()
     # ONNX Runtime on the CPU has no bf16 MatMul: said plainly, never passed.
     assert rows["crossvit_digits.bf16.onnx"]["parity"] == "not run"
@@ -39,14 +43,15 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     assert "machine" in summary and summary["machine"]["onnxruntime"] and "modelopt" in summary["machine"]
     assert "deploy" in summary["command"]
     assert "vs torch" in proc.stdout and "crossvit_digits.int8.onnx" in proc.stdout
-    assert "[5/5]" in proc.stderr  # progress
-    # the deploy folder is what predict/serve open: on a CPU its fp32 runs as the gated int8-cpu
-    assert ("on a CPU, predict/serve crossvit_digits.fp32.onnx run crossvit_digits.int8-cpu.onnx"
-            in proc.stdout)
+    assert "[6/6]" in proc.stderr  # progress
+    # the deploy folder is what predict/serve open: on a CPU its fp32 runs as the path chosen here
+    chosen = json.loads((out / "crossvit_digits.cpu.json").read_text())["chosen"]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("CPU path for crossvit_digits.fp32.onnx: "))
+    assert chosen["file"] in line and "x PyTorch eager at batch 1" in line and summary["cpu_path"] in line
     from crossvit.runtime.session import open_session
 
     with open_session(out / "crossvit_digits.fp32.onnx", device="cpu") as s:
-        assert s.info.precision == "int8-cpu" and s.chosen
+        assert s.info.path.name == chosen["file"] and s.backend == chosen["backend"] and s.chosen
 
 
 @pytest.mark.parametrize("args, words", [

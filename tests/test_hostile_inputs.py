@@ -351,20 +351,21 @@ def test_an_engine_manifest_of_the_wrong_types_is_refused(tiny, tmp_path, change
 def test_a_broken_cpu_variant_beside_a_good_onnx_is_skipped(tiny, tmp_path):
     import shutil
 
-    from crossvit.runtime.session import gated_cpu_variant, open_session
+    from crossvit.runtime.cpu_choice import choose_cpu_path
+    from crossvit.runtime.session import open_session
 
     good = shutil.copy(tiny[1], tmp_path / "m.onnx")
     variant = _rewrite_metadata_text(tiny[1], tmp_path / "m.int8-cpu.onnx", lambda t: json.dumps(
         {**json.loads(t), "precision": "int8-cpu", "source": "abc"}))
     (tmp_path / "m.int8-cpu.parity.json").write_text(json.dumps({"verdict": "pass"}))
-    assert variant.is_file() and gated_cpu_variant(Path(good)) is None
+    assert variant.is_file() and choose_cpu_path(Path(good)) is None
     with open_session(good, device="cpu") as s:
         assert s.chosen is None and s.info.path == Path(good)
     (tmp_path / "m.int8-cpu.parity.json").write_text(_DEEP)  # a hostile report is skipped too
-    assert gated_cpu_variant(Path(good)) is None
+    assert choose_cpu_path(Path(good)) is None
     (tmp_path / "m.int8-cpu.parity.json").unlink()
     os.mkfifo(tmp_path / "m.int8-cpu.parity.json")  # reading it would hang predict/serve for ever
-    assert gated_cpu_variant(Path(good)) is None
+    assert choose_cpu_path(Path(good)) is None
 
 
 def test_a_deeply_nested_config_file_is_refused(tmp_path):

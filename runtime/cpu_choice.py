@@ -1,0 +1,274 @@
+"""Which CPU path runs an fp32 ONNX: the candidates, their gates, and the choice per machine.
+
+A *candidate* is one way to compute the model on a CPU: a file beside the fp32 reference, the
+backend that runs it and, for OpenVINO, an inference-precision hint:
+
+    fp32      onnxruntime          the reference
+    fp32      openvino (fp32)      OpenVINO's own kernels
+    fp32      openvino (bf16)      computed in bf16 (CPUs with AVX512-BF16 or AMX): gated as bf16
+    int8-cpu  onnxruntime          dynamic int8 (ONNX Runtime); run one row at a time, because its
+                                   per-call scales make a row's answer depend on its batch-mates
+    int8-ov   openvino             static int8 (NNCF post-training quantization)
+
+A candidate may run for users only after its parity gate passed on these very bytes: its report
+beside the file (`gate_report_path`) says "pass" about the file's sha256, for the precision the
+candidate computes in. `crossvit deploy` times every gated candidate on the machine it runs on
+and records the fastest in `NAME.cpu.json` with the machine's CPU fingerprint
+(`cpu_fingerprint`). `open_session(backend="auto")` runs the recorded choice where the
+fingerprint matches; on another CPU (or with no record) it applies `rule_for_flags`, and says so.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from crossvit.contract import PRECISION_TABLE, check_input_file, sha256_file
+from crossvit.errors import ArtifactError, CrossViTError
+
+from .artifact import read_artifact
+
+log = logging.getLogger("crossvit.runtime")
+
+CHOICE_FORMAT = 1
+MAX_JSON_BYTES = 16 << 20  # a report or a choice record is a few kB; more is not one of ours
+# The CPU flags that change which path is fastest (and what `crossvit bench` records).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16",
+               "amx_int8", "amx_tile")
+
+
+# -- the machine -------------------------------------------------------------------------------
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str | None:
+    return next((l.split(":", 1)[1].strip() for l in _cpuinfo().splitlines() if l.startswith("model name")), None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's flags from /proc/cpuinfo: x86's "flags", Arm's "Features" (empty where there is none)."""
+    line = next((l for l in _cpuinfo().splitlines() if l.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_fingerprint() -> dict:
+    """What makes one CPU path faster than another: the model, the cores this process may use and
+    the speed flags. Two machines with equal fingerprints get the same choice."""
+    return {"cpu_model": cpu_model(), "cores": usable_cores(), "flags": sorted(set(SPEED_FLAGS) & cpu_flags())}
+
+
+def describe_fingerprint(fp: dict) -> str:
+    return f"{fp.get('cpu_model') or 'unknown CPU'}, {fp.get('cores')} cores, {' '.join(fp.get('flags') or []) or 'no speed flags'}"
+
+
+# -- the candidates ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    file: str  # a file name beside the fp32 reference
+    backend: str  # "onnxruntime" or "openvino"
+    precision: str  # what it computes in, and is gated as
+    hint: str | None = None  # OpenVINO's inference precision for an fp32 file
+
+    @property
+    def label(self) -> str:
+        engine = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[self.backend]
+        return f"{engine} {self.precision} ({self.file})"
+
+    @property
+    def options(self) -> dict:
+        return {"hint": self.hint} if self.hint else {}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def file_precision(name: str) -> str | None:
+    """`NAME.int8-ov.onnx` -> "int8-ov" (the precision a file's name says; its metadata decides)."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 3 and parts[-2] in PRECISION_TABLE else None
+
+
+def candidates_for(fp32: Path) -> list[Candidate]:
+    """Every CPU candidate whose file is beside `fp32` (gated or not), the reference first."""
+    stem = fp32.name[:-len(".fp32.onnx")] if fp32.name.endswith(".fp32.onnx") else fp32.stem
+    out = [Candidate(fp32.name, "onnxruntime", "fp32"), Candidate(fp32.name, "openvino", "fp32", "fp32"),
+           Candidate(fp32.name, "openvino", "bf16", "bf16")]
+    for name, spec in PRECISION_TABLE.items():
+        if spec.target == "cpu" and (fp32.parent / f"{stem}.{name}.onnx").is_file():
+            out.append(Candidate(f"{stem}.{name}.onnx", spec.runtime, name))
+    return out
+
+
+def gate_report_path(folder: Path, candidate: Candidate) -> Path:
+    """`NAME.int8-ov.parity.json` for a file run by its own backend; `NAME.fp32.openvino-bf16.parity.json`
+    for the fp32 file run another way."""
+    stem = Path(candidate.file).stem
+    spec = PRECISION_TABLE.get(file_precision(candidate.file) or "", None)
+    if candidate.hint is None and spec is not None and spec.runtime == candidate.backend:
+        return folder / f"{stem}.parity.json"
+    return folder / f"{stem}.{candidate.backend}-{candidate.precision}.parity.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        check_input_file(path, ArtifactError)  # a FIFO would hang this, /dev/zero fill memory
+        if path.stat().st_size > MAX_JSON_BYTES:
+            return None
+        data = json.loads(path.read_text())
+    except (CrossViTError, OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _Hashes:
+    """sha256 of each file, computed once per lookup."""
+
+    def __init__(self):
+        self._seen: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        if path not in self._seen:
+            self._seen[path] = sha256_file(path)
+        return self._seen[path]
+
+
+def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
+    """True when the candidate's report beside it passed for these bytes and this precision, and a
+    variant was made from this very fp32 file (its metadata names it, with the same sha256)."""
+    sha = sha or _Hashes()
+    path = fp32.parent / candidate.file
+    report = _read_json(gate_report_path(fp32.parent, candidate))
+    if report is None or report.get("verdict") != "pass" or report.get("precision") != candidate.precision:
+        return False
+    if not str(report.get("backend", "")).startswith(candidate.backend):
+        return False
+    try:
+        if path != fp32:
+            info = read_artifact(path)
+            source = info.raw.get("source") or {}
+            if not isinstance(source, dict) or source.get("onnx") != fp32.name or source.get("sha256") != sha(fp32):
+                return False
+        return report.get("artifact_sha256") == sha(path)
+    except (CrossViTError, OSError):
+        return False
+
+
+def gated_candidates(fp32: Path) -> list[Candidate]:
+    sha = _Hashes()
+    return [c for c in candidates_for(fp32) if gate_passed(fp32, c, sha)]
+
+
+# -- the choice --------------------------------------------------------------------------------
+
+def choice_path(fp32: Path) -> Path:
+    """`NAME.fp32.onnx` -> `NAME.cpu.json`, beside it."""
+    stem = fp32.name[:-len(".fp32.onnx")] if fp32.name.endswith(".fp32.onnx") else fp32.stem
+    return fp32.with_name(f"{stem}.cpu.json")
+
+
+# The order tried where nothing was measured on this CPU, by what the CPU has. AMX computes bf16
+# as fast as int8 and more accurately (issue 22's Xeon: OpenVINO bf16 15.5 ms, int8 15.9 ms at
+# batch 1); without AMX, static int8 on VNNI is fastest (2-core EPYC, crossvit_15_240, batch 1:
+# OpenVINO int8 3.3x PyTorch eager, bf16 2.3x, ONNX Runtime int8-cpu 1.9x).
+RULES = (
+    ("amx_bf16", [("openvino", "bf16"), ("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"),
+                  ("openvino", "fp32"), ("onnxruntime", "fp32")]),
+    ("avx512_vnni", [("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"), ("openvino", "bf16"),
+                     ("openvino", "fp32"), ("onnxruntime", "fp32")]),
+    ("avx_vnni", [("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"), ("openvino", "fp32"),
+                  ("onnxruntime", "fp32")]),
+    ("", [("onnxruntime", "int8-cpu"), ("openvino", "int8-ov"), ("openvino", "fp32"), ("onnxruntime", "fp32")]),
+)
+
+
+def rule_for_flags(flags: set[str], candidates: list[Candidate]) -> Candidate | None:
+    """The first of `candidates` in the order RULES gives for a CPU with `flags`."""
+    order = next(order for flag, order in RULES if not flag or flag in flags)
+    for backend, precision in order:
+        for c in candidates:
+            if (c.backend, c.precision) == (backend, precision):
+                return c
+    return None
+
+
+def read_choice(fp32: Path) -> dict | None:
+    """The recorded choice beside `fp32`, when it is one of ours and about these bytes."""
+    record = _read_json(choice_path(fp32))
+    if record is None or record.get("format") != CHOICE_FORMAT:
+        return None
+    chosen, source = record.get("chosen"), record.get("source")
+    if not isinstance(chosen, dict) or not isinstance(source, dict) or source.get("onnx") != fp32.name:
+        return None
+    try:
+        record["chosen"] = Candidate(**{k: chosen.get(k) for k in ("file", "backend", "precision", "hint")})
+    except TypeError:
+        return None
+    return record
+
+
+def _available(candidate: Candidate, flags: set[str]) -> bool:
+    """Whether this machine can run it at all (OpenVINO installed; bf16 arithmetic for the bf16 hint)."""
+    if candidate.backend != "openvino":
+        return True
+    from .openvino import openvino_version
+
+    if openvino_version() is None:
+        return False
+    return candidate.hint != "bf16" or bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
+    """The candidate to run for `fp32` on this CPU and why, or None for the file itself in ONNX Runtime.
+
+    The recorded choice when it was measured on a CPU with this fingerprint and its gate still
+    holds; otherwise the rule for this CPU's flags over the gated candidates that can run here."""
+    candidates = candidates_for(fp32)
+    if not choice_path(fp32).exists() and not any(gate_report_path(fp32.parent, c).exists() for c in candidates[1:]):
+        return None  # the common case (a lone fp32 file) costs a few stat calls, no parsing or hashing
+    here = cpu_fingerprint()
+    flags = set(here["flags"])
+    sha = _Hashes()
+    record = read_choice(fp32)
+    if record is not None:
+        chosen = record["chosen"]
+        source = record.get("source") or {}
+        measured = record.get("fingerprint") or {}
+        if source.get("sha256") != sha(fp32):
+            why = f"{choice_path(fp32).name} is about another {fp32.name}"
+        elif measured != here:
+            why = (f"{choice_path(fp32).name} was measured on another CPU ({describe_fingerprint(measured)}; "
+                   f"this one: {describe_fingerprint(here)})")
+        elif not gate_passed(fp32, chosen, sha):
+            why = f"its choice, {chosen.label}, no longer has a passing gate beside it"
+        elif not _available(chosen, flags):
+            why = f"its choice, {chosen.label}, cannot run here (OpenVINO missing?)"
+        else:
+            ratio = record.get("speedup") or {}
+            said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items()) if v)
+            return chosen, f"measured fastest of the gated CPU paths on this CPU{' (' + said + ')' if said else ''}"
+    else:
+        why = f"no {choice_path(fp32).name} beside it (`crossvit deploy` measures one)"
+    usable = [c for c in candidates if _available(c, flags) and gate_passed(fp32, c, sha)]
+    rule = rule_for_flags(flags, usable)
+    if rule is None:
+        return None
+    if rule.file == fp32.name and rule.backend == "onnxruntime" and rule.precision == "fp32":
+        return None
+    return rule, f"the rule for this CPU's flags ({' '.join(sorted(flags & set(SPEED_FLAGS))) or 'none'}): {why}"
