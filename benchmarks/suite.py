@@ -8,8 +8,9 @@ per-turn medians of a backend disagree by more than `SPREAD_WARNING`, the row sa
 shared machine that is noise, not a result.
 
 Backends on a CPU (`--device cpu`): PyTorch eager fp32 (the baseline), PyTorch bf16 autocast
-(on CPUs with bf16 instructions), `torch.compile` (opt-in: compiling takes minutes), ONNX
-Runtime for each `.onnx` given or built. On a GPU (`--device cuda`): PyTorch eager fp32 with
+(on CPUs with bf16 instructions), `torch.compile` (opt-in: compiling takes minutes; fp32, and the
+bf16 model with inductor's freezing on CPUs with bf16), ONNX Runtime for each `.onnx` given or
+built, and OpenVINO (where installed) for each fp32 `.onnx` (fp32 and its bf16 hint) and int8-ov one. On a GPU (`--device cuda`): PyTorch eager fp32 with
 TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CUDA graph,
 `torch.compile` of the fp16 model (opt-in), TensorRT for each `.plan`, ONNX Runtime for each
 `.onnx` where onnxruntime-gpu is installed. With `--served`, the first `.onnx` also through
@@ -40,12 +41,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import BASELINE, busy_machine, command_line, cpu_flags, machine_description
+from crossvit.benchmarks.latency import BASELINE, busy_machine, command_line, machine_description
+from crossvit.runtime.cpu_choice import cpu_flags
 from crossvit.runtime.timing import NOISY, measure_interleaved
 
 TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
-                   "int8-cpu": "int8"}
+                   "int8-cpu": "int8", "int8-ov": "int8"}
 DEVICES = ("cpu", "cuda")
 
 
@@ -262,6 +264,11 @@ def torch_backends(model: torch.nn.Module, x: torch.Tensor, *, compile: bool, de
             fns[("torch autocast (cpu)", "bf16")] = bf16
         if compile:
             _add_compiled(fns, ("torch.compile (cpu)", "fp32"), model, x, cache, say)
+            if has_bf16():  # the peer issue 22 measured: the bf16 model, weights frozen into the graph
+                if "bf16_model" not in cache:
+                    cache["bf16_model"] = copy.deepcopy(model).to(torch.bfloat16).eval()
+                _add_compiled(fns, ("torch.compile bf16 freezing (cpu)", "bf16"), cache["bf16_model"],
+                              x.to(torch.bfloat16), cache, say, slot="compiled_bf16", freezing=True)
         return fns
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if "autocast" in rows else ():
         def autocast(dtype=dtype):
@@ -288,30 +295,37 @@ def _dropped(cache: dict, say: Callable[[str], None], text: str) -> None:
 
 
 def _add_compiled(fns: dict, key: tuple[str, str], model: torch.nn.Module, x: torch.Tensor, cache: dict,
-                  say: Callable[[str], None]) -> None:
-    """`torch.compile(model)` (made once per run, in `cache`) as the row `key`, after a first call
-    on `x` that compiles for this shape if it must: timed, synchronized, and caught."""
-    if cache.get("compile_failed"):
+                  say: Callable[[str], None], slot: str = "compiled", freezing: bool = False) -> None:
+    """`torch.compile(model)` (made once per run, in `cache[slot]`) as the row `key`, after a first
+    call on `x` that compiles for this shape if it must: timed, synchronized, and caught.
+    `freezing`: inductor's freezing (weights folded into the graph as constants; inference only),
+    on for this row's compiles and calls only."""
+    from torch._inductor import config as inductor_config
+
+    if cache.get(f"{slot}_failed"):
         return
-    if "compiled" not in cache:
-        cache["compiled"] = torch.compile(model)
-    compiled = cache["compiled"]
-    say(f"torch.compile: first call at batch {x.shape[0]} (a new shape compiles, which can take minutes)")
+    if slot not in cache:
+        cache[slot] = torch.compile(model)
+    compiled = cache[slot]
+    patch = (lambda: inductor_config.patch(freezing=True)) if freezing else contextlib.nullcontext
+    say(f"{key[0]}: first call at batch {x.shape[0]} (a new shape compiles, which can take minutes)")
     t0 = time.perf_counter()
     try:
-        compiled(x)
+        with patch():
+            compiled(x)
         if x.is_cuda:
             torch.cuda.synchronize()
     except Exception as e:  # inductor/triton/C compiler trouble: the other rows still run
-        cache["compile_failed"] = True
+        cache[f"{slot}_failed"] = True
         line = str(e).strip().splitlines()
-        _dropped(cache, say, f"no torch.compile rows: {type(e).__name__}: {line[0] if line else ''}")
+        _dropped(cache, say, f"no {key[0]} rows: {type(e).__name__}: {line[0] if line else ''}")
         return
     first = time.perf_counter() - t0
     cache.setdefault("compile_s", []).append(first)
 
     def fn() -> torch.Tensor:
-        return compiled(x)
+        with patch():
+            return compiled(x)
     if first > 1.0:
         fn.note = f"first call {first:.0f} s (compiling)"
     fns[key] = fn
@@ -387,7 +401,8 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
 def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
         max_seconds: float, compile: bool = False, device: str = "cpu", served: Path | None = None,
         progress: Callable[[str], None] | None = None, on_batch: Callable[[Result], None] | None = None,
-        deadline: float | None = None, torch_rows: frozenset = TORCH_ROWS, min_seconds: float = 0.0) -> Result:
+        deadline: float | None = None, torch_rows: frozenset = TORCH_ROWS, min_seconds: float = 0.0,
+        openvino: bool = True) -> Result:
     """Every backend at every batch size (see the module docstring); `served`: also that ONNX file
     through `crossvit serve` and the real tritonclient, over HTTP and gRPC. `on_batch(result)` is
     called after each batch size (to save what is done so far). With `deadline` (a
@@ -428,7 +443,7 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
             t0, compiling = time.monotonic(), sum(cache["compile_s"])
             _one_batch(result, f"[{i}/{len(batch_sizes)}]", b, model, on_device, artifacts, served_fns, runs=runs,
                        max_seconds=max_seconds, compile=compile, device=device, say=say, cache=cache,
-                       torch_rows=torch_rows, min_seconds=min_seconds)
+                       torch_rows=torch_rows, min_seconds=min_seconds, openvino=openvino)
             last = time.monotonic() - t0 - (sum(cache["compile_s"]) - compiling)
             if on_batch is not None:
                 on_batch(result)
@@ -464,7 +479,7 @@ def _note(result: Result, say: Callable[[str], None], text: str) -> None:
 def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_device: torch.nn.Module,
                artifacts: list[Path], served_fns: dict, *, runs: int, max_seconds: float, compile: bool, device: str,
                say: Callable[[str], None], cache: dict | None = None, torch_rows: frozenset = TORCH_ROWS,
-               min_seconds: float = 0.0) -> None:
+               min_seconds: float = 0.0, openvino: bool = True) -> None:
     """Every backend on one random batch of `b`, in interleaved turns; appends the rows."""
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.session import open_session
@@ -481,18 +496,18 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
         torch_keys = list(fns)
         result.notes.extend(f"batch {b}: {n}" for n in cache.pop("notes", []))
         result.accuracy.update(_agreement(fns, base_key, b))  # each PyTorch row against the baseline
-        for path in artifacts:
+        for path, kind, options in session_rows(artifacts, device, openvino):
             info = read_artifact(path)
-            kind = "onnxruntime" if info.kind == "onnx" else "tensorrt"
             try:
                 s = stack.enter_context(open_session(path, backend=kind, device=device if kind == "onnxruntime"
-                                                     else "auto"))
+                                                     else "auto", **options))
                 if kind == "onnxruntime" and s.device != device:
                     raise RuntimeError(f"ONNX Runtime runs it on {s.device}, not {device} (providers "
                                        f"{s.providers}); on a GPU it needs onnxruntime-gpu")
                 s.infer(x)
             except Exception as e:  # e.g. bf16 on ORT's CPU provider: no kernels
-                _note(result, say, f"batch {b}: skipped {path.name}: "
+                _note(result, say, f"batch {b}: skipped {path.name}{' in ' + kind if kind != 'onnxruntime' else ''}"
+                                   f"{' (' + options['hint'] + ' hint)' if options else ''}: "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
             fn = (lambda s: lambda: s.infer(x))(s)
@@ -500,7 +515,9 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
                 fn.note = (f"file's batch range {info.batch_min}..{info.batch_max}: "
                            + (f"runs as {-(-b // info.batch_max)} calls" if b > info.batch_max
                               else f"padded to {info.batch_min}"))
-            fns[(f"{s.backend} ({path.stem})", info.precision)] = fn
+            elif not s.batch_invariant and b > 1:
+                fn.note = "one row at a time (dynamic int8: a row's answer would depend on its batch-mates)"
+            fns[(f"{s.backend} ({path.stem})", getattr(s, "precision", info.precision))] = fn
         for key, fn in served_fns.items():
             fns[key] = (lambda fn: lambda: fn(x))(fn)
         # PyTorch's rows on a GPU are timed by CUDA events; the others by the host's clock (see CudaEvents)
@@ -519,6 +536,35 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
                                timer=clocks[key].name if key in clocks else "wall", note=note))
     if cuda:
         torch.cuda.empty_cache()
+
+
+def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> list[tuple[Path, str, dict]]:
+    """(file, backend, session options) for each row the artifacts give: a .plan in TensorRT, an
+    .onnx in the backend its precision is made for (int8-ov: OpenVINO; the rest ONNX Runtime) and,
+    on a CPU with OpenVINO installed (`openvino`), each fp32 .onnx also in OpenVINO, fp32 and
+    with its bf16 hint (on CPUs with bf16 arithmetic)."""
+    from crossvit.contract import PRECISION_TABLE
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.cpu_choice import cpu_flags
+    from crossvit.runtime.openvino import openvino_version
+
+    openvino = openvino and device == "cpu" and openvino_version() is not None
+    rows = []
+    for path in artifacts:
+        info = read_artifact(path)
+        if info.kind != "onnx":
+            rows.append((path, "tensorrt", {}))
+            continue
+        spec = PRECISION_TABLE.get(info.precision)
+        runtime = spec.runtime if spec else "onnxruntime"
+        if runtime == "openvino" and not openvino:
+            continue
+        rows.append((path, runtime, {}))
+        if info.precision == "fp32" and openvino:
+            rows.append((path, "openvino", {"hint": "fp32"}))
+            if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+                rows.append((path, "openvino", {"hint": "bf16"}))
+    return rows
 
 
 def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[[], None] | None = None,
@@ -700,6 +746,27 @@ def _builds_onnx(device: str, say: Callable[[str], None]) -> bool:
     return False
 
 
+def _variant(fp32: Path, out: Path, precision: str, calibration: Path | None, say: Callable[[str], None],
+             drop: Callable[[str], None]) -> Path | None:
+    """The variant for the bench, or None (said) where it needs what this install or run lacks
+    (NNCF for int8-ov; calibration images for a model other than the embedded one)."""
+    from crossvit.contract import get_precision
+    from crossvit.errors import BackendUnavailable, ExportError
+    from crossvit.export.calibration import calibration_batch
+    from crossvit.export.precision import convert_precision
+    from crossvit.runtime.artifact import read_artifact
+
+    try:
+        images = calibration_batch(read_artifact(fp32).raw, calibration,
+                                   need=get_precision(precision).calibration == "required")
+        return convert_precision(fp32, out, precision, images, progress=say)
+    except (BackendUnavailable, ExportError) as e:
+        if get_precision(precision).target != "cpu" or precision == "int8-cpu":
+            raise
+        drop(f"no {precision} row: {e}")
+        return None
+
+
 def _runs_on(precision: str, device: str) -> bool:
     from crossvit.contract import get_precision
 
@@ -713,7 +780,6 @@ def main(args, say: Callable[[str], None]) -> int:
     from crossvit.errors import ConfigError
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.export.parity import check_parity
-    from crossvit.export.precision import convert_precision
     from crossvit.model import DEFAULT_MODEL, load_model
     from crossvit.runtime.artifact import read_artifact
 
@@ -745,31 +811,35 @@ def main(args, say: Callable[[str], None]) -> int:
     compile = args.compile or (chosen is not None and "compile" in chosen)
     want_served = args.served or (chosen is not None and "served" in chosen)
     torch_rows = TORCH_ROWS if chosen is None else frozenset(chosen & TORCH_ROWS)
-    kinds = {"onnx": "onnxruntime", "engine": "tensorrt"}
+    kinds = {"onnx": ("onnxruntime", "openvino"), "engine": ("tensorrt",)}
     dropped: list[str] = []  # for the result's notes
 
     def drop(text: str) -> None:
         dropped.append(text)
         say(text)
     with temporary_folder() as tmp:
-        builds = chosen is None or "onnxruntime" in chosen or want_served
+        builds = chosen is None or bool({"onnxruntime", "openvino"} & chosen) or want_served
         if not artifacts and builds and _builds_onnx(device, drop):  # build the ONNX variants of the model here
             fp32 = export_onnx(loaded, tmp / f"{name}.fp32.onnx", batch=BatchRange(1, max(max(batch_sizes), 2)),
                                progress=say).path
             for p in args.precisions:
                 if p != "fp32" and not _runs_on(p, device):
                     drop(f"no {p} row: an ONNX Runtime CPU graph, not timed on {device}")
-            artifacts = [fp32] + [convert_precision(fp32, tmp / f"{name}.{p}.onnx", p, None, progress=say)
-                                  for p in args.precisions if p != "fp32" and _runs_on(p, device)]
+            artifacts = [fp32]
+            for p in args.precisions:
+                if p != "fp32" and _runs_on(p, device):
+                    built = _variant(fp32, tmp / f"{name}.{p}.onnx", p, args.calibration, say, drop)
+                    artifacts += [built] if built else []
         served = None
         if want_served:  # the first .onnx (the fp32 one when bench built them): what `serve` would get
             served = next((a for a in artifacts if a.suffix == ".onnx"), None)
             if served is None:
                 raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
-        timed = [a for a in artifacts if chosen is None or kinds.get(read_artifact(a).kind) in chosen]
+        timed = [a for a in artifacts if chosen is None or set(kinds.get(read_artifact(a).kind, ())) & chosen]
         result = run(loaded.model, name, timed, batch_sizes=batch_sizes, runs=args.runs,
                      max_seconds=args.max_seconds, compile=compile, device=device, served=served, progress=say,
-                     torch_rows=torch_rows, min_seconds=args.min_time)
+                     torch_rows=torch_rows, min_seconds=args.min_time,
+                     openvino=chosen is None or "openvino" in chosen)
         result.notes[:0] = dropped
         accuracy = not args.no_accuracy
         if accuracy and args.artifacts and loaded.info.random_weights:
@@ -778,11 +848,12 @@ def main(args, say: Callable[[str], None]) -> int:
                                "given files; give --checkpoint with the weights they were exported from")
             accuracy = False
         if accuracy:
-            for path in timed:
-                report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)])
+            for path, kind, options in session_rows(timed, device, chosen is None or "openvino" in chosen):
+                report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)], backend=kind, **options)
                 ref, art = report.accuracy
                 images = next((c for c in report.cases if c.source == "images"), None)
-                result.accuracy[path.name] = {"verdict": report.verdict,
+                key = path.name if not options else f"{path.name} in openvino ({report.precision})"
+                result.accuracy[key] = {"verdict": report.verdict, **({"gate": report.gate} if report.gate else {}),
                                               "top1_agreement_images": images and images.top1_agreement,
                                               "rel_l2_images": images and images.rel_l2,
                                               "cosine_images": images and images.cosine,

@@ -363,7 +363,7 @@ def _batch_list(text: str) -> list[int]:
     return sizes
 
 
-BENCH_BACKENDS = ("autocast", "compile", "cuda-graph", "onnxruntime", "tensorrt", "served")
+BENCH_BACKENDS = ("autocast", "compile", "cuda-graph", "onnxruntime", "openvino", "tensorrt", "served")
 
 
 def _backend_list(text: str) -> list[str]:
@@ -388,8 +388,16 @@ def _precision_list(text: str) -> list[str]:
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
-    from crossvit.pipeline import deploy
+    from crossvit.pipeline import deploy, retune
 
+    if args.retune:
+        result = retune(_load(args), args.output, progress=_say)
+        print(result.table())
+        if result.cpu_path:
+            print(f"{result.cpu_path}; predict/serve run it on this CPU (--exact runs the fp32 file in ONNX Runtime)")
+        else:
+            _say_cpu_path(result.out_dir)
+        return 0
     variants = tuple(v for v in (args.variants.split(",") if args.variants else VARIANT_NAMES) if v)
     unknown = [v for v in variants if v not in VARIANT_NAMES]
     if unknown:
@@ -559,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="every backend side by side against this machine's GEMM rates",
                        description="Time PyTorch eager fp32 (the baseline), bf16 autocast (CPUs with bf16), "
-                                   "torch.compile (--compile), ONNX Runtime per .onnx and TensorRT per .plan, in "
+                                   "torch.compile (--compile: fp32, and on CPUs with bf16 the bf16 model with "
+                                   "inductor's freezing), ONNX Runtime per .onnx, OpenVINO per fp32 .onnx (fp32 "
+                                   "and its bf16 hint) and per int8-ov .onnx, and TensorRT per .plan, in "
                                    "one process on the same inputs, in interleaved turns. Reports p50/p90/p99, "
                                    "images/s, achieved GFLOP/s, the fraction of the best GEMM rate of the precision "
                                    "measured here, and the ratio to eager; flags rows whose turns disagree. Without "
@@ -568,8 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME", help="registered model for the PyTorch baseline (default: the "
                                                    "artifact's, or the embedded model)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for the PyTorch baseline")
-    p.add_argument("--precisions", type=_precision_list, default=["fp32", "int8-cpu"],
-                   metavar="fp32,int8-cpu", help="variants to build when no artifact is given")
+    p.add_argument("--precisions", type=_precision_list, default=["fp32", "int8-cpu", "int8-ov"],
+                   metavar="fp32,int8-cpu,int8-ov", help="variants to build when no artifact is given (int8-ov "
+                   "needs NNCF and calibration images: --calibration, or the shipped ones for the embedded model)")
+    p.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="real images to calibrate the variants that need it (int8-ov) when no artifact is given")
     p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], metavar="1,8,32")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the PyTorch rows run (default: the GPU if PyTorch sees one); on cuda the rows are "
@@ -608,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")
     p.add_argument("--images", type=Path, metavar="DIR", help="real images for the parity gate")
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")
+    p.add_argument("--retune", action="store_true",
+                   help="only time the CPU paths of an earlier deploy in -o DIR again, on this machine, and record "
+                        "the fastest gated one for this CPU (NAME.cpu.json): for a folder copied to another machine")
     _add_library_option(p)
     p.set_defaults(func=cmd_deploy)
     return parser

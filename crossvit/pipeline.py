@@ -241,9 +241,9 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
                     precision="fp32", size_mb=loaded.source.stat().st_size / 1e6 if loaded.source else None,
                     parity="ref", accuracy=acc_ref, note="PyTorch eager, reference")
     rows, timed, timed_b1 = [torch_row], {}, {}
-    fp32 = next(path for path, r in reports.items() if r.precision == "fp32")
+    fp32 = next((path for path, r in reports.items() if r.precision == "fp32"), None)
     keys: dict[int, str] = {}  # id(row) -> its timing key
-    for c, report in _candidate_rows(fp32, reports, cpu_gates or {}):
+    for c, report in _candidate_rows(fp32, reports, cpu_gates or {}) if fp32 else ():
         path = fp32.parent / c.file
         row = Row(artifact=c.file, backend=c.backend, precision=c.precision, size_mb=path.stat().st_size / 1e6,
                   parity=report.verdict, accuracy=report.accuracy[1], note=CPU_NOTES.get((c.backend, c.precision), ""))
@@ -337,6 +337,51 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
     result.cpu_path = line
     say(line)
     return record
+
+
+def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
+           progress: Progress | None = None) -> DeployResult:
+    """`crossvit deploy --retune`: the CPU paths of an earlier deploy in `out_dir`, timed again on
+    this machine, and the choice recorded for this CPU. Nothing is exported or gated again: the
+    reports beside the files are read (and the choice still checks each one against its file)."""
+    import json
+
+    from crossvit.errors import InputError
+    from crossvit.export.parity import ParityReport
+    from crossvit.runtime.cpu_choice import MAX_JSON_BYTES, candidates_for, gate_report_path
+
+    say = progress or (lambda m: None)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    name = loaded.info.name or (loaded.source.stem if loaded.source else "model")
+    fp32 = out / f"{name}.fp32.onnx"
+    if not fp32.is_file():
+        raise InputError(f"--retune: {fp32} is missing: run `crossvit deploy -o {out}` for this model first")
+    result = DeployResult(out_dir=out)
+    reports, cpu_gates = {}, {}
+    for c in candidates_for(fp32):
+        path = gate_report_path(out, c)
+        try:
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError("too large")
+            report = ParityReport.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, RecursionError) as e:
+            say(f"{c.label}: left out ({path.name}: {'missing' if isinstance(e, FileNotFoundError) else e})")
+            continue
+        if c.hint:
+            cpu_gates[c] = report
+        else:
+            reports[out / c.file] = report
+    if fp32 not in reports:
+        raise InputError(f"--retune: {gate_report_path(out, candidates_for(fp32)[0]).name} is missing or unreadable: "
+                         f"run `crossvit deploy -o {out}` again")
+    say(f"[1/2] latency of {len(reports) + len(cpu_gates)} CPU paths at batch 1 and {bench_batch}")
+    result.rows = latency_stage(loaded, reports, {}, name, batch=bench_batch, runs=bench_runs,
+                                max_seconds=bench_seconds, cpu_gates=cpu_gates)
+    say("[2/2] the CPU path for this machine")
+    choice_stage(fp32, result.rows, bench_batch, result, say)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 # -- the whole path --------------------------------------------------------------------------

@@ -85,6 +85,17 @@ class ParityReport:
             c["passed"] = case.passed
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParityReport":
+        """A saved report (`save`), read back; a report that is not one of ours is a ValueError."""
+        try:
+            names = {f.name for f in dataclasses.fields(CaseResult)}
+            cases = [CaseResult(**{k: v for k, v in c.items() if k in names}) for c in d.get("cases") or []]
+            fields = {f.name for f in dataclasses.fields(cls)} - {"cases"}
+            return cls(**{k: v for k, v in d.items() if k in fields}, cases=cases)
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"not a parity report: {e}") from None
+
     def save(self, path: str | Path) -> Path:
         text = to_json(self.to_dict(), indent=2)
         return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

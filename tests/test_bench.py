@@ -235,7 +235,7 @@ def test_compiled_rows_at_every_batch_agree_with_eager_and_a_compiler_failure_co
     the rows so far. Then a compiler that fails: the row is gone, the reason said, the rest runs."""
     import torch
 
-    from crossvit.benchmarks.suite import run
+    from crossvit.benchmarks.suite import has_bf16, run
     from crossvit.model import load_model
 
     model = load_model(name="crossvit_digits").model
@@ -249,7 +249,13 @@ def test_compiled_rows_at_every_batch_agree_with_eager_and_a_compiler_failure_co
         assert agree["cosine"] > 0.99999 and agree["top1_agreement"] == 1.0
     per_batch = len(result.rows) // 2
     assert saved == [per_batch, 2 * per_batch]
-    assert any("torch.compile: first call at batch 1" in m for m in said)
+    assert any("torch.compile (cpu): first call at batch 1" in m for m in said)
+    if has_bf16():  # the bf16 model compiled with inductor's freezing: a peer of our CPU paths
+        frozen = [r for r in result.rows if r.backend == "torch.compile bf16 freezing (cpu)"]
+        assert [(r.batch, r.precision) for r in frozen] == [(1, "bf16"), (3, "bf16")]
+        for b in (1, 3):
+            agree = result.accuracy[f"torch.compile bf16 freezing (cpu) bf16 b{b}"]
+            assert agree["rel_l2"] < 2e-2 and agree["top1_agreement"] == 1.0
 
     def broken(module, **kw):
         def call(*a):
@@ -260,8 +266,8 @@ def test_compiled_rows_at_every_batch_agree_with_eager_and_a_compiler_failure_co
     result = run(model, "digits", [], batch_sizes=[1, 2], runs=3, max_seconds=0.3, compile=True, progress=said.append)
     assert not [r for r in result.rows if "compile" in r.backend]
     assert {r.batch for r in result.rows if r.backend == "torch eager (cpu)"} == {1, 2}
-    assert [m for m in said if m.startswith("no torch.compile rows")] == [
-        "no torch.compile rows: RuntimeError: inductor: no C compiler"]  # once, not at every batch
+    assert [m for m in said if m.startswith("no torch.compile (cpu) rows")] == [
+        "no torch.compile (cpu) rows: RuntimeError: inductor: no C compiler"]  # once, not at every batch
 
 
 def test_a_deadline_skips_what_would_not_fit_and_says_so():

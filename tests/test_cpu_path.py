@@ -241,3 +241,18 @@ def test_deploy_says_what_predict_and_serve_will_run(deployed, tmp_path, capsys)
         f.unlink()
     _say_cpu_path(tmp_path)
     assert "run it as is in ONNX Runtime: no other CPU path passed its gate" in capsys.readouterr().out
+
+
+def test_retune_measures_the_choice_again_from_the_gates_beside_the_files(deployed, tmp_path, cli, one_line_error):
+    fp32 = _copy(deployed, tmp_path)
+    record = choice_path(fp32)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "fingerprint": {"cpu_model": "elsewhere"}}))
+    report = gate_report_path(tmp_path, Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov"))
+    report.write_text(json.dumps({**json.loads(report.read_text()), "verdict": "fail"}))  # never chosen now
+    proc = cli("deploy", "--retune", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(record.read_text())
+    assert again["fingerprint"] == cpu_fingerprint() and again["chosen"]["precision"] != "int8-ov"
+    assert f"CPU path for {fp32.name}: " in proc.stdout and "[2/2]" in proc.stderr
+    assert _chosen(fp32)[1].startswith("measured fastest")
+    one_line_error(cli("deploy", "--retune", "-o", tmp_path / "empty"), "run `crossvit deploy -o")

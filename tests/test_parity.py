@@ -211,3 +211,39 @@ def test_real_images_are_read_in_pieces_with_the_same_result(tmp_path):
         (junk / name).write_text("x")
     with pytest.raises(InputError, match="none of its 2 images could be read"):
         list(iter_image_set(list_images(junk), pre, chunk=1))
+
+
+def test_a_model_with_random_weights_is_gated_by_how_close_its_logits_are_not_top1(tmp_path):
+    """Random weights give near-tied logits, so top-1 agreement says nothing about them: such a
+    model (its metadata says so) is judged by rel L2 and cosine on every case, which say so; the
+    gate still fails a file that computes something else. Trained models keep their gate."""
+    import torch
+
+    from crossvit.contract import get_precision
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.export.parity import RANDOM_WEIGHTS_GATE, check_parity, gate_thresholds
+    from crossvit.export.precision import convert_precision
+    from crossvit.model import load_model
+
+    assert gate_thresholds("int8-cpu", False) == get_precision("int8-cpu").thresholds
+    random_gate = gate_thresholds("int8-cpu", True)
+    assert random_gate.top1_agreement is None and random_gate.rel_l2 == 0.1 and random_gate.cosine == 0.995
+    assert gate_thresholds("bf16", True).rel_l2 == 2e-2
+
+    torch.manual_seed(0)
+    loaded = load_model(name="crossvit_digits", pretrained=False)
+    assert loaded.info.random_weights
+    fp32 = export_onnx(loaded, tmp_path / "r.fp32.onnx", batch=BatchRange(1, 8)).path
+    int8 = convert_precision(fp32, tmp_path / "r.int8-cpu.onnx", "int8-cpu", None)
+    report = check_parity(int8, loaded, batch_sizes=[1, 8])
+    assert report.gate == RANDOM_WEIGHTS_GATE and RANDOM_WEIGHTS_GATE in report.table()
+    assert report.thresholds["top1_agreement"] is None and report.thresholds["cosine"] == 0.995
+    assert report.verdict == "pass", report.table()
+    other = load_model(name="crossvit_digits", pretrained=False)  # the same architecture, other weights
+    wrong = check_parity(int8, other, batch_sizes=[1])
+    assert wrong.verdict == "fail" and any("cosine" in f for c in wrong.cases for f in c.failures), wrong.table()
+    digits = load_model(name="crossvit_digits")  # trained: today's gate, top-1 agreement included
+    trained_fp32 = export_onnx(digits, tmp_path / "d.fp32.onnx", batch=BatchRange(1, 8)).path
+    trained = check_parity(convert_precision(trained_fp32, tmp_path / "d.int8-cpu.onnx", "int8-cpu", None), digits,
+                           batch_sizes=[1])
+    assert trained.gate == "" and trained.thresholds["top1_agreement"] == 0.97 and trained.verdict == "pass"
