@@ -82,7 +82,9 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
     result = run_deploy(load_checkpoint(ckpt), tmp_path / "out", variants=("int8",), images=None,
                         bench_runs=3, batch=BatchRange(1, 4))
     assert any(s.startswith("int8 variant: --calibration DIR is required") for s in result.skipped)
-    assert [r.precision for r in result.rows] == ["fp32", "fp32"]
+    # PyTorch, then the fp32 file in ONNX Runtime and in OpenVINO (fp32, and its bf16 hint)
+    assert [(r.backend, r.precision) for r in result.rows][:3] == [("torch (cpu)", "fp32"), ("onnxruntime", "fp32"),
+                                                                   ("openvino", "fp32")]
     # the shipped digits labels are not this model's classes: agreement only, no accuracy
     assert result.rows[1].parity == "pass" and result.rows[1].accuracy is None
 
