@@ -90,6 +90,42 @@ def test_config_over_the_parameter_limit_is_refused_on_the_meta_device():
         _meta_state_dict(get_architecture("seed"), cfg)
 
 
+def _capped(*args, cwd, limit_gb: float = 4, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m crossvit ARGS` with its address space capped (RLIMIT_AS) and a timeout, so a
+    command that allocates without bound fails (MemoryError) instead of eating the machine."""
+    import resource
+
+    def cap():
+        limit = int(limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, preexec_fn=cap)
+
+
+@pytest.mark.parametrize("command", [["info"], ["convert", "-o", "out.safetensors"], ["export", "-o", "out.onnx"]])
+def test_a_tiny_config_asking_for_a_billion_classes_is_refused_before_allocating(tmp_path, command,
+                                                                                one_line_error):
+    """A 100-byte --config for a foreign checkpoint used to build its billion labels first
+    (~280 MB/s until killed); now the parameter limit refuses it before anything is built."""
+    torch.save({"w": torch.zeros(4)}, tmp_path / "f.pt")
+    config = {"image_size": 32, "num_classes": 1_000_000_000, "sm_dim": 1_000_000, "lg_dim": 1_000_000,
+              "sm_patch_size": 4, "lg_patch_size": 8}
+    (tmp_path / "big.json").write_text(json.dumps(config))
+    proc = _capped(command[0], "f.pt", *command[1:], "--config", "big.json", cwd=tmp_path)
+    one_line_error(proc, "parameters; the limit is")
+    assert not (tmp_path / command[-1]).exists() or command == ["info"]
+
+
+@pytest.mark.parametrize("value", ['"abc"', "[1]", "1e400", "true", "-3"])
+def test_a_config_with_num_classes_of_the_wrong_type_is_one_config_error(tmp_path, value, one_line_error):
+    torch.save({"w": torch.zeros(4)}, tmp_path / "f.pt")
+    (tmp_path / "c.json").write_text('{"image_size": 32, "sm_dim": 32, "lg_dim": 48, "sm_patch_size": 4, '
+                                     f'"lg_patch_size": 8, "num_classes": {value}}}')
+    proc = _capped("info", "f.pt", "--config", "c.json", cwd=tmp_path)
+    one_line_error(proc, "num_classes=")  # a ConfigError: exit 1, not an internal error (70)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_at_load_with_the_tensor_name(tmp_path, tiny, value, cli, one_line_error):
     from safetensors import safe_open
