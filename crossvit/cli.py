@@ -174,7 +174,7 @@ def cmd_convert(args) -> int:
     from crossvit.contract import check_output_path
     from crossvit.model import save_checkpoint
 
-    check_output_path(args.output, suffix=".safetensors")
+    check_output_path(args.output, suffix=".safetensors", inputs=(args.checkpoint, args.config))
     loaded = _load(args)
     out = save_checkpoint(loaded.model, args.output, labels=loaded.info.labels,
                           preprocessing=loaded.info.preprocessing, name=loaded.info.name,

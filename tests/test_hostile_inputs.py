@@ -258,6 +258,17 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path, cli, one
     assert "exporting" not in proc.stderr and "random inputs" not in proc.stderr  # refused before the work
 
 
+def test_convert_refuses_to_overwrite_its_own_input(tiny, tmp_path, cli, one_line_error):
+    import shutil
+
+    ckpt = shutil.copy(tiny[0], tmp_path / "m.safetensors")
+    before = Path(ckpt).read_bytes()
+    os.symlink("m.safetensors", tmp_path / "alias.safetensors")
+    for out in (ckpt, tmp_path / "alias.safetensors"):
+        one_line_error(cli("convert", ckpt, "-o", out, timeout=120), "is an input of this command")
+    assert Path(ckpt).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_int8_cpu_export_creates_a_missing_folder_like_fp32(tmp_path, cli):
     for precision in ("fp32", "int8-cpu"):
