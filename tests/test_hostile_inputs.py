@@ -322,6 +322,30 @@ def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_err
     one_line_error(proc, words)
 
 
+@pytest.mark.parametrize("name, change, words", [
+    ("precision fp4", lambda m: m.update(precision="fp4"), "unknown precision 'fp4'"),  # check refuses it too
+    ("10 MB label", lambda m: m["model"].update(labels=["a" * 10_000_000, "b", "c"]),
+     "labels[0] is 10000000 characters long"),
+    ("std 1e308", lambda m: m["model"]["preprocessing"].update(std=[1e308] * 3), "std must be finite in float32"),
+    ("std 1e-50", lambda m: m["model"]["preprocessing"].update(std=[1e-50] * 3), "std must be >= 1e-06"),
+    ("mean 1e300", lambda m: m["model"]["preprocessing"].update(mean=[1e300] * 3), "mean must be finite in float32"),
+    ("crop_pct 1e-9", lambda m: m["model"]["preprocessing"].update(crop_pct=1e-9), "crops less than one pixel"),
+])
+def test_predict_refuses_absurd_metadata_in_one_line(tiny, tmp_path, cli, one_line_error, name, change, words):
+    bad = _rewrite_metadata(tiny[1], tmp_path / "absurd.onnx", change)
+    proc = cli("predict", bad, _image(tmp_path / "x.png"))
+    one_line_error(proc, words)
+    assert proc.stdout == "" and len(proc.stderr) < 1000
+
+
+def test_a_label_over_the_length_limit_is_refused_when_saving(tmp_path):
+    from crossvit.model import CrossViT, save_checkpoint
+
+    with pytest.raises(ConfigError, match="label 1 is 5000 characters long"):
+        save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 2}), tmp_path / "m.safetensors",
+                        labels=["a", "b" * 5000])
+
+
 def _rewrite_metadata_text(src: Path, dst: Path, edit) -> Path:
     """Like `_rewrite_metadata`, but `edit(text) -> text` on the raw JSON (to write what
     `encode_metadata` refuses: Infinity, 1e400, absurd nesting)."""
