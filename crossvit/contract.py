@@ -10,6 +10,7 @@ no torch (the runtime imports it) and nothing heavy at module level.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -466,6 +467,8 @@ def check_input_file(path: Path, error: type[CrossViTError]) -> None:
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: is a symlink loop (it, or a folder on its path, links back to itself)") from None
         raise error(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
     import stat
 

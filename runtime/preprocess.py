@@ -65,6 +65,7 @@ process-wide in Python < 3.14: concurrent decoding in threads can at worst leave
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -179,6 +180,8 @@ def _open(source: ImageSource, label: str) -> tuple[BinaryIO, bool]:
         except FileNotFoundError:
             raise InputError(f"{label}: no such file") from None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{label}: is a symlink loop, not an image file") from None
             raise InputError(f"{label}: cannot open ({_one_line(e)})") from None
         if os.fstat(fp.fileno()).st_size == 0:
             fp.close()

@@ -685,6 +685,30 @@ def test_a_fifo_given_as_a_checkpoint_or_artifact_is_refused(tmp_path, cli, one_
     one_line_error(cli("export", fifo, "-o", tmp_path / "x.onnx", timeout=60), "not a regular file")
 
 
+def test_a_symlink_loop_is_called_a_symlink_loop_not_a_missing_file(tiny, tmp_path, cli, one_line_error):
+    os.symlink("b.onnx", tmp_path / "a.onnx")
+    os.symlink("a.onnx", tmp_path / "b.onnx")
+    one_line_error(cli("predict", tmp_path / "a.onnx", _image(tmp_path / "x.png"), timeout=120), "is a symlink loop")
+    one_line_error(cli("info", tmp_path / "a.onnx", timeout=120), "is a symlink loop")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    proc = cli("predict", tiny[1], tmp_path / "loop.png", timeout=120)
+    assert proc.returncode == 1 and "loop.png: is a symlink loop" in proc.stdout, proc.stdout
+
+
+def test_check_refuses_a_missing_images_folder_before_any_case(tiny, tmp_path, cli, one_line_error):
+    proc = cli("check", tiny[1], "--reference", tiny[0], "--images", tmp_path / "missing", timeout=300)
+    one_line_error(proc, "missing: no such folder")
+    assert "random inputs" not in proc.stderr and proc.stdout == ""  # refused before the first case
+
+
+def test_triton_repo_refuses_an_overlong_name_up_front(tiny, tmp_path, cli, one_line_error):
+    from crossvit.contract import TEMP_TAG
+
+    proc = cli("triton-repo", tiny[1], "-o", tmp_path / "repo", "--name", "a" * 300, timeout=120)
+    line = one_line_error(proc, "--name is 300 characters long; a model name may have at most 128")
+    assert TEMP_TAG not in line and not (tmp_path / "repo").exists()
+
+
 def test_session_predict_accepts_one_path(tiny, tmp_path):
     from crossvit.runtime.session import open_session
 

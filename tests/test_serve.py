@@ -740,6 +740,22 @@ def test_serve_refuses_a_taken_grpc_port_in_one_line(onnx_path, server, cli, one
     assert "in use" in line and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_serve_refuses_a_max_batch_over_the_artifacts_range(onnx_path, cli, one_line_error):
+    """The ONNX takes 1..64 rows: --max-batch 1000 used to start and advertise max_batch_size 1000
+    (triton-repo and the README refuse it)."""
+    from crossvit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--max-batch 1000 is outside the batch range of digits.onnx, 1\.\.64"):
+        Server(onnx_path, ServeOptions(http_port=0, grpc_port=0, max_batch=1000))
+    proc = cli("serve", onnx_path, "--max-batch", "1000", "--http-port", "0", "--grpc-port", "0", timeout=60)
+    one_line_error(proc, "--max-batch 1000 is outside the batch range")
+    s = Running(onnx_path, max_batch=64)  # the top of the range is allowed
+    try:
+        assert httpclient.InferenceServerClient(s.http).get_model_config("crossvit_digits")["max_batch_size"] == 64
+    finally:
+        s.stop()
+
+
 def test_non_loopback_host_warns_about_authentication(onnx_path, cli):
     proc = cli("serve", onnx_path, "--host", "0.0.0.0", "--http-port", "-5", timeout=60)
     assert "no authentication" in proc.stderr and proc.returncode == 1

@@ -16,6 +16,7 @@ from crossvit.errors import BackendUnavailable, ConfigError
 
 log = logging.getLogger("crossvit.serve")
 SERVE_INSTALL = "pip install 'crossvit[serve]'"
+DEFAULT_MAX_BATCH = 32  # rows per session call, where the artifact's batch range allows it
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     model_name: str | None = None
-    max_batch: int = 32
+    max_batch: int | None = None  # None: DEFAULT_MAX_BATCH, or the artifact's batch max where smaller
     max_delay_ms: float = 2.0
     max_queue: int = 256
     backend: str = "auto"
@@ -40,7 +41,7 @@ class ServeOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0..65535, got {port}")
         if self.http_port and self.http_port == self.grpc_port:
             raise ConfigError("--http-port and --grpc-port must differ")
-        if self.max_batch < 1 or self.max_queue < 1:
+        if (self.max_batch is not None and self.max_batch < 1) or self.max_queue < 1:
             raise ConfigError("--max-batch and --max-queue must be >= 1")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise ConfigError(f"--max-delay-ms must be in 0..10000, got {self.max_delay_ms}")
@@ -92,8 +93,14 @@ class Server:
                                     **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
-        name = options.model_name or self.session.info.model_name
-        self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
+        info = self.session.info
+        if options.max_batch is not None and options.max_batch > info.batch_max:  # as triton-repo refuses it
+            self.session.close()
+            raise ConfigError(f"--max-batch {options.max_batch} is outside the batch range of {info.path.name}, "
+                              f"{info.batch_min}..{info.batch_max}")
+        max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
+        name = options.model_name or info.model_name
+        self.service = ModelService(self.session, name=name, max_batch=max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
         self.http_port = self.grpc_port = None
         self._uvicorn = self._grpc = self._http_task = None
