@@ -745,10 +745,10 @@ def test_serve_refuses_a_max_batch_over_the_artifacts_range(onnx_path, cli, one_
     (triton-repo and the README refuse it)."""
     from crossvit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--max-batch 1000 is outside the batch range of digits.onnx, 1\.\.64"):
+    with pytest.raises(ConfigError, match=r"--max-batch 1000 is outside the ONNX's batch range 1\.\.64"):
         Server(onnx_path, ServeOptions(http_port=0, grpc_port=0, max_batch=1000))
     proc = cli("serve", onnx_path, "--max-batch", "1000", "--http-port", "0", "--grpc-port", "0", timeout=60)
-    one_line_error(proc, "--max-batch 1000 is outside the batch range")
+    one_line_error(proc, "--max-batch 1000 is outside the ONNX's batch range 1..64")
     s = Running(onnx_path, max_batch=64)  # the top of the range is allowed
     try:
         assert httpclient.InferenceServerClient(s.http).get_model_config("crossvit_digits")["max_batch_size"] == 64

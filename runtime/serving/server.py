@@ -96,7 +96,8 @@ class Server:
         info = self.session.info
         if options.max_batch is not None and options.max_batch > info.batch_max:  # as triton-repo refuses it
             self.session.close()
-            raise ConfigError(f"--max-batch {options.max_batch} is outside the batch range of {info.path.name}, "
+            what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"  # triton-repo's words
+            raise ConfigError(f"--max-batch {options.max_batch} is outside the {what} "
                               f"{info.batch_min}..{info.batch_max}")
         max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
         name = options.model_name or info.model_name
