@@ -406,6 +406,20 @@ def test_malformed_grpc_shapes_are_invalid_argument(server, shape, raw, fp32):
     assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
 
 
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "ServerLive"])
+def test_grpc_garbage_bytes_are_invalid_argument_in_plain_words(server, method):
+    """Bytes that are not a protobuf message used to be UNKNOWN naming a Python class (DecodeError)."""
+    import grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # no serializers: raw bytes
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\xff\xff\xff\xff garbage, not a protobuf message", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert "not a valid" in e.value.details() and "Error" not in e.value.details(), e.value.details()
+    assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
+
+
 def test_grpc_classification_must_be_an_integer_parameter(server):
     """A string "3" used to read as 0 ("must be >= 1, got 0"); an int64 3 is the top 3."""
     import grpc
