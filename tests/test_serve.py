@@ -703,6 +703,124 @@ def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monke
     assert not stopper.is_alive(), "the server did not stop"
 
 
+# -- HTTP read limits: header size, header and body deadlines, the drain's end -----------------------
+
+def _connect(running) -> "socket.socket":
+    import socket
+
+    return socket.create_connection(("127.0.0.1", running.server.http_port), timeout=5)
+
+
+def _read_until_closed(sock, deadline: float, trickle: bytes | None = None) -> bytes:
+    """What the server sends until it closes the connection (b"" read) or `deadline` (monotonic)
+    passes; with `trickle`, one more header line is sent every 0.2 s meanwhile (a slow client)."""
+    import socket
+
+    data = b""
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        if trickle is not None:
+            try:
+                sock.sendall(trickle)
+            except OSError:  # closed by the server: read what it said
+                trickle = None
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:  # closed with bytes of ours unread: what it said came before
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"the server still held the connection at the deadline; it sent {data[:200]!r}")
+
+
+def _status_and_error(data: bytes) -> tuple[int, str]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_request_headers_over_32_kib_get_431(server):
+    """uvicorn ran httptools, which has no header size limit: a 30 MB header got 200, 400 MB took the
+    server to ~900 MB for minutes. Now h11 refuses headers over 32 KiB with 431."""
+    for size, status in ((16 * 1024, 200), (64 * 1024, 431), (1_000_000, 431)):
+        with _connect(server) as sock:
+            try:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+                sock.shutdown(1)  # no more requests on it: the server closes after answering
+            except OSError:  # 1 MB: the server answered and closed before reading it all (a reset)
+                pass
+            data = _read_until_closed(sock, time.monotonic() + 20)
+        assert int(data.split()[1]) == status, data[:300]
+        if status == 431:
+            assert "over the 32768 byte limit" in _status_and_error(data)[1]
+    assert server.raw("GET", "/v2/health/live")[0] == 200
+
+
+def test_slow_headers_and_stalled_bodies_get_408_at_their_deadline(onnx_path):
+    """50 clients trickling a header line a second, and 20 declaring Content-Length 5000 then sending
+    10 bytes, used to be held for ever. Each now gets 408 at its deadline (1 s here; 10 s and 60 s by
+    default) and is closed; a connection that never sends a byte is closed without an answer."""
+    s = Running(onnx_path, header_timeout_s=1.0, body_timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        trickling = [_connect(s) for _ in range(5)]
+        for sock in trickling:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        stalled = [_connect(s) for _ in range(3)]
+        for sock in stalled:
+            sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n" + b"0123456789")
+        silent = _connect(s)
+        deadline = start + 15  # 15x the timeout: a held connection fails here, not in CI's timeout
+        for sock in trickling:
+            status, error = _status_and_error(_read_until_closed(sock, deadline, trickle=b"X-Slow: 1\r\n"))
+            assert status == 408 and "headers did not arrive within 1 s" in error
+        for sock in stalled:
+            status, error = _status_and_error(_read_until_closed(sock, deadline))
+            assert status == 408 and "body did not arrive within 1 s" in error
+        assert _read_until_closed(silent, deadline) == b""
+        assert time.monotonic() - start >= 1.0  # not before the deadline
+        for sock in (*trickling, *stalled, silent):
+            sock.close()
+        assert _http_infer(httpclient.InferenceServerClient(s.http), _x(1)).as_numpy("logits").shape == (1, 10)
+    finally:
+        s.stop()
+
+
+def test_a_request_stalled_in_its_body_at_the_drains_end_gets_a_json_503_and_no_traceback(onnx_path):
+    """When the drain ran out, uvicorn cancelled a request still waiting for its body: 500 text/plain
+    and a full traceback (CancelledError) in the log. Now: 503 in JSON, and uvicorn's one line."""
+    import logging
+
+    s = Running(onnx_path, drain_seconds=1.0, body_timeout_s=60.0)
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn configured its logging
+    try:
+        sock = _connect(s)
+        sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n0123456789")
+        assert s.raw("GET", "/v2/health/live")[0] == 200  # the stalled request is being read
+        stopper = threading.Thread(target=s.stop)
+        stopper.start()
+        status, error = _status_and_error(_read_until_closed(sock, time.monotonic() + 30))
+        stopper.join(30)
+        sock.close()
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not stopper.is_alive(), "the server did not stop"
+    assert status == 503 and "stopped before this request arrived in full" in error
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+    assert len([r for r in records if r.levelno >= logging.WARNING]) <= 1, [r.getMessage() for r in records]
+
+
 def test_not_ready_is_503(onnx_path):
     s = Running(onnx_path)
     try:
