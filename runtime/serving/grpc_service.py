@@ -168,19 +168,21 @@ class _Handlers:
     def __init__(self):
         self.service = None
         self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self.generic: tuple = ()
 
     def add_registered_method_handlers(self, service: str, methods: dict) -> None:
         self.service, self.methods = service, dict(methods)
 
     def add_generic_rpc_handlers(self, handlers) -> None:
-        pass  # the same handlers as add_registered_method_handlers gets
+        self.generic = tuple(handlers)  # the same handlers as add_registered_method_handlers gets
 
 
 def _add_servicer(server: grpc.aio.Server, servicer: "Servicer") -> None:
     handlers = _Handlers()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, handlers)
-    if handlers.service is None:
-        raise RuntimeError("tritonclient's generated gRPC code registered no method handlers")
+    if handlers.service is None:  # generated code older than grpcio 1.63 gives only the generic handler
+        server.add_generic_rpc_handlers(handlers.generic)
+        return
     methods = {name: _tolerant(f"{name}Request", h)
                for name, h in handlers.methods.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(handlers.service, methods),))
