@@ -141,7 +141,7 @@ class Server:
         http = protocol_class(header_timeout=o.header_timeout_s, body_timeout=o.body_timeout_s,
                               max_header_bytes=o.max_header_bytes)
         config = uvicorn.Config(QuietCancel(create_app(self.service, max_body=o.max_body)), log_level="warning",
-                                lifespan="off", access_log=False, http=http,
+                                lifespan="off", access_log=False, http=http, ws="none",  # no WebSocket routes
                                 h11_max_incomplete_event_size=o.max_header_bytes,
                                 # a client that stalls mid-body must not hold the exit off for ever
                                 timeout_graceful_shutdown=max(o.drain_seconds, 1.0))
