@@ -174,7 +174,7 @@ def cmd_convert(args) -> int:
     from crossvit.contract import check_output_path
     from crossvit.model import save_checkpoint
 
-    check_output_path(args.output, suffix=".safetensors")
+    check_output_path(args.output, suffix=".safetensors", inputs=(args.checkpoint, args.config))
     loaded = _load(args)
     out = save_checkpoint(loaded.model, args.output, labels=loaded.info.labels,
                           preprocessing=loaded.info.preprocessing, name=loaded.info.name,
@@ -220,6 +220,10 @@ def cmd_check(args) -> int:
 
     if args.json:
         check_output_path(args.json, inputs=(args.artifact, args.reference, args.config))
+    if args.images is not None:
+        from crossvit.runtime.images import list_images
+
+        list_images(args.images)  # a missing or empty folder: said before the reference is loaded
     info = read_artifact(args.artifact)
     _warn_random(info.random_weights, args.artifact.name)
     if args.reference is None and args.model is None:
@@ -555,8 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0: any free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free port)")
     p.add_argument("--model-name", default=None, help="name clients use (default: the artifact's model name)")
-    p.add_argument("--max-batch", type=_positive_int, default=32,
-                   help="rows per session call; larger requests are split (default 32)")
+    p.add_argument("--max-batch", type=_positive_int, default=None,
+                   help="rows per session call, within the artifact's batch range; larger requests are split "
+                        "(default 32, or the artifact's batch max where smaller)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="how long a request waits, from its arrival, for others to join its batch "
                         "(Triton's max_queue_delay; default 2 ms)")

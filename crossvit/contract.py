@@ -10,6 +10,7 @@ no torch (the runtime imports it) and nothing heavy at module level.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -54,6 +55,10 @@ MAX_CALIBRATION_IMAGES = 512
 MAX_BATCH = 4096  # the largest batch range an artifact may declare
 MAX_INPUT_SIDE = 4096  # pixels, height or width of a model's input
 MAX_CLASSES = 100_000
+MAX_LABEL_CHARS = 1024  # one class name; ImageNet's longest is under 100
+MAX_IMAGE_SIDE = 30_000  # pixels, the longest side of an image the runtime decodes
+MIN_STD = 1e-6  # a preprocessing std below it multiplies pixel noise by a million or more
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 MAX_PARAMETERS = 4_000_000_000  # a config asking for more is refused before anything is built
 
 
@@ -195,6 +200,9 @@ def validate_preprocessing(values: Mapping) -> dict:
     crop = values.get("crop_pct", PREPROCESSING_DEFAULTS["crop_pct"])
     if not _is_number(crop) or not 0.0 < float(crop) <= 1.0:
         raise ConfigError(f"preprocessing crop_pct must be a number in (0, 1], got {crop!r}")
+    if float(crop) * MAX_IMAGE_SIDE < 1:  # the crop keeps crop_pct of the image's shorter side
+        raise ConfigError(f"preprocessing crop_pct {crop!r} crops less than one pixel even of the largest image "
+                          f"the runtime takes ({MAX_IMAGE_SIDE} px a side): it must be >= 1/{MAX_IMAGE_SIDE}")
     interpolation = values.get("interpolation", PREPROCESSING_DEFAULTS["interpolation"])
     if interpolation not in INTERPOLATIONS:
         raise ConfigError(f"preprocessing interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
@@ -204,6 +212,16 @@ def validate_preprocessing(values: Mapping) -> dict:
     if len(mean) != c or len(std) != c or min(std) <= 0:
         raise ConfigError(f"preprocessing mean/std need {c} values each (std > 0), "
                           f"got mean={list(mean)} std={list(std)}")
+    # normalized in float32 as (x / 255 - mean) / std: every value must stay finite there
+    for what, values_ in (("mean", mean), ("std", std)):
+        if max(abs(v) for v in values_) > FLOAT32_MAX:
+            raise ConfigError(f"preprocessing {what} must be finite in float32 (at most {FLOAT32_MAX:.4g}), "
+                              f"got {list(values_)}")
+    if min(std) < MIN_STD:
+        raise ConfigError(f"preprocessing std must be >= {MIN_STD:g} (bounded away from 0), got {list(std)}")
+    if any((abs(m) + 1) / s > FLOAT32_MAX for m, s in zip(mean, std)):
+        raise ConfigError(f"preprocessing mean/std normalize pixels beyond float32's range: "
+                          f"mean={list(mean)} std={list(std)}")
     return {"input_size": [c, h, w], "crop_pct": float(crop), "interpolation": interpolation,
             "mean": list(mean), "std": list(std)}
 
@@ -310,6 +328,9 @@ def _metadata_type_problem(meta: dict, fmt: str) -> str | None:
         for i, label in enumerate(m.get("labels") or []):
             if not isinstance(label, (str, int)) or isinstance(label, bool):
                 return f"{prefix}labels[{i}] must be a string, got {_kind(label)}"
+            if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+                return (f"{prefix}labels[{i}] is {len(label)} characters long; a class name may have at most "
+                        f"{MAX_LABEL_CHARS}")
         return None
 
     if fmt == CHECKPOINT_FORMAT:
@@ -464,6 +485,8 @@ def check_input_file(path: Path, error: type[CrossViTError]) -> None:
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: is a symlink loop (it, or a folder on its path, links back to itself)") from None
         raise error(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
     import stat
 

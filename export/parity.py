@@ -232,6 +232,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     say = progress or (lambda m: None)
     start = time.perf_counter()
     info = read_artifact(artifact)
+    if images is not None:
+        list_images(images)  # a missing or empty folder is said now, not after the random cases
     expected = tuple(reference.info.preprocessing["input_size"])
     if info.input_shape != expected or len(info.labels) != len(reference.info.labels):
         raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "

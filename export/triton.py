@@ -33,6 +33,7 @@ from crossvit.errors import ArtifactError, ConfigError, ExportError, OutputError
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # also a folder name: no leading dot
+MAX_NAME_CHARS = 128  # a folder name, written inside a hidden temporary folder first: well under 255 bytes
 VERSION = "1"
 LABELS_FILE = "labels.txt"
 ISVC_FILE = "inferenceservice.yaml"
@@ -132,6 +133,8 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"--name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(f"--name is {len(name)} characters long; a model name may have at most {MAX_NAME_CHARS}")
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
     if (isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int)

@@ -41,7 +41,7 @@ class ModelInfo:
 
     architecture: str
     config: dict
-    labels: list[str]
+    labels: list[str] | None  # None only between reading a foreign config and checking it
     preprocessing: dict
     name: str | None = None
     provenance: dict = field(default_factory=dict)
@@ -332,8 +332,8 @@ def _foreign_info(path: Path, name: str | None, config) -> ModelInfo:
     else:
         raise CheckpointError(f"{path} is a foreign checkpoint (no crossvit metadata): name its "
                               "model with --model NAME or give its config with --config FILE.json")
-    if labels is None:
-        labels = [f"class_{i}" for i in range(int(cfg.get("num_classes") or 0))]
+    # labels=None: named class_0.. in load_checkpoint, once the config has been checked (its types,
+    # and its size against MAX_PARAMETERS): a tiny hostile config must not make us build a huge list
     return ModelInfo(architecture=architecture, config=cfg, labels=labels, preprocessing=preprocessing,
                      name=name, provenance={"source": path.name, "source_format": "foreign state dict",
                                             "converted_by": f"crossvit {__version__}"})
@@ -374,6 +374,8 @@ def load_checkpoint(path: str | Path, *, name: str | None = None, config: dict |
     model = arch.build(info.config)
     model.load_state_dict(weights, strict=True)  # checked above; copies, casting to the model's dtype
     info.config = model.config.to_dict()
+    if info.labels is None:  # a foreign config without labels
+        info.labels = [f"class_{i}" for i in range(info.config["num_classes"])]
     info.labels = resolve_labels(info.labels, info.config["num_classes"])
     if info.preprocessing is None:
         info.preprocessing = {"input_size": list(model.input_shape)}

@@ -9,6 +9,7 @@ from typing import Callable
 from torch import nn
 
 from crossvit.assets import asset
+from crossvit.contract import MAX_LABEL_CHARS
 from crossvit.errors import ConfigError
 
 from . import official, seed
@@ -113,6 +114,10 @@ def resolve_labels(labels: str | tuple[str, ...] | list[str], num_classes: int) 
         names = [str(n) for n in labels]
     if len(names) != num_classes:
         raise ConfigError(f"{len(names)} labels given for a model with {num_classes} classes")
+    long = next((i for i, n in enumerate(names) if len(n) > MAX_LABEL_CHARS), None)
+    if long is not None:  # metadata with it would be refused when read (contract._metadata_type_problem)
+        raise ConfigError(f"label {long} is {len(names[long])} characters long; a class name may have at most "
+                          f"{MAX_LABEL_CHARS}")
     return names
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIXES, MAX_BATCH, check_input_file,
-                               decode_metadata, manifest_path, read_onnx_metadata, validate_preprocessing)
+                               decode_metadata, get_precision, manifest_path, read_onnx_metadata,
+                               validate_preprocessing)
 from crossvit.errors import ArtifactError, ConfigError
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # Triton's model names are also folder names
@@ -85,7 +86,9 @@ class ArtifactInfo:
             labels = model["labels"]
             if not isinstance(labels, list):
                 raise TypeError(f"model.labels must be a list, got {type(labels).__name__}")
-            info = cls(path=path, kind=kind, precision=str(meta["precision"]),
+            # a precision the table does not know (say "fp4") has no thresholds: `check` refuses it, so
+            # predict and serve do too
+            info = cls(path=path, kind=kind, precision=get_precision(str(meta["precision"])).name,
                        batch_min=integer(batch["min"], "batch.min"), batch_max=integer(batch["max"], "batch.max"),
                        input_name=str(inp["name"]), input_shape=(c, h, w), output_name=str(out["name"]),
                        labels=tuple(str(x) for x in labels),

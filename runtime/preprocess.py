@@ -65,6 +65,7 @@ process-wide in Python < 3.14: concurrent decoding in threads can at worst leave
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -76,7 +77,7 @@ from typing import BinaryIO, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from crossvit.contract import IMAGENET_MEAN, IMAGENET_STD, validate_preprocessing
+from crossvit.contract import IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIDE, validate_preprocessing
 from crossvit.errors import ConfigError, InputError
 
 # Pillow's filters for our three names; the same mapping torchvision's InterpolationMode uses.
@@ -86,7 +87,7 @@ RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
 }
 MAX_PIXELS = 100_000_000  # beyond any photo a classifier needs; ~300 MB as RGB
-MAX_SIDE = 30_000  # a 40000 x 1 strip has few pixels but is no photo either
+MAX_SIDE = MAX_IMAGE_SIDE  # a 40000 x 1 strip has few pixels but is no photo either
 FULL_RESIZE_MAX_PIXELS = 4_000_000  # larger resizes sample only the crop (see Preprocessor._resize)
 REFUSED_FORMATS = frozenset({"EPS"})  # Pillow decodes EPS by running Ghostscript
 
@@ -179,6 +180,8 @@ def _open(source: ImageSource, label: str) -> tuple[BinaryIO, bool]:
         except FileNotFoundError:
             raise InputError(f"{label}: no such file") from None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{label}: is a symlink loop, not an image file") from None
             raise InputError(f"{label}: cannot open ({_one_line(e)})") from None
         if os.fstat(fp.fileno()).st_size == 0:
             fp.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, PRECISION_TABLE,
-                               first_line)
+                               check_input_file, first_line)
 from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
 
 from .artifact import ArtifactInfo, read_artifact
@@ -439,6 +439,7 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
     if backend not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_NAMES)}")
     if not path.exists():
+        check_input_file(path, ArtifactError)  # why: a symlink loop, a folder it may not enter, ...
         raise ArtifactError(f"{path}: no such file")
     kind = artifact_kind(path)
     chosen = AUTO_BACKEND[kind] if backend == "auto" else backend

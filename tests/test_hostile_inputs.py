@@ -90,6 +90,43 @@ def test_config_over_the_parameter_limit_is_refused_on_the_meta_device():
         _meta_state_dict(get_architecture("seed"), cfg)
 
 
+def _capped(*args, cwd, limit_gb: float = 6, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m crossvit ARGS` with its address space capped (RLIMIT_AS) and a timeout, so a
+    command that allocates without bound fails (MemoryError) instead of eating the machine. 6 GB:
+    the refusal peaks at ~0.7 GB of address space with CPU torch; a CUDA build maps more."""
+    import resource
+
+    def cap():
+        limit = int(limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, preexec_fn=cap)
+
+
+@pytest.mark.parametrize("command", [["info"], ["convert", "-o", "out.safetensors"], ["export", "-o", "out.onnx"]])
+def test_a_tiny_config_asking_for_a_billion_classes_is_refused_before_allocating(tmp_path, command,
+                                                                                one_line_error):
+    """A 100-byte --config for a foreign checkpoint used to build its billion labels first
+    (~280 MB/s until killed); now the parameter limit refuses it before anything is built."""
+    torch.save({"w": torch.zeros(4)}, tmp_path / "f.pt")
+    config = {"image_size": 32, "num_classes": 1_000_000_000, "sm_dim": 1_000_000, "lg_dim": 1_000_000,
+              "sm_patch_size": 4, "lg_patch_size": 8}
+    (tmp_path / "big.json").write_text(json.dumps(config))
+    proc = _capped(command[0], "f.pt", *command[1:], "--config", "big.json", cwd=tmp_path)
+    one_line_error(proc, "parameters; the limit is")
+    assert not (tmp_path / command[-1]).exists() or command == ["info"]
+
+
+@pytest.mark.parametrize("value", ['"abc"', "[1]", "1e400", "true", "-3"])
+def test_a_config_with_num_classes_of_the_wrong_type_is_one_config_error(tmp_path, value, one_line_error):
+    torch.save({"w": torch.zeros(4)}, tmp_path / "f.pt")
+    (tmp_path / "c.json").write_text('{"image_size": 32, "sm_dim": 32, "lg_dim": 48, "sm_patch_size": 4, '
+                                     f'"lg_patch_size": 8, "num_classes": {value}}}')
+    proc = _capped("info", "f.pt", "--config", "c.json", cwd=tmp_path)
+    one_line_error(proc, "num_classes=")  # a ConfigError: exit 1, not an internal error (70)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_at_load_with_the_tensor_name(tmp_path, tiny, value, cli, one_line_error):
     from safetensors import safe_open
@@ -222,6 +259,17 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path, cli, one
     assert "exporting" not in proc.stderr and "random inputs" not in proc.stderr  # refused before the work
 
 
+def test_convert_refuses_to_overwrite_its_own_input(tiny, tmp_path, cli, one_line_error):
+    import shutil
+
+    ckpt = shutil.copy(tiny[0], tmp_path / "m.safetensors")
+    before = Path(ckpt).read_bytes()
+    os.symlink("m.safetensors", tmp_path / "alias.safetensors")
+    for out in (ckpt, tmp_path / "alias.safetensors"):
+        one_line_error(cli("convert", ckpt, "-o", out, timeout=120), "is an input of this command")
+    assert Path(ckpt).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_int8_cpu_export_creates_a_missing_folder_like_fp32(tmp_path, cli):
     for precision in ("fp32", "int8-cpu"):
@@ -273,6 +321,30 @@ def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_err
         open_session(bad)
     proc = cli("predict", bad, _image(tmp_path / "x.png"))
     one_line_error(proc, words)
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("precision fp4", lambda m: m.update(precision="fp4"), "unknown precision 'fp4'"),  # check refuses it too
+    ("10 MB label", lambda m: m["model"].update(labels=["a" * 10_000_000, "b", "c"]),
+     "labels[0] is 10000000 characters long"),
+    ("std 1e308", lambda m: m["model"]["preprocessing"].update(std=[1e308] * 3), "std must be finite in float32"),
+    ("std 1e-50", lambda m: m["model"]["preprocessing"].update(std=[1e-50] * 3), "std must be >= 1e-06"),
+    ("mean 1e300", lambda m: m["model"]["preprocessing"].update(mean=[1e300] * 3), "mean must be finite in float32"),
+    ("crop_pct 1e-9", lambda m: m["model"]["preprocessing"].update(crop_pct=1e-9), "crops less than one pixel"),
+])
+def test_predict_refuses_absurd_metadata_in_one_line(tiny, tmp_path, cli, one_line_error, name, change, words):
+    bad = _rewrite_metadata(tiny[1], tmp_path / "absurd.onnx", change)
+    proc = cli("predict", bad, _image(tmp_path / "x.png"))
+    one_line_error(proc, words)
+    assert proc.stdout == "" and len(proc.stderr) < 1000
+
+
+def test_a_label_over_the_length_limit_is_refused_when_saving(tmp_path):
+    from crossvit.model import CrossViT, save_checkpoint
+
+    with pytest.raises(ConfigError, match="label 1 is 5000 characters long"):
+        save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 2}), tmp_path / "m.safetensors",
+                        labels=["a", "b" * 5000])
 
 
 def _rewrite_metadata_text(src: Path, dst: Path, edit) -> Path:
@@ -613,6 +685,30 @@ def test_a_fifo_given_as_a_checkpoint_or_artifact_is_refused(tmp_path, cli, one_
     os.mkfifo(fifo)
     one_line_error(cli("info", fifo, timeout=60), "not a regular file")
     one_line_error(cli("export", fifo, "-o", tmp_path / "x.onnx", timeout=60), "not a regular file")
+
+
+def test_a_symlink_loop_is_called_a_symlink_loop_not_a_missing_file(tiny, tmp_path, cli, one_line_error):
+    os.symlink("b.onnx", tmp_path / "a.onnx")
+    os.symlink("a.onnx", tmp_path / "b.onnx")
+    one_line_error(cli("predict", tmp_path / "a.onnx", _image(tmp_path / "x.png"), timeout=120), "is a symlink loop")
+    one_line_error(cli("info", tmp_path / "a.onnx", timeout=120), "is a symlink loop")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    proc = cli("predict", tiny[1], tmp_path / "loop.png", timeout=120)
+    assert proc.returncode == 1 and "loop.png: is a symlink loop" in proc.stdout, proc.stdout
+
+
+def test_check_refuses_a_missing_images_folder_before_any_case(tiny, tmp_path, cli, one_line_error):
+    proc = cli("check", tiny[1], "--reference", tiny[0], "--images", tmp_path / "missing", timeout=300)
+    one_line_error(proc, "missing: no such folder")
+    assert "random inputs" not in proc.stderr and proc.stdout == ""  # refused before the first case
+
+
+def test_triton_repo_refuses_an_overlong_name_up_front(tiny, tmp_path, cli, one_line_error):
+    from crossvit.contract import TEMP_TAG
+
+    proc = cli("triton-repo", tiny[1], "-o", tmp_path / "repo", "--name", "a" * 300, timeout=120)
+    line = one_line_error(proc, "--name is 300 characters long; a model name may have at most 128")
+    assert TEMP_TAG not in line and not (tmp_path / "repo").exists()
 
 
 def test_session_predict_accepts_one_path(tiny, tmp_path):

@@ -407,6 +407,22 @@ def test_bad_preprocessing_dicts_are_refused_clearly(change, word):
         Preprocessor.from_dict(d)
 
 
+@pytest.mark.parametrize("change,word", [
+    ({"std": [1e308, 0.2, 0.2]}, r"std must be finite in float32"),  # float32(1e308) is inf: every pixel -> 0
+    ({"mean": [1e300, 0.4, 0.4]}, r"mean must be finite in float32"),
+    ({"std": [1e-50, 0.2, 0.2]}, r"std must be >= 1e-06 \(bounded away from 0\)"),
+    ({"std": [1e-7, 0.2, 0.2]}, r"std must be >= 1e-06"),
+    ({"mean": [3e38, 0.4, 0.4], "std": [1e-3, 0.2, 0.2]}, r"mean/std normalize pixels beyond float32"),
+    ({"crop_pct": 1e-9}, r"crop_pct 1e-09 crops less than one pixel"),
+])
+def test_absurd_preprocessing_values_are_refused_naming_the_field(change, word):
+    """Values that are numbers in range but give silent wrong answers (an inf std maps every image to
+    the same input) or blame the user's image later ("infer got NaN")."""
+    d = {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bicubic", **IMAGENET, **change}
+    with pytest.raises(ConfigError, match=word):
+        Preprocessor.from_dict(d)
+
+
 def test_from_dict_needs_a_dict_with_input_size():
     with pytest.raises(ConfigError, match="must be a dict"):
         Preprocessor.from_dict([3, 224, 224])

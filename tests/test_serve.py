@@ -406,6 +406,20 @@ def test_malformed_grpc_shapes_are_invalid_argument(server, shape, raw, fp32):
     assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
 
 
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "ServerLive"])
+def test_grpc_garbage_bytes_are_invalid_argument_in_plain_words(server, method):
+    """Bytes that are not a protobuf message used to be UNKNOWN naming a Python class (DecodeError)."""
+    import grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # no serializers: raw bytes
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\xff\xff\xff\xff garbage, not a protobuf message", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert "not a valid" in e.value.details() and "Error" not in e.value.details(), e.value.details()
+    assert grpcclient.InferenceServerClient(server.grpc).is_server_ready()
+
+
 def test_grpc_classification_must_be_an_integer_parameter(server):
     """A string "3" used to read as 0 ("must be >= 1, got 0"); an int64 3 is the top 3."""
     import grpc
@@ -689,6 +703,124 @@ def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monke
     assert not stopper.is_alive(), "the server did not stop"
 
 
+# -- HTTP read limits: header size, header and body deadlines, the drain's end -----------------------
+
+def _connect(running) -> "socket.socket":
+    import socket
+
+    return socket.create_connection(("127.0.0.1", running.server.http_port), timeout=5)
+
+
+def _read_until_closed(sock, deadline: float, trickle: bytes | None = None) -> bytes:
+    """What the server sends until it closes the connection (b"" read) or `deadline` (monotonic)
+    passes; with `trickle`, one more header line is sent every 0.2 s meanwhile (a slow client)."""
+    import socket
+
+    data = b""
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        if trickle is not None:
+            try:
+                sock.sendall(trickle)
+            except OSError:  # closed by the server: read what it said
+                trickle = None
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:  # closed with bytes of ours unread: what it said came before
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"the server still held the connection at the deadline; it sent {data[:200]!r}")
+
+
+def _status_and_error(data: bytes) -> tuple[int, str]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_request_headers_over_32_kib_get_431(server):
+    """uvicorn ran httptools, which has no header size limit: a 30 MB header got 200, 400 MB took the
+    server to ~900 MB for minutes. Now h11 refuses headers over 32 KiB with 431."""
+    for size, status in ((16 * 1024, 200), (64 * 1024, 431), (1_000_000, 431)):
+        with _connect(server) as sock:
+            try:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+                sock.shutdown(1)  # no more requests on it: the server closes after answering
+            except OSError:  # 1 MB: the server answered and closed before reading it all (a reset)
+                pass
+            data = _read_until_closed(sock, time.monotonic() + 20)
+        assert int(data.split()[1]) == status, data[:300]
+        if status == 431:
+            assert "over the 32768 byte limit" in _status_and_error(data)[1]
+    assert server.raw("GET", "/v2/health/live")[0] == 200
+
+
+def test_slow_headers_and_stalled_bodies_get_408_at_their_deadline(onnx_path):
+    """50 clients trickling a header line a second, and 20 declaring Content-Length 5000 then sending
+    10 bytes, used to be held for ever. Each now gets 408 at its deadline (1 s here; 10 s and 60 s by
+    default) and is closed; a connection that never sends a byte is closed without an answer."""
+    s = Running(onnx_path, header_timeout_s=1.0, body_timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        trickling = [_connect(s) for _ in range(5)]
+        for sock in trickling:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        stalled = [_connect(s) for _ in range(3)]
+        for sock in stalled:
+            sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n" + b"0123456789")
+        silent = _connect(s)
+        deadline = start + 15  # 15x the timeout: a held connection fails here, not in CI's timeout
+        for sock in trickling:
+            status, error = _status_and_error(_read_until_closed(sock, deadline, trickle=b"X-Slow: 1\r\n"))
+            assert status == 408 and "headers did not arrive within 1 s" in error
+        for sock in stalled:
+            status, error = _status_and_error(_read_until_closed(sock, deadline))
+            assert status == 408 and "body did not arrive within 1 s" in error
+        assert _read_until_closed(silent, deadline) == b""
+        assert time.monotonic() - start >= 1.0  # not before the deadline
+        for sock in (*trickling, *stalled, silent):
+            sock.close()
+        assert _http_infer(httpclient.InferenceServerClient(s.http), _x(1)).as_numpy("logits").shape == (1, 10)
+    finally:
+        s.stop()
+
+
+def test_a_request_stalled_in_its_body_at_the_drains_end_gets_a_json_503_and_no_traceback(onnx_path):
+    """When the drain ran out, uvicorn cancelled a request still waiting for its body: 500 text/plain
+    and a full traceback (CancelledError) in the log. Now: 503 in JSON, and uvicorn's one line."""
+    import logging
+
+    s = Running(onnx_path, drain_seconds=1.0, body_timeout_s=60.0)
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn configured its logging
+    try:
+        sock = _connect(s)
+        sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n0123456789")
+        assert s.raw("GET", "/v2/health/live")[0] == 200  # the stalled request is being read
+        stopper = threading.Thread(target=s.stop)
+        stopper.start()
+        status, error = _status_and_error(_read_until_closed(sock, time.monotonic() + 30))
+        stopper.join(30)
+        sock.close()
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not stopper.is_alive(), "the server did not stop"
+    assert status == 503 and "stopped before this request arrived in full" in error
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+    assert len([r for r in records if r.levelno >= logging.WARNING]) <= 1, [r.getMessage() for r in records]
+
+
 def test_not_ready_is_503(onnx_path):
     s = Running(onnx_path)
     try:
@@ -738,6 +870,22 @@ def test_serve_refuses_a_taken_grpc_port_in_one_line(onnx_path, server, cli, one
     proc = cli("serve", onnx_path, "--http-port", "0", "--grpc-port", server.server.grpc_port, timeout=60)
     line = one_line_error(proc, f"cannot listen on 127.0.0.1:{server.server.grpc_port} for gRPC")
     assert "in use" in line and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_serve_refuses_a_max_batch_over_the_artifacts_range(onnx_path, cli, one_line_error):
+    """The ONNX takes 1..64 rows: --max-batch 1000 used to start and advertise max_batch_size 1000
+    (triton-repo and the README refuse it)."""
+    from crossvit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--max-batch 1000 is outside the ONNX's batch range 1\.\.64"):
+        Server(onnx_path, ServeOptions(http_port=0, grpc_port=0, max_batch=1000))
+    proc = cli("serve", onnx_path, "--max-batch", "1000", "--http-port", "0", "--grpc-port", "0", timeout=60)
+    one_line_error(proc, "--max-batch 1000 is outside the ONNX's batch range 1..64")
+    s = Running(onnx_path, max_batch=64)  # the top of the range is allowed
+    try:
+        assert httpclient.InferenceServerClient(s.http).get_model_config("crossvit_digits")["max_batch_size"] == 64
+    finally:
+        s.stop()
 
 
 def test_non_loopback_host_warns_about_authentication(onnx_path, cli):

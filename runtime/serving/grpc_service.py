@@ -130,6 +130,65 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+class _Undecodable:
+    """What a request's bytes became when they are not the method's protobuf message."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _tolerant(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` whose request deserializer never raises: grpcio would answer UNKNOWN with the
+    exception's class name (DecodeError) and log it; bytes that do not parse get INVALID_ARGUMENT
+    with a plain message instead. Streaming handlers are kept as they are (none is implemented)."""
+    if handler.request_streaming or handler.response_streaming or handler.unary_unary is None:
+        return handler
+    deserialize, behaviour = handler.request_deserializer, handler.unary_unary
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, and whatever else a parser raises on garbage
+            return _Undecodable(method)
+
+    async def call(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {request.what} message (it does not parse as protobuf)")
+        return await behaviour(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=parse,
+                                               response_serializer=handler.response_serializer)
+
+
+class _Handlers:
+    """Stands in for the server while the generated `add_..._to_server` registers the servicer's
+    method handlers, so they can be wrapped (`_tolerant`) before the real server gets them."""
+
+    def __init__(self):
+        self.service = None
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self.generic: tuple = ()
+
+    def add_registered_method_handlers(self, service: str, methods: dict) -> None:
+        self.service, self.methods = service, dict(methods)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.generic = tuple(handlers)  # the same handlers as add_registered_method_handlers gets
+
+
+def _add_servicer(server: grpc.aio.Server, servicer: "Servicer") -> None:
+    handlers = _Handlers()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, handlers)
+    if handlers.service is None:  # generated code older than grpcio 1.63 gives only the generic handler
+        server.add_generic_rpc_handlers(handlers.generic)
+        return
+    methods = {name: _tolerant(f"{name}Request", h)
+               for name, h in handlers.methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(handlers.service, methods),))
+    server.add_registered_method_handlers(handlers.service, methods)
+
+
 def create_server(service: ModelService, address: str, max_message: int) -> tuple[grpc.aio.Server, int]:
     """The gRPC server (not started) and the port it is bound to; OSError (one line, the
     system's reason) when the address cannot be bound, a port already in use included."""
@@ -138,7 +197,7 @@ def create_server(service: ModelService, address: str, max_message: int) -> tupl
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.max_send_message_length", max_message),
                                       ("grpc.so_reuseport", 0)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(service), server)
+    _add_servicer(server, Servicer(service))
     port, said = _add_port_quietly(server, address)
     if not port:
         found = re.search(r"Error in bind for address '[^']*': ([^)\n]+)", said)

@@ -16,6 +16,7 @@ from crossvit.errors import BackendUnavailable, ConfigError
 
 log = logging.getLogger("crossvit.serve")
 SERVE_INSTALL = "pip install 'crossvit[serve]'"
+DEFAULT_MAX_BATCH = 32  # rows per session call, where the artifact's batch range allows it
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     model_name: str | None = None
-    max_batch: int = 32
+    max_batch: int | None = None  # None: DEFAULT_MAX_BATCH, or the artifact's batch max where smaller
     max_delay_ms: float = 2.0
     max_queue: int = 256
     backend: str = "auto"
@@ -32,6 +33,10 @@ class ServeOptions:
     exact: bool = False  # serve the file given, not its gated CPU variant (open_session)
     max_body: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
+    # HTTP read limits (http11.py): request line + headers, and how long headers and body may take
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
 
     def check(self) -> None:
         for name in ("http_port", "grpc_port"):
@@ -40,8 +45,12 @@ class ServeOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0..65535, got {port}")
         if self.http_port and self.http_port == self.grpc_port:
             raise ConfigError("--http-port and --grpc-port must differ")
-        if self.max_batch < 1 or self.max_queue < 1:
+        if (self.max_batch is not None and self.max_batch < 1) or self.max_queue < 1:
             raise ConfigError("--max-batch and --max-queue must be >= 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
+        if not (self.header_timeout_s > 0 and self.body_timeout_s > 0):
+            raise ConfigError("the header and body timeouts must be > 0 seconds")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise ConfigError(f"--max-delay-ms must be in 0..10000, got {self.max_delay_ms}")
         if self.model_name is not None and not self.model_name.replace("_", "").replace("-", "").replace(".", "") \
@@ -92,8 +101,15 @@ class Server:
                                     **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
-        name = options.model_name or self.session.info.model_name
-        self.service = ModelService(self.session, name=name, max_batch=options.max_batch,
+        info = self.session.info
+        if options.max_batch is not None and options.max_batch > info.batch_max:  # as triton-repo refuses it
+            self.session.close()
+            what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"  # triton-repo's words
+            raise ConfigError(f"--max-batch {options.max_batch} is outside the {what} "
+                              f"{info.batch_min}..{info.batch_max}")
+        max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
+        name = options.model_name or info.model_name
+        self.service = ModelService(self.session, name=name, max_batch=max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
         self.http_port = self.grpc_port = None
         self._uvicorn = self._grpc = self._http_task = None
@@ -102,6 +118,7 @@ class Server:
         import uvicorn
 
         from .grpc_service import create_server
+        from .http11 import QuietCancel, protocol_class
         from .rest import create_app
 
         o = self.options
@@ -120,8 +137,12 @@ class Server:
             raise ConfigError(f"cannot listen on {o.host}:{o.grpc_port} for gRPC ({e})") from None
         await self.service.start()
         await self._grpc.start()
-        config = uvicorn.Config(create_app(self.service, max_body=o.max_body), log_level="warning",
-                                lifespan="off", access_log=False,
+        # h11, not httptools (uvicorn's pick when installed): h11 has the header size limit
+        http = protocol_class(header_timeout=o.header_timeout_s, body_timeout=o.body_timeout_s,
+                              max_header_bytes=o.max_header_bytes)
+        config = uvicorn.Config(QuietCancel(create_app(self.service, max_body=o.max_body)), log_level="warning",
+                                lifespan="off", access_log=False, http=http, ws="none",  # no WebSocket routes
+                                h11_max_incomplete_event_size=o.max_header_bytes,
                                 # a client that stalls mid-body must not hold the exit off for ever
                                 timeout_graceful_shutdown=max(o.drain_seconds, 1.0))
         self._uvicorn = uvicorn.Server(config)
