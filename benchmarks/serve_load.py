@@ -6,7 +6,8 @@
 Two measurements, each against `crossvit serve` started as its own process on loopback ports
 (so the clients in this process do not share its interpreter):
 1. throughput of `--clients` closed-loop clients (tritonclient's asyncio HTTP client: each sends
-   one image, waits, repeats) with dynamic batching (max batch 32) and with `--max-batch 1`:
+   one image, waits, repeats) with dynamic batching (max batch 32, or the artifact's batch max where smaller) and with
+   `--max-batch 1`:
    both servers run side by side and take `--rounds` turns, so the machine's noise hits both;
    the ratio of the two, pooled and per round;
 2. the latency the server adds at batch 1: one client in turns with direct `session.infer`
@@ -146,13 +147,24 @@ async def _batch_sizes(address: str, model: str) -> float:
     return stats["inference_count"] / max(stats["execution_count"], 1)
 
 
+def _dynamic_max_batch(artifact: Path) -> int:
+    """The dynamic-batching configuration's max batch: serve's default (32, or the artifact's batch
+    max where that is smaller; serve refuses a --max-batch beyond the artifact's range)."""
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.serving.server import DEFAULT_MAX_BATCH
+
+    return min(DEFAULT_MAX_BATCH, read_artifact(artifact).batch_max)
+
+
 def throughput(artifact: Path, model: str, x: np.ndarray, clients: int, seconds: float, rounds: int = 3) -> dict:
-    """Closed-loop throughput with dynamic batching (max 32) and with `--max-batch 1`, in turns.
+    """Closed-loop throughput with dynamic batching (serve's default max batch) and with `--max-batch 1`, in turns.
 
     Both servers run side by side (an idle one does not spin) and the two configurations take
     turns, `rounds` phases each of `seconds / rounds`, so a burst of load from other tenants hits
     both alike; the ratio is reported per round and pooled."""
-    modes = {"dynamic_batching": ("--max-batch", "32", "--max-delay-ms", "2"), "max_batch_1": ("--max-batch", "1")}
+    largest = _dynamic_max_batch(artifact)
+    modes = {"dynamic_batching": ("--max-batch", str(largest), "--max-delay-ms", "2"),
+             "max_batch_1": ("--max-batch", "1")}
     with contextlib.ExitStack() as stack:
         addresses = {mode: stack.enter_context(_serve(artifact, *args))[0] for mode, args in modes.items()}
         done = {mode: {"requests": 0, "seconds": 0.0, "latencies": [], "rounds": []} for mode in modes}
@@ -405,7 +417,8 @@ def _main(args) -> int:
     result = {"machine": machine, "command": command_line(), "model": name,
               "artifact": str(args.artifact) if args.artifact else "fp32 ONNX exported in this run",
               "throughput": served, "overhead_batch_1": added}
-    for label, key in (("dynamic batching (max 32)", "dynamic_batching"), ("max batch 1", "max_batch_1")):
+    dynamic = f"dynamic batching (max {served['dynamic_batching']['max_batch']})"
+    for label, key in ((dynamic, "dynamic_batching"), ("max batch 1", "max_batch_1")):
         r = served[key]
         print(f"{label:<26} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
               f"mean batch {r['mean_batch']:.1f}  ({args.clients} clients, {r['requests']} requests)")
@@ -433,7 +446,8 @@ def _open_loop_main(args, artifact: Path | None, name: str, x: np.ndarray, machi
     with contextlib.ExitStack() as stack:
         address = args.url
         if address is None:
-            address, _ = stack.enter_context(_serve(artifact, "--max-batch", "32", "--max-delay-ms", "2"))
+            address, _ = stack.enter_context(_serve(artifact, "--max-batch", str(_dynamic_max_batch(artifact)),
+                                                    "--max-delay-ms", "2"))
         for rate in args.rates:
             r = asyncio.run(open_loop(address, name, x, rate, args.seconds, args.max_requests))
             rows.append(r)
