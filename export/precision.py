@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from crossvit.contract import (INPUT_NAME, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT, PRECISION_TABLE,
+from crossvit.contract import (INPUT_NAME, MAX_CALIBRATION_IMAGES, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT, PRECISION_TABLE,
                                PROTOBUF_LIMIT, Precision, atomic_write, check_output_path, decode_metadata,
                                derived_source, first_line, sha256_file, temporary_folder, write_onnx_metadata)
 from crossvit.errors import BackendUnavailable, ExportError
@@ -92,6 +92,11 @@ def _load_source(src: Path):
     if model.ByteSize() >= PROTOBUF_LIMIT:
         raise ExportError(f"{src.name}: models over 2 GB are not supported (ModelOpt needs one .onnx file)")
     return model, meta
+
+
+def _random_weights(meta: dict) -> bool:
+    """Whether the source's metadata says its weights are a random initialization."""
+    return bool(((meta.get("model") or {}).get("provenance") or {}).get("random_weights"))
 
 
 def _input_dims(model, src: Path, input_name: str) -> list[int | str]:
@@ -348,7 +353,27 @@ def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: s
 NNCF_INSTALL = "pip install nncf openvino"
 
 
-def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, source: str, say: Progress):
+# A model with random weights is gated on random inputs as well as images (contract.py), so
+# its static scales are calibrated on both: measured on crossvit_15_240 (2-core AMD EPYC, 32
+# fresh random inputs and 161 held-out images not used for calibration, per-row rel L2 max):
+#   images only, NNCF defaults                  random 0.69  images 0.107
+#   images only, SmoothQuant off                random 0.116 images 0.078
+#   images + random draws, defaults             random 0.104 images 0.071
+#   images + random draws, min-max ranges       random 0.089 images 0.064   <- kept
+#   images + random draws, SmoothQuant off      random 0.082 images 0.171
+# SmoothQuant's per-channel scales, fitted to images alone, do not hold for random inputs.
+RANDOM_DRAWS_SEED = 20261205  # not the gate's: its random inputs are fresh on every run
+
+
+def _random_weights_calibration(calibration: np.ndarray) -> np.ndarray:
+    """Half images, half standard-normal draws shaped like them (at most MAX_CALIBRATION_IMAGES)."""
+    k = min(len(calibration), MAX_CALIBRATION_IMAGES // 2)
+    draws = np.random.default_rng(RANDOM_DRAWS_SEED).standard_normal((k, *calibration.shape[1:]), dtype=np.float32)
+    return np.concatenate([calibration[:k], draws])
+
+
+def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, source: str, say: Progress, *,
+              random_weights: bool = False):
     """int8-ov: NNCF post-training quantization of the fp32 graph (transformer mode: SmoothQuant,
     int8 weights per channel and activations with static, calibrated scales), written as
     standard QuantizeLinear/DequantizeLinear ONNX that OpenVINO compiles into its int8 kernels.
@@ -356,13 +381,28 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     Static scales make a row's answer independent of its batch-mates (dynamic int8 is not).
     Measured on crossvit_15_240, 2-core AMD EPYC: quantizing the ONNX or OpenVINO's own model
     gave the same speed (29.7 ms at batch 1) and accuracy (rel L2 0.075), so the artifact stays
-    an ONNX file with our metadata."""
+    an ONNX file with our metadata. A model with random weights is calibrated on images and as
+    many random draws, with min-max activation ranges (see above)."""
     try:
         import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     except ImportError as e:
         raise BackendUnavailable(f"{spec.name} needs NNCF ({first_line(e)}): {NNCF_INSTALL}") from None
+    n_images = int(calibration.shape[0])
+    options: dict = {}
+    used = {"images": n_images}
+    if random_weights:
+        calibration = _random_weights_calibration(calibration)
+        n_images = len(calibration) // 2
+        used = {"images": n_images, "random_draws": len(calibration) - n_images, "seed": RANDOM_DRAWS_SEED,
+                "activation_ranges": "min-max", "why": "random weights: gated on random inputs too"}
+        options["advanced_parameters"] = AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     n = int(calibration.shape[0])
-    say(f"{spec.name}: NNCF post-training quantization (transformer mode, {n} calibration images)")
+    what = f"{n_images} calibration images" + (f" and {n - n_images} random draws (random weights)"
+                                               if random_weights else "")
+    say(f"{spec.name}: NNCF post-training quantization (transformer mode, {what})")
     buf = io.StringIO()
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
@@ -370,14 +410,14 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             converted = nncf.quantize(model, nncf.Dataset([{input_name: x[None]} for x in calibration]),
-                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=n)
+                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=n, **options)
     except Exception as e:
         raise ExportError(f"{spec.name} quantization of {source} failed in NNCF: {type(e).__name__}: "
                           f"{first_line(e)}") from None
     finally:
         nncf_log.setLevel(level)
     tool = {"name": "nncf.quantize", "nncf_version": nncf.__version__, "target": "openvino-cpu",
-            "model_type": "transformer", "calibration": {"images": n}, "scales": "static"}
+            "model_type": "transformer", "calibration": used, "scales": "static"}
     return converted, tool
 
 
@@ -433,7 +473,8 @@ def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndar
     model, meta = _load_source(src)
     calibration = _check_calibration(calibration, _input_dims(model, src, input_name), spec)
     start = time.perf_counter()
-    converted, tool = TOOLCHAINS[spec.toolchain](model, spec, calibration, input_name, src.name, say)
+    options = {"random_weights": _random_weights(meta)} if spec.toolchain == "nncf-ptq" else {}
+    converted, tool = TOOLCHAINS[spec.toolchain](model, spec, calibration, input_name, src.name, say, **options)
     # which fp32 file this came from, so a runtime can tell a variant of *this* model beside it,
     # and the checkpoint that file came from, so `check` can compare a reference with it
     meta = {**meta, "source": derived_source(src.name, sha256_file(src), meta.get("source"))}

@@ -10,7 +10,8 @@ dynamic-batch model) beside what else could be set:
 - the THROUGHPUT hint (several streams), and no hint at all;
 - a model reshaped to this batch size (static shapes) instead of a dynamic batch;
 - the fp32 file with int8 weight-only compression (NNCF `compress_weights`) and the bf16 hint.
-Each is compared with the PyTorch model on 48 other held-out images (rel L2, cosine).
+Each is compared with the PyTorch model on 48 other held-out images and on 16 random inputs
+(rel L2, cosine; the random-weights gate judges both).
 """
 
 import argparse
@@ -88,8 +89,10 @@ def main(argv=None) -> int:
             return model(torch.from_numpy(x)).numpy()
 
     reference = eager(images)
+    noise = np.random.default_rng(0).standard_normal((16, *images.shape[1:]), dtype=np.float32)
+    reference_noise = eager(noise)
     out = {"model": args.model, "machine": machine, "openvino": ov.__version__, "nncf": nncf.__version__,
-           "command": " ".join(sys.argv), "accuracy_against": "the PyTorch model, 48 held-out images",
+           "command": " ".join(sys.argv), "accuracy_against": "the PyTorch model, 48 held-out images and 16 random inputs",
            "accuracy": {}, "timings": {}}
     for b in (int(v) for v in args.batch_sizes.split(",")):
         fns = {"PyTorch eager fp32": eager}
@@ -102,8 +105,11 @@ def main(argv=None) -> int:
                 if key.startswith(("PyTorch", "int8-ov, model reshaped")):
                     continue
                 acc = compare(reference, np.concatenate([fn(images[i:i + 8]) for i in range(0, 48, 8)]))
-                out["accuracy"][key] = {k: acc[k] for k in ("rel_l2", "cosine", "top1_agreement")}
-                print(f"{key:66s} rel L2 {acc['rel_l2']:.4f}  cosine {acc['cosine']:.5f}", flush=True)
+                rnd = compare(reference_noise, np.concatenate([fn(noise[i:i + 8]) for i in range(0, 16, 8)]))
+                out["accuracy"][key] = {**{k: acc[k] for k in ("rel_l2", "cosine", "top1_agreement")},
+                                        "random_inputs": {k: rnd[k] for k in ("rel_l2", "cosine")}}
+                print(f"{key:66s} images: rel L2 {acc['rel_l2']:.4f} cosine {acc['cosine']:.5f}; random inputs: "
+                      f"rel L2 {rnd['rel_l2']:.4f} cosine {rnd['cosine']:.5f}", flush=True)
         x = images[:b].copy()
         res = measure_interleaved({k: (lambda f: lambda: f(x))(f) for k, f in fns.items()}, batch=b,
                                   runs=args.runs, rounds=3)

@@ -247,3 +247,28 @@ def test_a_model_with_random_weights_is_gated_by_how_close_its_logits_are_not_to
     trained = check_parity(convert_precision(trained_fp32, tmp_path / "d.int8-cpu.onnx", "int8-cpu", None), digits,
                            batch_sizes=[1])
     assert trained.gate == "" and trained.thresholds["top1_agreement"] == 0.97 and trained.verdict == "pass"
+
+
+def test_static_int8_of_a_random_weights_model_is_calibrated_on_what_its_gate_judges(tmp_path):
+    """A model with random weights is gated on random inputs as well as images, so int8-ov's
+    static scales are fitted to both (images only: SmoothQuant's scales do not hold on random
+    inputs, rel L2 0.6 on crossvit_15_240); the file records what it was calibrated on."""
+    import torch
+
+    from crossvit.export.calibration import calibration_batch
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.export.parity import RANDOM_WEIGHTS_GATE, check_parity
+    from crossvit.export.precision import RANDOM_DRAWS_SEED, convert_precision
+    from crossvit.model import load_model
+    from crossvit.runtime.artifact import read_artifact
+
+    torch.manual_seed(0)
+    loaded = load_model(name="crossvit_digits", pretrained=False)
+    fp32 = export_onnx(loaded, tmp_path / "r.fp32.onnx", batch=BatchRange(1, 8)).path
+    images = calibration_batch({"model": loaded.info.to_dict()}, None)[:32]
+    int8 = convert_precision(fp32, tmp_path / "r.int8-ov.onnx", "int8-ov", images)
+    used = read_artifact(int8).raw["precision_tool"]["calibration"]
+    assert used["images"] == 32 and used["random_draws"] == 32 and used["seed"] == RANDOM_DRAWS_SEED
+    report = check_parity(int8, loaded, batch_sizes=[1, 8])
+    assert report.gate == RANDOM_WEIGHTS_GATE and report.verdict == "pass", report.table()
+    assert all(c.rel_l2 <= 0.1 for c in report.cases if c.source == "random"), report.table()
