@@ -84,9 +84,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from crossvit.cli import _Parser
+    from crossvit.arguments import Parser
 
-    p = _Parser(prog="python -m crossvit.benchmarks.fusion", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m crossvit.benchmarks.fusion", description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=384, help="token width (crossvit_15_240's large branch: 384)")
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--tokens", default="64,128,256,512,1024,2048,4096")

@@ -64,15 +64,15 @@ class Verdicts(list):
 def main(argv=None) -> int:
     import torch
 
-    from crossvit.cli import _Parser, _positive_number
+    from crossvit.arguments import Parser, positive_number
     from crossvit.contract import check_output_dir
     from crossvit.errors import CrossViTError
     from crossvit.model import DEFAULT_MODEL, get_spec
 
-    p = _Parser(prog="python -m crossvit.benchmarks.gpu_acceptance", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m crossvit.benchmarks.gpu_acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=Path("gpu-acceptance"))
-    p.add_argument("--budget-seconds", type=_positive_number, default=480.0,
+    p.add_argument("--budget-seconds", type=positive_number, default=480.0,
                    help="time for the benchmark step; what would not fit is skipped (default 480)")
     p.add_argument("--bench-models", type=lambda t: [m for m in t.split(",") if m], default=None,
                    metavar="A,B", help=f"models for the benchmark step (default: --model, {', '.join(BENCH_MODELS)})")

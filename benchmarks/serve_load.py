@@ -293,29 +293,29 @@ def overhead(artifact: Path, model: str, x: np.ndarray, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    from crossvit.cli import _int_at_least, _Parser, _positive_number
+    from crossvit.arguments import Parser, int_at_least, positive_number
     from crossvit.errors import CrossViTError
     from crossvit.model import DEFAULT_MODEL
 
-    p = _Parser(prog="python -m crossvit.benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m crossvit.benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--clients", type=_int_at_least(1), default=16)
+    p.add_argument("--clients", type=int_at_least(1), default=16)
     p.add_argument("--artifact", type=Path, default=None,
                    help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose gated int8-cpu variant the "
                         "server then runs, as users get it) instead of exporting --model to fp32 ONNX")
-    p.add_argument("--seconds", type=_positive_number, default=10.0,
+    p.add_argument("--seconds", type=positive_number, default=10.0,
                    help="seconds per batching configuration (split into --rounds turns), for the latency "
                         "phase, and per offered rate")
-    p.add_argument("--rounds", type=_int_at_least(1), default=3, help="turns of the two batching configurations")
+    p.add_argument("--rounds", type=int_at_least(1), default=3, help="turns of the two batching configurations")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rates", type=_rates, default=None, metavar="100,200,400",
                    help="open-loop Poisson arrival rates (requests/s) to offer, one after another")
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="with --rates: an already running Open Inference Protocol HTTP server, loopback only "
                         "(default: start ours)")
-    p.add_argument("--p99-bound-ms", type=_positive_number, default=50.0,
+    p.add_argument("--p99-bound-ms", type=positive_number, default=50.0,
                    help="the latency bound that defines the knee")
-    p.add_argument("--max-requests", type=_int_at_least(1), default=20_000, help="per rate")
+    p.add_argument("--max-requests", type=int_at_least(1), default=20_000, help="per rate")
     args = p.parse_args(argv)
     try:
         import tritonclient.grpc  # noqa: F401

@@ -775,7 +775,7 @@ def _runs_on(precision: str, device: str) -> bool:
 
 def main(args, say: Callable[[str], None]) -> int:
     """`crossvit bench`: see the module docstring."""
-    from crossvit.cli import printable
+    from crossvit.arguments import printable
     from crossvit.contract import atomic_write, check_output_path, temporary_folder, to_json
     from crossvit.errors import ConfigError
     from crossvit.export.onnx import BatchRange, export_onnx

@@ -8,13 +8,13 @@ mapped to an exit code; anything else is an internal error, printed as one line 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 from pathlib import Path
 
 from crossvit import __version__
+from crossvit.arguments import Parser, non_negative_number, positive_int, positive_number, printable, seed
 from crossvit.contract import MAX_BATCH, PRECISION_NAMES, VARIANT_NAMES
 from crossvit.runtime.session import BACKEND_NAMES
 from crossvit.errors import ConfigError, CrossViTError
@@ -24,63 +24,12 @@ def _say(msg: str) -> None:
     print(f"  .. {printable(msg)}", file=sys.stderr, flush=True)
 
 
-def printable(text: str) -> str:
-    """`text` with control and format characters escaped (\\n, \\x1b, ...), so a label or a file
-    name cannot forge a line of output or drive the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _warn_random(info_random: bool, what: str) -> None:
     if info_random:
         from crossvit.model.loader import RANDOM_WEIGHTS_NOTE
 
         print(f"crossvit: warning: {printable(what)} was exported with {RANDOM_WEIGHTS_NOTE.split(': ', 1)[1]}: "
               "its predictions mean nothing", file=sys.stderr)
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= `minimum`, or argparse's one-line usage error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_seed = _int_at_least(0)
-
-
-def _number_from(minimum: float, strict: bool):
-    """An argparse type: a finite number above `minimum` (`strict`) or at least it."""
-    what = f"a number {'>' if strict else '>='} {minimum:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_number = _number_from(0, strict=True)  # seconds, milliseconds
-_non_negative_number = _number_from(0, strict=False)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (and exit code 2, as argparse's own)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -450,7 +399,7 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="crossvit",
         description="Deploy CrossViT image classifiers: checkpoint -> verified ONNX -> precision "
                     "variants -> parity report -> TensorRT engine -> predict, serve (Open Inference "
@@ -458,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "model (crossvit_digits).",
         epilog="Set CROSSVIT_DEBUG=1 to see tracebacks of internal errors.")
     parser.add_argument("--version", action="version", version=f"crossvit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("models", help="list the registered model names")
     p.set_defaults(func=cmd_models)
@@ -503,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images (with labels.csv for accuracy); default: the shipped held-out set")
     p.add_argument("--batch-sizes", metavar="1,2,7,MAX", help="random-input batch sizes (default 1,2,7,max)")
     p.add_argument("--json", type=Path, metavar="REPORT.json", help="write the report as JSON")
-    p.add_argument("--seed", type=_seed, default=None, help="seed for the random inputs (default: fresh)")
+    p.add_argument("--seed", type=seed, default=None, help="seed for the random inputs (default: fresh)")
     p.add_argument("--max-abs", type=float, help="tighten the max abs error limit")
     p.add_argument("--rel-l2", type=float, help="tighten the relative L2 error limit")
     p.add_argument("--min-top1", type=float, help="tighten the top-1 agreement limit (fraction)")
@@ -514,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".onnx, a TensorRT .plan (from `crossvit build`) or a checkpoint (torch backend)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, or folders searched recursively for .png/.jpg/... files")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--batch", type=_positive_int, default=None,
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="images per inference call (default: the artifact's largest batch, at most 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     _add_session_options(p)
@@ -559,13 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0: any free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free port)")
     p.add_argument("--model-name", default=None, help="name clients use (default: the artifact's model name)")
-    p.add_argument("--max-batch", type=_positive_int, default=None,
+    p.add_argument("--max-batch", type=positive_int, default=None,
                    help="rows per session call, within the artifact's batch range; larger requests are split "
                         "(default 32, or the artifact's batch max where smaller)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="how long a request waits, from its arrival, for others to join its batch "
                         "(Triton's max_queue_delay; default 2 ms)")
-    p.add_argument("--max-queue", type=_positive_int, default=256,
+    p.add_argument("--max-queue", type=positive_int, default=256,
                    help="requests waiting beyond this are refused at once with 503 (default 256)")
     _add_session_options(p)
     p.set_defaults(func=cmd_serve)
@@ -593,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the PyTorch rows run (default: the GPU if PyTorch sees one); on cuda the rows are "
                         "eager fp32 (TF32 off), fp16/bf16 autocast, a CUDA graph of the fp16 model, "
                         "timed by CUDA events")
-    p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per backend and batch (3 turns)")
-    p.add_argument("--max-seconds", type=_positive_number, default=20.0, help="time limit per backend and batch")
-    p.add_argument("--min-time", type=_non_negative_number, default=0.0, metavar="S",
+    p.add_argument("--runs", type=positive_int, default=30, help="timed runs per backend and batch (3 turns)")
+    p.add_argument("--max-seconds", type=positive_number, default=20.0, help="time limit per backend and batch")
+    p.add_argument("--min-time", type=non_negative_number, default=0.0, metavar="S",
                    help="timed seconds per backend and batch at least, beyond --runs (capped by --max-seconds)")
     p.add_argument("--backends", type=_backend_list, default=None, metavar="autocast,onnxruntime,...",
                    help="only these rows besides the eager fp32 baseline, from " + ", ".join(BENCH_BACKENDS) +
