@@ -390,21 +390,24 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
     return OnnxRuntimeSession(info, "tensorrt" if backend == "ort-tensorrt" else device, **options)
 
 
-def _fallback_onnx(plan: Path) -> Path | None:
-    """The ONNX an engine was built from, when it is beside the plan and unchanged since."""
+def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
+    """The ONNX an engine was built from when it is beside the plan and unchanged since, else
+    (None, why it cannot stand in for the plan; None when the plan names no ONNX)."""
     from crossvit.contract import sha256_file
     from crossvit.errors import CrossViTError
 
     try:
         source = read_artifact(plan).raw.get("source") or {}
     except CrossViTError:  # the plan's own error is the one to report
-        return None
-    if not isinstance(source, dict) or not isinstance(source.get("onnx"), str):
-        return None
-    onnx = plan.parent / str(source.get("onnx") or "")
-    if not source.get("onnx") or not onnx.is_file():
-        return None
-    return onnx if sha256_file(onnx) == source.get("sha256") else None
+        return None, None
+    if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
+        return None, None
+    onnx = plan.parent / source["onnx"]
+    if not onnx.is_file():
+        return None, f"the ONNX it was built from, {onnx.name}, is not beside it"
+    if sha256_file(onnx) != source.get("sha256"):
+        return None, f"the ONNX it was built from, {onnx.name}, has changed since the build"
+    return onnx, None
 
 
 def _runs_on_cpu(device: str) -> bool:
@@ -454,8 +457,10 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
     try:
         return _open(chosen, path, device, options)
     except (ArtifactError, BackendUnavailable) as e:
-        onnx = _fallback_onnx(path) if backend == "auto" and kind == "engine" else None
+        onnx, why_not = _fallback_onnx(path) if backend == "auto" and kind == "engine" else (None, None)
         if onnx is None:
+            if why_not:
+                raise type(e)(f"{e}; {why_not}, so it cannot run instead") from e
             raise
         log.warning("%s cannot run here (%s); using %s with ONNX Runtime instead", path.name, e, onnx.name)
         if exact:

@@ -1,4 +1,5 @@
-"""Shared fixtures; a `gpu` marker for tests that need CUDA (skipped without a device)."""
+"""Shared fixtures; a `gpu` marker for tests that need CUDA (skipped without a device) and a
+`no_gpu` marker for tests of what happens on a machine without one (skipped where CUDA is)."""
 
 import importlib.util
 import os
@@ -56,11 +57,10 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    marker, why = ("no_gpu", "tests the machine without a CUDA device") if _has_cuda() else ("gpu", "needs a CUDA device")
+    skip = pytest.mark.skip(reason=why)
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 

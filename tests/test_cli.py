@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,45 @@ def test_a_config_without_its_checkpoint_is_a_usage_error_not_ignored(tmp_path, 
 def test_no_subcommand_prints_help(cli):
     proc = cli()
     assert proc.returncode == 0 and "deploy" in proc.stdout
+
+
+def test_check_limits_tighten_the_gate_and_are_refused_looser(small_artifacts, cli, one_line_error):
+    ckpt, onnx_path = small_artifacts
+    args = ("check", onnx_path, "--reference", ckpt, "--batch-sizes", "1,3")
+    assert cli(*args).returncode == 0  # fp32 against its checkpoint: rel L2 ~1e-7
+    proc = cli(*args, "--rel-l2", "1e-15")  # tighter than float32 can be
+    assert proc.returncode == 2 and "FAIL" in proc.stdout and "1e-15" in proc.stdout, proc.stdout + proc.stderr
+    # fp32's gate has no rel L2 limit of its own (--rel-l2 adds one); its max |diff| is 1e-4
+    one_line_error(cli(*args, "--max-abs", "0.5"), "--max-abs 0.5 is looser than the 0.0001 default", code=2)
+
+
+def test_predict_batch_sets_the_calls_and_not_the_answers(small_artifacts, tmp_path, cli):
+    from PIL import Image
+
+    _, onnx_path = small_artifacts
+    rng = np.random.default_rng()
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    one_by_one = cli("predict", onnx_path, tmp_path, "--batch", "1", "--json", "--exact", "--top-k", "10")
+    by_three = cli("predict", onnx_path, tmp_path, "--batch", "3", "--json", "--exact", "--top-k", "10")
+    assert one_by_one.returncode == 0 and by_three.returncode == 0, one_by_one.stderr + by_three.stderr
+    progress = [line for line in by_three.stderr.splitlines() if line.endswith("/7 images")]
+    assert [line.split()[-2] for line in progress] == ["3/7", "6/7", "7/7"], by_three.stderr  # three calls
+    rows = [[json.loads(line) for line in p.stdout.splitlines()] for p in (one_by_one, by_three)]
+    assert [r["source"] for r in rows[0]] == [r["source"] for r in rows[1]] and len(rows[0]) == 7
+    for a, b in zip(*rows):  # fp32 in ONNX Runtime: the batch a row rides in changes nothing it answers
+        probs = [{t["label"]: t["prob"] for t in r["top"]} for r in (a, b)]
+        assert probs[0].keys() == probs[1].keys() and len(probs[0]) == 10
+        assert np.allclose([probs[0][k] for k in probs[0]], [probs[1][k] for k in probs[0]], atol=2e-6)
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels
+def test_bench_compile_times_a_compiled_row_beside_eager(small_artifacts, tmp_path, cli):
+    ckpt, onnx_path = small_artifacts
+    proc = cli("bench", onnx_path, "--checkpoint", ckpt, "--backends", "compile", "--compile", "--batch-sizes", "2",
+               "--runs", "3", "--no-accuracy", "--json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    compiled = [r for r in rows if r["backend"].startswith("torch.compile")]
+    assert compiled and all(r["latency"]["p50_ms"] > 0 for r in compiled), rows
+    assert any(r["backend"].startswith("torch eager") for r in rows)

@@ -10,6 +10,7 @@ from crossvit.contract import PRECISION_NAMES
 
 
 @pytest.mark.slow
+@pytest.mark.no_gpu  # a GPU machine runs the engines this one only builds
 def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     out = tmp_path / "out"
     proc = cli("deploy", "-o", out)

@@ -555,16 +555,20 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp)}
     proc = subprocess.Popen([sys.executable, "-m", "crossvit", "export", "--precision", "int8-cpu",
                              "-o", out / "x.onnx"], stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stderr:  # wait until the export is under way
-        if "exporting" in line:
-            break
-    time.sleep(1.0)
+    deadline = time.monotonic() + 300
+    while not _temp_files(tmp, out):  # wait until the export has written something it must clean up
+        assert proc.poll() is None and time.monotonic() < deadline, "the export never wrote a temp file"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 143, rest
     assert "terminated" in rest and "Traceback" not in rest
     assert [p for p in tmp.iterdir() if "crossvit" in p.name] == []  # (torch keeps its own caches there)
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def _temp_files(*folders: Path) -> list[Path]:
+    return [p for folder in folders if folder.is_dir() for p in folder.iterdir() if TEMP_TAG in p.name]
 
 
 @pytest.mark.slow

@@ -149,17 +149,15 @@ def test_bf16_variant_passes_the_gate_in_the_onnx_reference_evaluator(variants, 
 
 
 @pytest.mark.slow  # builds precision variants
-def test_bf16_variant_in_onnxruntime_cpu(variants, probe):
-    """Either ORT CPU runs bf16 within the gate, or it refuses at load with NOT_IMPLEMENTED (1.32)."""
-    x, ref, _ = probe
-    try:
-        got = _run_ort(variants("bf16"), x)
-    except Exception as e:  # onnxruntime's NotImplemented is not importable under a stable name
-        assert "NOT_IMPLEMENTED" in str(e) and "MatMul" in str(e), str(e)
-        print("bf16: onnxruntime CPU cannot run it:", str(e).splitlines()[0])
-        return
-    err = _errors(ref, got)
-    assert err["rel_l2"] <= THRESHOLDS["bf16"].rel_l2, err
+def test_onnxruntime_cpu_refuses_the_bf16_variant_at_load(variants):
+    """ONNX Runtime's CPU provider has no bf16 MatMul (the pinned onnxruntime): the file is refused at
+    load with NOT_IMPLEMENTED, which is why the bf16 numbers are checked in onnx.reference (above) and
+    deploy says "not run" for it. An onnxruntime that runs it fails this test: then gate it here."""
+    import onnxruntime as ort
+
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED") as refused:  # no stable name for NotImplemented
+        ort.InferenceSession(str(variants("bf16")), providers=["CPUExecutionProvider"])
+    assert "MatMul" in str(refused.value)
 
 
 @pytest.mark.slow  # builds precision variants
