@@ -137,7 +137,8 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
         raise ConfigError(f"--model-name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
     if len(name) > MAX_NAME_CHARS:
-        raise ConfigError(f"--model-name is {len(name)} characters long; a model name may have at most {MAX_NAME_CHARS}")
+        raise ConfigError(f"--model-name is {len(name)} characters long; a model name may have at most "
+                          f"{MAX_NAME_CHARS}")
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
     if (isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int)

@@ -451,8 +451,8 @@ _HUGE_SHAPES = [[2 ** 62, 3, 32, 32], [2 ** 54 + 1, 3, 32, 32]]  # element count
                    [0.5] + _ZEROS[1:-1] + [True], [[[[0.25] * 32] * 32] * 2 + [[[0.0] * 31 + [False]] * 32]])],
     (json.dumps({"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
                              "data": [["a"], 5]}]}).encode(), {}, "JSON data must be strings"),
-    (json.dumps({"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
-                             "data": [["a"], "bc"]}]}).encode(), {}, "element 0 is not a usable image"),  # not read as the three strings "a", "b", "c"
+    (json.dumps({"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",  # "bc": not read as "b", "c"
+                             "data": [["a"], "bc"]}]}).encode(), {}, "element 0 is not a usable image"),
 ])
 def test_malformed_http_requests_are_400_not_500(server, body, headers, words):
     got, data = server.raw("POST", INFER, body, headers)

@@ -397,8 +397,8 @@ def test_command_help_names_every_option(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["triton-repo", "--help"])
     text = capsys.readouterr().out
-    for option in ("--output", "--model-name", "--name", "--instances", "--max-batch", "--preferred-batch", "--max-queue-delay-us",
-                   "--tensorrt-accelerator", "--force", "ARTIFACT"):
+    for option in ("--output", "--model-name", "--name", "--instances", "--max-batch", "--preferred-batch",
+                   "--max-queue-delay-us", "--tensorrt-accelerator", "--force", "ARTIFACT"):
         assert option in text
 
 
