@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0: any free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: any free port)")
-    p.add_argument("--model-name", default=None, help="name clients use (default: the artifact's model name)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="name clients use (default: the artifact's model name)")
     p.add_argument("--max-batch", type=positive_int, default=None,
                    help="rows per session call, within the artifact's batch range; larger requests are split "
                         "(default 32, or the artifact's batch max where smaller)")

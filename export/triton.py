@@ -9,7 +9,10 @@
                                  folders of a repository, so the file does not disturb it
 
 Everything in config.pbtxt comes from the artifact itself (an ONNX's metadata, a plan's
-manifest): tensor names, dims without the batch, the batch limit, the labels. The options are
+manifest): tensor names, dims without the batch, the batch limit, the labels. It declares the
+graph's FP32 input only, required: `crossvit serve`'s optional BYTES input `images` (encoded
+image files) is decoded by that server, and Triton's onnxruntime and tensorrt backends hand
+inputs to the graph as they come, so Triton could not serve it. The options are
 checked before anything is written; the repository is built in a temp folder beside OUT and
 renamed into place, so a failure leaves no half-written repository.
 """
@@ -131,10 +134,11 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
     """Check the options against the artifact; everything a repository needs, nothing written."""
     name = info.model_name if name is None else name
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"--name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
+        raise ConfigError(f"--model-name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
     if len(name) > MAX_NAME_CHARS:
-        raise ConfigError(f"--name is {len(name)} characters long; a model name may have at most {MAX_NAME_CHARS}")
+        raise ConfigError(f"--model-name is {len(name)} characters long; a model name may have at most "
+                          f"{MAX_NAME_CHARS}")
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
     if (isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int)
@@ -371,9 +375,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path, metavar="ARTIFACT", help="MODEL.onnx, or MODEL.plan with MODEL.plan.json")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="REPO",
                    help="the repository folder to write (must be missing or empty, unless --force)")
-    p.add_argument("--name", default=None,
-                   help="model name in Triton (letters, digits, _ . -; default: the name `crossvit serve` "
-                        "uses, the model's registered name or the file name up to its first dot)")
+    p.add_argument("--model-name", "--name", dest="model_name", default=None, metavar="NAME",
+                   help="model name in Triton, as `crossvit serve --model-name` (letters, digits, _ . -; default: "
+                        "the name serve uses, the model's registered name or the file name up to its first dot; "
+                        "--name is the same option, kept for old command lines)")
     p.add_argument("--instances", type=int, default=1, metavar="N",
                    help="model instances Triton runs side by side (default 1)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
@@ -395,7 +400,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_triton_repo(args) -> int:
     info = read_artifact(args.artifact)
-    m = plan_model(info, name=args.name, instances=args.instances, max_batch=args.max_batch,
+    m = plan_model(info, name=args.model_name, instances=args.instances, max_batch=args.max_batch,
                    preferred_batch=parse_batch_list(args.preferred_batch),
                    max_queue_delay_us=args.max_queue_delay_us, tensorrt_accelerator=args.tensorrt_accelerator)
     if info.random_weights:

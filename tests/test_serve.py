@@ -4,6 +4,7 @@ on loopback, every request bounded in time."""
 import asyncio
 import gzip
 import http.client
+import itertools
 import json
 import signal
 import subprocess
@@ -114,7 +115,6 @@ def test_health_and_metadata_over_http_and_grpc(server):
     h = httpclient.InferenceServerClient(server.http)
     assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("crossvit_digits")
     meta = h.get_model_metadata("crossvit_digits")
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert "classification" in h.get_server_metadata()["extensions"]
     assert h.get_model_config("crossvit_digits")["max_batch_size"] == 16
@@ -124,6 +124,28 @@ def test_health_and_metadata_over_http_and_grpc(server):
     assert gm["inputs"][0]["shape"] == ["-1", "3", "32", "32"] and gm["versions"] == ["1"]
     assert g.get_server_metadata(as_json=True)["name"] == "crossvit"
     assert g.get_model_config("crossvit_digits", as_json=True)["config"]["max_batch_size"] == 16
+
+
+def test_metadata_and_config_declare_both_inputs_over_http_and_grpc(server):
+    """The BYTES input used to be accepted under any name and listed nowhere: a client reading the
+    metadata (tritonclient users, Triton-based gateways) never learned it existed."""
+    from tritonclient.grpc import model_config_pb2
+
+    h = httpclient.InferenceServerClient(server.http)
+    assert h.get_model_metadata("crossvit_digits")["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "images", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert h.get_model_config("crossvit_digits")["input"] == [
+        {"name": "input", "data_type": "TYPE_FP32", "dims": [3, 32, 32], "optional": True},
+        {"name": "images", "data_type": "TYPE_STRING", "dims": [1], "optional": True}]
+    g = grpcclient.InferenceServerClient(server.grpc)
+    meta = g.get_model_metadata("crossvit_digits")  # the protobuf messages, as Triton's own clients read them
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 3, 32, 32]),
+                                                                          ("images", "BYTES", [-1, 1])]
+    config = g.get_model_config("crossvit_digits").config
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("input", model_config_pb2.TYPE_FP32, [3, 32, 32], True),
+        ("images", model_config_pb2.TYPE_STRING, [1], True)]
 
 
 # -- inference -----------------------------------------------------------------------------------
@@ -150,17 +172,20 @@ def test_requests_larger_than_max_batch_are_split_not_refused(server, reference)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_image_files_as_bytes_are_decoded_and_classified(server, reference, pngs, protocol):
+@pytest.mark.parametrize("rows", ["[N, 1]", "[N]"])  # the declared shape, and the flat one clients sent before
+def test_image_files_as_bytes_are_decoded_and_classified(server, reference, pngs, protocol, rows):
     files, labels = pngs
     data = np.array(files, dtype=np.object_)
+    if rows == "[N, 1]":
+        data = data.reshape(-1, 1)
     expected = reference.predict(files, top_k=1)
     if protocol == "http":
-        inp = httpclient.InferInput("images", [len(files)], "BYTES")
+        inp = httpclient.InferInput("images", list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
         r = httpclient.InferenceServerClient(server.http).infer(
             "crossvit_digits", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=2)])
     else:
-        inp = grpcclient.InferInput("images", [len(files)], "BYTES")
+        inp = grpcclient.InferInput("images", list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
         r = grpcclient.InferenceServerClient(server.grpc).infer(
             "crossvit_digits", [inp], outputs=[grpcclient.InferRequestedOutput("logits", class_count=2)])
@@ -170,6 +195,71 @@ def test_image_files_as_bytes_are_decoded_and_classified(server, reference, pngs
         score, index, name = row[0].decode().split(":")
         assert int(index) == p.indices[0] and name == p.labels[0] == label
         assert len(score.split(".")[1]) == 6  # std::to_string's six decimals, as Triton prints
+
+
+def _bytes_or_fp32(client_module, name, datatype, pngs):
+    if datatype == "BYTES":
+        data = np.array(pngs[0][:2], dtype=np.object_).reshape(-1, 1)
+    else:
+        data = _x(2)
+    inp = client_module.InferInput(name, list(data.shape), datatype)
+    inp.set_data_from_numpy(data)
+    return inp
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("name, datatype, words", [
+    ("x", "BYTES", "unknown input 'x'"),  # BYTES used to be taken under any name
+    ("INPUT", "BYTES", "unknown input 'INPUT'"),
+    ("pixels", "FP32", "unknown input 'pixels'"),
+    ("input", "BYTES", "input 'input' must be FP32, got 'BYTES'; send encoded images as 'images'"),
+    ("images", "FP32", "input 'images' must be BYTES (encoded image files), got 'FP32'"),
+])
+def test_inputs_are_taken_only_under_their_declared_names(server, pngs, protocol, name, datatype, words):
+    client_module = httpclient if protocol == "http" else grpcclient
+    client = client_module.InferenceServerClient(server.http if protocol == "http" else server.grpc)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("crossvit_digits", [_bytes_or_fp32(client_module, name, datatype, pngs)])
+    assert e.value.status() == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"), e.value
+    message = e.value.message()
+    assert words in message and len(message.splitlines()) == 1 and len(message) < 300, message
+    if words.startswith("unknown input"):  # the refusal names what the model does take
+        assert "'input' (FP32 [N, 3, 32, 32]) or 'images' (BYTES [N, 1] of encoded image files)" in message
+    assert client.is_server_ready()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_sends_exactly_one_of_the_two_inputs(server, pngs, protocol):
+    client_module = httpclient if protocol == "http" else grpcclient
+    client = client_module.InferenceServerClient(server.http if protocol == "http" else server.grpc)
+    both = [_bytes_or_fp32(client_module, "input", "FP32", pngs), _bytes_or_fp32(client_module, "images", "BYTES",
+                                                                                 pngs)]
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("crossvit_digits", both)
+    assert e.value.status() == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"), e.value
+    assert "a request sends exactly one input, 'input' (FP32" in e.value.message() and "got 2" in e.value.message()
+
+
+def test_serve_refuses_an_artifact_whose_input_is_named_images(onnx_path, tmp_path, cli, one_line_error):
+    """Its FP32 input and the BYTES input would share one name: a request could not say which it sends."""
+    import onnx
+
+    from crossvit.contract import read_onnx_metadata, write_onnx_metadata
+    from crossvit.errors import ArtifactError
+
+    meta, _ = read_onnx_metadata(onnx_path)
+    proto = onnx.load(str(onnx_path))
+    old = meta["inputs"][0]["name"]
+    for node in proto.graph.node:
+        node.input[:] = ["images" if i == old else i for i in node.input]
+    proto.graph.input[0].name = meta["inputs"][0]["name"] = "images"
+    write_onnx_metadata(proto, meta)
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(proto, str(renamed))
+    with pytest.raises(ArtifactError, match="its input is named 'images'"):
+        Server(renamed, ServeOptions(http_port=0, grpc_port=0))
+    one_line_error(cli("serve", renamed, "--http-port", "0", "--grpc-port", "0", timeout=60),
+                   "renamed.onnx: its input is named 'images', the name serve gives its BYTES input")
 
 
 def test_json_numbers_of_exactly_zero_and_one_are_numbers(server, reference):
@@ -273,7 +363,7 @@ INFER = "/v2/models/crossvit_digits/infer"
     ("POST", INFER, json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                             "parameters": {"binary_data_size": 12288}}]}).encode() + b"\0" * 100,
      {"Inference-Header-Content-Length": None}, 400, "binary data truncated"),
-    ("POST", INFER, json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES",
+    ("POST", INFER, json.dumps({"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
                                             "data": ["not an image", "neither"]}]}).encode(), {}, 400,
      "element 0 is not a usable image"),
     ("POST", INFER, b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
@@ -359,10 +449,10 @@ _HUGE_SHAPES = [[2 ** 62, 3, 32, 32], [2 ** 54 + 1, 3, 32, 32]]  # element count
                                "data": data}]}).encode(), {}, "must be numbers, not strings")
       for data in (["1.5"] + _ZEROS[1:], [True] * 3072,  # numpy would take all of these as numbers
                    [0.5] + _ZEROS[1:-1] + [True], [[[[0.25] * 32] * 32] * 2 + [[[0.0] * 31 + [False]] * 32]])],
-    (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], 5]}]}).encode(),
-     {}, "JSON data must be strings"),
-    (json.dumps({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], "bc"]}]}).encode(),
-     {}, "element 0 is not a usable image"),  # not read as the three strings "a", "b", "c"
+    (json.dumps({"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
+                             "data": [["a"], 5]}]}).encode(), {}, "JSON data must be strings"),
+    (json.dumps({"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",  # "bc": not read as "b", "c"
+                             "data": [["a"], "bc"]}]}).encode(), {}, "element 0 is not a usable image"),
 ])
 def test_malformed_http_requests_are_400_not_500(server, body, headers, words):
     got, data = server.raw("POST", INFER, body, headers)
@@ -465,8 +555,8 @@ def test_unforeseen_errors_reading_a_request_are_400_and_after_it_500(server, mo
             raise RuntimeError("odd image")
 
     monkeypatch.setattr(server.server.session, "_preprocessor", Broken())
-    status, data = server.raw("POST", INFER, json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
-                                                                     "data": ["img"]}]}).encode())
+    status, data = server.raw("POST", INFER, json.dumps({"inputs": [{"name": "images", "shape": [1],
+                                                                     "datatype": "BYTES", "data": ["img"]}]}).encode())
     assert status == 400 and "RuntimeError: odd image" in json.loads(data)["error"]
     monkeypatch.undo()
 
@@ -1034,3 +1124,30 @@ def test_serve_load_bad_model_or_output_is_one_line_before_any_load(tmp_path, ca
     t0 = time.monotonic()
     assert main(["--out", str(tmp_path / "file"), "--rates", "5", "--seconds", "1"]) == 1
     assert "not a folder" in capsys.readouterr().err and time.monotonic() - t0 < 10
+
+
+def _readme_synopsis(command: str) -> str:
+    """The README's synopsis of `crossvit COMMAND`: its line and the indented lines that go on with it."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"crossvit {command} "))
+    rest = itertools.takewhile(lambda line: line.startswith("               ["), lines[start + 1:])
+    return " ".join([lines[start], *rest])
+
+
+@pytest.mark.parametrize("command", ["serve", "triton-repo"])
+def test_the_readme_synopsis_names_every_option(command):
+    """The serve synopsis used to omit --model-name, --host and --max-queue."""
+    import argparse
+    import re
+
+    from crossvit.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices[command]
+    synopsis = _readme_synopsis(command)
+    written = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", synopsis))
+    for action in sub._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            assert written & set(action.option_strings), (command, action.option_strings, synopsis)
+    known = {o for a in sub._actions for o in a.option_strings}
+    assert written <= known, (command, written - known)

@@ -82,6 +82,7 @@ def check_common(cfg, pb, info, out: Path, name: str):
     c, h, w = info.input_shape
     assert cfg.name == name and (out / name / "config.pbtxt").is_file()
     assert [i.name for i in cfg.input] == [info.input_name] and [o.name for o in cfg.output] == [info.output_name]
+    assert not cfg.input[0].optional  # Triton runs the graph: `serve`'s optional BYTES input is not declared here
     assert cfg.input[0].data_type == cfg.output[0].data_type == pb.TYPE_FP32
     assert list(cfg.input[0].dims) == [c, h, w]  # without the batch
     assert list(cfg.output[0].dims) == [info.num_classes]
@@ -259,7 +260,7 @@ def test_plan_refusals(small_onnx, tmp_path):
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "a b", "ü", "x\ny"])
 def test_bad_names_are_refused(small_onnx, tmp_path, name):
-    with pytest.raises(ConfigError, match="--name"):
+    with pytest.raises(ConfigError, match="--model-name"):
         write_triton_repo(small_onnx, tmp_path / "repo", name=name)
     assert not (tmp_path / "repo").exists()
 
@@ -378,12 +379,27 @@ def test_command_prints_one_line_per_file(small_onnx, tmp_path, capsys):
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
 
 
+@pytest.mark.parametrize("option", ["--model-name", "--name"])
+def test_model_name_option_is_serves_and_name_still_works(small_onnx, tmp_path, option, capsys):
+    """`serve` calls it --model-name, triton-repo called it --name: both spellings name the model."""
+    args = _parser().parse_args(["triton-repo", str(small_onnx), "-o", str(tmp_path / "repo"), option, "mine"])
+    assert args.func(args) == 0
+    cfg, _ = parse_config(tmp_path / "repo" / "mine" / "config.pbtxt")
+    assert cfg.name == "mine" and "mine/1/model.onnx" in capsys.readouterr().out
+
+
+def test_a_bad_model_name_is_refused_in_one_line(small_onnx, tmp_path, cli, one_line_error):
+    one_line_error(cli("triton-repo", small_onnx, "-o", tmp_path / "repo", "--model-name", "a b"),
+                   "--model-name 'a b': a Triton model name here is letters")
+    assert not (tmp_path / "repo").exists()
+
+
 def test_command_help_names_every_option(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["triton-repo", "--help"])
     text = capsys.readouterr().out
-    for option in ("--output", "--name", "--instances", "--max-batch", "--preferred-batch", "--max-queue-delay-us",
-                   "--tensorrt-accelerator", "--force", "ARTIFACT"):
+    for option in ("--output", "--model-name", "--name", "--instances", "--max-batch", "--preferred-batch",
+                   "--max-queue-delay-us", "--tensorrt-accelerator", "--force", "ARTIFACT"):
         assert option in text
 
 

@@ -5,8 +5,11 @@ they know the protocol, not the web framework. What a model accepts:
 
 - input `input` (the artifact's input name), FP32 `[N, C, H, W]`, preprocessed, as JSON data
   (flat or nested) or in the binary tensor extension; or
-- the same name (or any name) as BYTES `[N]` (or `[N, 1]`): encoded image files that the
-  server decodes and preprocesses with the runtime's own preprocessing;
+- input `images` (IMAGES_INPUT), BYTES `[N, 1]` (or `[N]`): encoded image files that the server
+  decodes and preprocesses with the runtime's own preprocessing.
+  A request sends exactly one of the two, so both are declared `optional` in the model
+  configuration (Triton's ModelInput.optional: "not required in the inference request"); any
+  other input name is refused (400);
 - output `logits` FP32 `[N, classes]`, as JSON or binary, or with the classification extension
   (`"classification": K`) as BYTES `[N, K]` of "score:index:label", Triton's exact format.
 
@@ -36,6 +39,8 @@ BAD_REQUEST, NOT_FOUND, METHOD_NOT_ALLOWED, TOO_LARGE, UNAVAILABLE, INTERNAL = 4
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED",
               503: "UNAVAILABLE", 500: "INTERNAL"}
 HEADER_LENGTH = "inference-header-content-length"
+# The BYTES input of encoded image files: this server's own (the artifact's graph takes FP32 only).
+IMAGES_INPUT = "images"
 DTYPE_SIZES = {"FP32": 4}
 
 
@@ -242,11 +247,20 @@ class ModelView:
     output_name: str
     labels: tuple[str, ...]
     platform: str
+    images_name: str = IMAGES_INPUT
 
     def metadata(self) -> dict:
+        """Both inputs (a request sends one of them: the model configuration marks both optional)."""
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
-                "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}],
+                "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]},
+                           {"name": self.images_name, "datatype": "BYTES", "shape": [-1, 1]}],
                 "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.labels)]}]}
+
+    def takes(self) -> str:
+        """The inputs, for a message."""
+        c, h, w = self.input_shape
+        return (f"{self.input_name!r} (FP32 [N, {c}, {h}, {w}]) or {self.images_name!r} "
+                "(BYTES [N, 1] of encoded image files)")
 
 
 def _has_booleans(data: list, probe: np.ndarray) -> bool:
@@ -267,19 +281,23 @@ def to_batch(request: InferRequest, model: ModelView, preprocess, max_rows: int 
     (a runtime Preprocessor) when the input is BYTES. More than `max_rows` rows (N) is refused
     from the shape alone, before any data is decoded or allocated."""
     if len(request.inputs) != 1:
-        raise ProtocolError(BAD_REQUEST, f"the model takes one input, got {len(request.inputs)}")
+        raise ProtocolError(BAD_REQUEST, f"a request sends exactly one input, {model.takes()}; "
+                                         f"got {len(request.inputs)}")
     t = request.inputs[0]
     for o in request.outputs:
         if o.name != model.output_name:
             raise ProtocolError(BAD_REQUEST, f"unknown output {_show(o.name)}; the model has {model.output_name!r}")
-    if t.datatype == "BYTES":
-        return _images(t, preprocess, max_rows)
     name = _show(t.name)
-    if t.name != model.input_name:
-        raise ProtocolError(BAD_REQUEST, f"unknown input {name}; the model takes {model.input_name!r} "
-                                         "(FP32 [N, C, H, W], or BYTES [N] of image files)")
+    if t.name not in (model.input_name, model.images_name):
+        raise ProtocolError(BAD_REQUEST, f"unknown input {name}; the model takes {model.takes()}")
+    if t.name == model.images_name:
+        if t.datatype != "BYTES":
+            raise ProtocolError(BAD_REQUEST, f"input {name} must be BYTES (encoded image files), got "
+                                             f"{_show(t.datatype)}; send preprocessed FP32 as {model.input_name!r}")
+        return _images(t, preprocess, max_rows)
     if t.datatype != "FP32":
-        raise ProtocolError(BAD_REQUEST, f"input {name} must be FP32 (or BYTES images), got {_show(t.datatype)}")
+        raise ProtocolError(BAD_REQUEST, f"input {name} must be FP32, got {_show(t.datatype)}"
+                            + (f"; send encoded images as {model.images_name!r}" if t.datatype == "BYTES" else ""))
     c, h, w = model.input_shape
     if len(t.shape) != 4 or tuple(t.shape[1:]) != (c, h, w) or t.shape[0] < 1:
         raise ProtocolError(BAD_REQUEST, f"input {name} must have shape [N, {c}, {h}, {w}] with N >= 1, "
@@ -328,7 +346,7 @@ def _check_rows(t: InputTensor, max_rows: int | None) -> None:
 def _images(t: InputTensor, preprocess, max_rows: int | None) -> np.ndarray:
     name = _show(t.name)
     if not (len(t.shape) == 1 or len(t.shape) == 2 and t.shape[1] == 1) or t.shape[0] < 1:
-        raise ProtocolError(BAD_REQUEST, f"BYTES input {name} must have shape [N] or [N, 1], got {_show(t.shape)}")
+        raise ProtocolError(BAD_REQUEST, f"BYTES input {name} must have shape [N, 1] (or [N]), got {_show(t.shape)}")
     _check_rows(t, max_rows)
     n = t.shape[0]
     decoded = n * 4 * math.prod(preprocess.input_size)  # the float32 batch the images become

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from crossvit.errors import BackendUnavailable, ConfigError
+from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError
 
 log = logging.getLogger("crossvit.serve")
 SERVE_INSTALL = "pip install 'crossvit[serve]'"
@@ -93,6 +93,7 @@ class Server:
         _import_serving()
         from crossvit.runtime.session import open_session
 
+        from .protocol import IMAGES_INPUT
         from .service import ModelService
 
         self.options = options
@@ -102,6 +103,10 @@ class Server:
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
         info = self.session.info
+        if info.input_name == IMAGES_INPUT:  # one name for two inputs: a request could not say which it sends
+            self.session.close()
+            raise ArtifactError(f"{Path(artifact).name}: its input is named {IMAGES_INPUT!r}, the name serve gives "
+                                "its BYTES input of encoded images; export the model with the input named 'input'")
         if options.max_batch is not None and options.max_batch > info.batch_max:  # as triton-repo refuses it
             self.session.close()
             what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"  # triton-repo's words

@@ -55,10 +55,14 @@ class ModelService:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
     def model_config(self) -> dict:
-        """The subset of Triton's model configuration a client needs to build requests."""
+        """The subset of Triton's model configuration a client needs to build requests. A request
+        sends one of the two inputs, so both are `optional` (Triton: not required in a request)."""
         c, h, w = self.view.input_shape
         return {"name": self.view.name, "platform": self.view.platform, "max_batch_size": self.max_batch,
-                "input": [{"name": self.view.input_name, "data_type": "TYPE_FP32", "dims": [c, h, w]}],
+                "input": [{"name": self.view.input_name, "data_type": "TYPE_FP32", "dims": [c, h, w],
+                           "optional": True},
+                          {"name": self.view.images_name, "data_type": "TYPE_STRING", "dims": [1],
+                           "optional": True}],
                 "output": [{"name": self.view.output_name, "data_type": "TYPE_FP32",
                             "dims": [len(self.view.labels)]}],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(self.batcher.max_delay_s * 1e6)}}
@@ -100,7 +104,8 @@ class ModelService:
         """The request's float32 batch (at most the batcher's max_rows rows, checked before any
         decoding); anything unforeseen while reading the request is a 400, never a 500."""
         try:
-            if request.inputs and request.inputs[0].datatype == "BYTES":  # decoding images is CPU work
+            first = request.inputs[0] if request.inputs else None
+            if first and first.name == self.view.images_name and first.datatype == "BYTES":  # decoding is CPU work
                 return await asyncio.get_running_loop().run_in_executor(
                     None, to_batch, request, self.view, self.session.preprocessor, self.batcher.max_rows)
             return to_batch(request, self.view, self.session.preprocessor, self.batcher.max_rows)
