@@ -1,8 +1,11 @@
 """Install hints name a command that works for the install at hand (crossvit is not on PyPI)."""
 
 import configparser
+import os
 import re
 import shlex
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -103,3 +106,35 @@ def test_every_extra_the_code_hints_exists():
 
     for library in LIBRARIES.values():
         assert all(pip_install(extra) in library.install for extra in library.extras)
+
+
+def test_make_installs_torch_from_its_index_in_its_own_pip_call(tmp_path):
+    """`make deploy TORCH_INDEX=...` (README's CUDA line): torch alone, from that index; the project
+    in a second call that names neither torch nor an index (one index URL would apply to all)."""
+    cuda = "https://download.pytorch.org/whl/cu130"
+    proc = subprocess.run(["make", "-n", "deploy", f"VENV={tmp_path / 'v'}", f"TORCH_INDEX={cuda}"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines()[1:3] == [  # after creating the venv: torch first, then the project
+        f'TORCH="torch==2.13.0" TORCH_INDEX="{cuda}" bash scripts/install_torch.sh {tmp_path / "v"}',
+        f'{tmp_path / "v" / "bin" / "pip"} install -q -e ".[quant,serve,rtx,openvino]"']
+    default = subprocess.run(["make", "-n", "deploy", f"VENV={tmp_path / 'v'}"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    assert 'TORCH_INDEX="https://download.pytorch.org/whl/cpu" bash scripts/install_torch.sh' in default
+
+
+def _install_torch(torch: str, index: str) -> subprocess.CompletedProcess:
+    """scripts/install_torch.sh on this test run's own venv (torch==2.13.0 is installed in it)."""
+    return subprocess.run(["bash", REPO / "scripts" / "install_torch.sh", sys.prefix], capture_output=True,
+                          text=True, env={**os.environ, "TORCH": torch, "TORCH_INDEX": index})
+
+
+def test_an_unreachable_torch_index_falls_back_to_the_local_torch_or_stops_in_one_line():
+    unreachable = "http://127.0.0.1:1/whl/cpu"  # nothing listens on port 1: refused at once
+    proc = _install_torch("torch==2.13.0", unreachable)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"torch {metadata.version('torch')}, already installed in {sys.prefix}"
+    proc = _install_torch("torch==0.0.1", unreachable)  # no local wheel of it: never PyPI's CUDA build unasked
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: {unreachable} cannot be reached from this machine and pip has no local "
+                                "wheel of torch==0.0.1"), errors[0]
