@@ -70,7 +70,8 @@ def test_from_a_wheel_the_hint_names_the_extras_packages_from_the_distribution_m
         "pip install tensorrt-rtx==1.7.1.116 'cuda-python<14,>=13' polygraphy==0.53.6")
     assert install_command("bench", checkout=None, requires=WHEEL_REQUIRES) == "pip install 'matplotlib>=3.8'"
     # PEP 685: extra names compare normalized, whichever spelling the metadata writer chose
-    assert extra_requirements(['tensorrt-cu12<12,>=10.8; extra == "gpu_cu12"'], "gpu-cu12") == ["tensorrt-cu12<12,>=10.8"]
+    requires = ['tensorrt-cu12<12,>=10.8; extra == "gpu_cu12"']
+    assert extra_requirements(requires, "gpu-cu12") == ["tensorrt-cu12<12,>=10.8"]
     # the shell reads each requirement back as one argument
     words = shlex.split(install_command("serve", checkout=None, requires=WHEEL_REQUIRES))
     assert words[2:] == ["starlette>=0.40", "tritonclient[grpc,http]==2.73.0", "protobuf<7,>=6.33.5"]
@@ -97,7 +98,8 @@ def test_an_extra_that_does_not_exist_is_refused_rather_than_hinted():
 
 def test_every_extra_the_code_hints_exists():
     """Every `pip_install(...)` in the package names an extra of setup.cfg (it raises otherwise)."""
-    sources = [p for folder in ("crossvit", "model", "export", "runtime", "benchmarks") for p in (REPO / folder).rglob("*.py")]
+    folders = ("crossvit", "model", "export", "runtime", "benchmarks")
+    sources = [p for folder in folders for p in (REPO / folder).rglob("*.py")]
     named = {m.group(1) for p in sources for m in re.finditer(r"""pip_install\(["']([\w.-]+)["']\)""", p.read_text())}
     assert named >= {"quant", "serve", "bench", "openvino", "rtx", "gpu-cu12", "gpu-cu13"}, named
     for extra in named:
