@@ -1,11 +1,15 @@
 # Two entry points (README): `make deploy` runs the main job, `make test` the test suite.
-# Both create .venv and install the CPU build of torch 2.13.0 first (an unpinned torch pulls
-# a multi-GB CUDA build); see the README for a CUDA machine.
-PYTHON ?= python3
-VENV   ?= .venv
-TORCH  ?= torch==2.13.0
-OUT    ?= deploy-out
-BIN     = $(VENV)/bin
+# Both create .venv and install torch first, in its own pip call (scripts/install_torch.sh):
+# TORCH from TORCH_INDEX, by default the CPU build from PyTorch's CPU index (about 200 MB; torch
+# from plain PyPI is the multi-GB CUDA build on Linux x86-64). Where that index cannot be reached,
+# a local wheel of TORCH serves (our CI machines). A CUDA machine: TORCH_INDEX= (empty: PyPI's
+# CUDA build) or one of PyTorch's CUDA indexes; see the README.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+OUT         ?= deploy-out
+BIN          = $(VENV)/bin
 
 .PHONY: deploy test clean
 
@@ -13,11 +17,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-run: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,openvino]"
+	TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" bash scripts/install_torch.sh $(VENV)
+	$(BIN)/pip install -q -e ".[quant,serve,rtx,openvino]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-run
-	$(BIN)/pip install -q "$(TORCH)" -e ".[quant,serve,rtx,openvino,dev]"
+	$(BIN)/pip install -q -e ".[quant,serve,rtx,openvino,dev]"
 	# vit-pytorch is the reference the tests compare against; its package __init__ needs
 	# torchvision, which the CPU torch build lacks, so it is installed without dependencies
 	# and the tests load its cross_vit.py file directly.

@@ -15,7 +15,7 @@ Checks, each printed as PASS/FAIL/SKIP, exit code 1 if any fails:
 4. where TensorRT is installed: fp32/fp16/int8 engines of the model and of crossvit_15_240
    (`crossvit build`'s code), each gated against PyTorch and timed at batch 1, 8 and 64,
    written to DIR/tensorrt.json. Without TensorRT this step is reported as SKIP with the reason;
-5. where TensorRT-RTX is installed (`crossvit[rtx]`): the same engines built with
+5. where TensorRT-RTX is installed (the `rtx` extra): the same engines built with
    `--library tensorrt-rtx`, and what this GPU does with them, written to DIR/tensorrt_rtx.json.
    On a GPU the plans target (Ampere/Ada/Blackwell RTX, A100: a compute capability in the
    manifest's tensorrt.target_compute_capabilities) each is opened with the tensorrt backend,

@@ -321,7 +321,9 @@ def main(argv=None) -> int:
         import tritonclient.grpc  # noqa: F401
         import tritonclient.http  # noqa: F401
     except (ImportError, RuntimeError):  # tritonclient without its http part raises RuntimeError
-        print(f"{p.prog}: error: it needs the server and its client: pip install 'crossvit[serve]'", file=sys.stderr)
+        from crossvit.install import pip_install
+
+        print(f"{p.prog}: error: it needs the server and its client: {pip_install('serve')}", file=sys.stderr)
         return 3
     if args.url and not args.rates:
         p.error("--url is for the open-loop measurement: give --rates too")

@@ -378,7 +378,9 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
         import tritonclient.grpc  # noqa: F401
         import tritonclient.http  # noqa: F401
     except (ImportError, RuntimeError):  # tritonclient without its http part raises RuntimeError
-        say("no served rows: they need the server and its client (pip install 'crossvit[serve]')")
+        from crossvit.install import pip_install
+
+        say(f"no served rows: they need the server and its client ({pip_install('serve')})")
         return {}
     try:
         http, grpc = stack.enter_context(_serve(onnx, "--max-batch", str(max_batch), "--max-delay-ms", "0",
@@ -642,8 +644,9 @@ def _pyplot(option: str = "--plot"):
         import matplotlib.pyplot as plt
     except ImportError:
         from crossvit.errors import BackendUnavailable
+        from crossvit.install import pip_install
 
-        raise BackendUnavailable(f"{option} needs matplotlib: pip install 'crossvit[bench]'") from None
+        raise BackendUnavailable(f"{option} needs matplotlib: {pip_install('bench')}") from None
     return plt
 
 

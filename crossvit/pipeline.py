@@ -137,12 +137,16 @@ def cpu_gates_stage(fp32: Path, loaded, images, batch, out: Path, result: Deploy
     file, its report beside it (`cpu_choice.gate_report_path`). None without OpenVINO: then the
     candidates that exist are the ones measured."""
     from crossvit.export.parity import check_parity
+    from crossvit.install import pip_install
     from crossvit.runtime.cpu_choice import candidates_for, gate_report_path
-    from crossvit.runtime.openvino import OPENVINO_INSTALL, openvino_version
+    from crossvit.runtime.openvino import openvino_version
 
     if openvino_version() is None:
-        result.skipped.append(f"OpenVINO CPU paths: OpenVINO is not installed ({OPENVINO_INSTALL})")
-        say(f"OpenVINO is not installed: its CPU paths are left out ({OPENVINO_INSTALL})")
+        install = pip_install("openvino")
+        if any(install in reason for reason in result.skipped):  # int8-ov's line already names it
+            install = "the openvino extra, as above"
+        result.skipped.append(f"OpenVINO CPU paths: OpenVINO is not installed ({install})")
+        say(f"OpenVINO is not installed: its CPU paths are left out ({install})")
         return {}
     gates = {}
     for c in candidates_for(fp32):

@@ -25,7 +25,7 @@ And int8-ov, for OpenVINO on the CPU: NNCF post-training quantization (static sc
 calibrated on real images) as standard Q/DQ ONNX (`_nncf_ptq`).
 
 ModelOpt is optional and imported inside the functions that use it. Its `[onnx]` extra pins
-onnx, onnxruntime-gpu and cupy; install it without the extra (see MODELOPT_INSTALL).
+onnx, onnxruntime-gpu and cupy; the `quant` extra installs the parts of it that are used.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from crossvit.contract import (INPUT_NAME, MAX_CALIBRATION_IMAGES, METADATA_KEY,
                                PROTOBUF_LIMIT, Precision, atomic_write, check_output_path, decode_metadata,
                                derived_source, first_line, sha256_file, temporary_folder, write_onnx_metadata)
 from crossvit.errors import BackendUnavailable, ExportError
+from crossvit.install import pip_install
 
 # Kept in fp32 in every reduced-precision variant: fp16 LayerNorm/Softmax overflow in transformers.
 FP32_OP_TYPES = ("LayerNormalization", "Softmax")
@@ -54,10 +55,8 @@ CALIBRATION_METHODS = {"int8": "entropy", "fp8": "max"}
 # precision; a few dozen real images find them, hundreds only cost time (16 s for 360 here).
 AUTOCAST_IMAGES = 32
 MODELOPT_VERSION = "0.47.0"
-# Not `nvidia-modelopt[onnx]`: that extra pins onnx~=1.21, onnxruntime-gpu and cupy-cuda12x.
-# These four are what `modelopt.onnx.autocast` and `modelopt.onnx.quantization` import.
-MODELOPT_INSTALL = ("pip install 'crossvit[quant]' (nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 "
-                    "onnxslim==0.1.98 polygraphy==0.53.6 lief==1.0.0)")
+# The variants ModelOpt writes; a missing ModelOpt is one reason for all of them (deploy says it once).
+MODELOPT_VARIANTS = tuple(name for name, p in PRECISION_TABLE.items() if p.toolchain.startswith("modelopt"))
 
 Progress = Callable[[str], None]
 
@@ -183,15 +182,16 @@ def _quiet_modelopt():
             logging.getLogger(name).setLevel(level)
 
 
-def _import_modelopt(precision: str):
-    """(modelopt module, convert_to_mixed_precision, quantize), or BackendUnavailable."""
+def _import_modelopt():
+    """(modelopt module, convert_to_mixed_precision, quantize), or BackendUnavailable: one reason,
+    the same whichever variant asked, so that deploy says it once for all of them."""
     try:
         import modelopt
         from modelopt.onnx.autocast import convert_to_mixed_precision
         from modelopt.onnx.quantization import quantize
     except ImportError as e:
-        raise BackendUnavailable(f"{precision} conversion needs NVIDIA ModelOpt ({first_line(e)}); "
-                                 f"install it with: {MODELOPT_INSTALL}") from None
+        raise BackendUnavailable(f"the {'/'.join(MODELOPT_VARIANTS)} variants need NVIDIA ModelOpt "
+                                 f"({first_line(e)}); install it with: {pip_install('quant')}") from None
     return modelopt, convert_to_mixed_precision, quantize
 
 
@@ -219,7 +219,7 @@ def _modelopt_run(model, precision: str, src_name: str):
 
 def _autocast(model, spec: Precision, calibration, input_name: str, source: str, say: Progress):
     """fp16/bf16 with ModelOpt AutoCast: LayerNorm, Softmax and the graph I/O stay fp32."""
-    modelopt, convert, _ = _import_modelopt(spec.name)
+    modelopt, convert, _ = _import_modelopt()
     n = 0 if calibration is None else int(min(calibration.shape[0], AUTOCAST_IMAGES))
     say(f"{spec.name}: ModelOpt AutoCast ({'/'.join(FP32_OP_TYPES)} and I/O kept fp32, "
         f"{n or 'random'} calibration inputs)")
@@ -240,7 +240,7 @@ def _ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, sourc
     """int8/fp8 with ModelOpt PTQ: Q/DQ pairs calibrated on real images, the rest fp16."""
     import onnx
 
-    modelopt, _, quantize = _import_modelopt(spec.name)
+    modelopt, _, quantize = _import_modelopt()
     method = CALIBRATION_METHODS[spec.name]
     say(f"{spec.name}: ModelOpt PTQ (Q/DQ, {method} calibration on {calibration.shape[0]} images, "
         f"{'/'.join(FP32_OP_TYPES)} kept fp32)")
@@ -350,9 +350,6 @@ def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: s
     return converted, tool
 
 
-NNCF_INSTALL = "pip install nncf openvino"
-
-
 # A model with random weights is gated on random inputs as well as images (contract.py), so
 # its static scales are calibrated on both: measured on crossvit_15_240 (2-core AMD EPYC, 32
 # fresh random inputs and 161 held-out images not used for calibration, per-row rel L2 max):
@@ -388,7 +385,7 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     except ImportError as e:
-        raise BackendUnavailable(f"{spec.name} needs NNCF ({first_line(e)}): {NNCF_INSTALL}") from None
+        raise BackendUnavailable(f"{spec.name} needs NNCF ({first_line(e)}): {pip_install('openvino')}") from None
     n_images = int(calibration.shape[0])
     options: dict = {}
     used = {"images": n_images}

@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crossvit.errors import BackendUnavailable
+from crossvit.install import pip_install
 
-CUDA_PYTHON_INSTALL = ("pip install 'crossvit[gpu-cu12]', 'crossvit[gpu-cu13]' or 'crossvit[rtx]' on a machine with an "
-                       "NVIDIA GPU (the TensorRT library and the cuda-python of its CUDA major)")
+
+def cuda_python_install() -> str:
+    return (f"{pip_install('gpu-cu12')}, {pip_install('gpu-cu13')} or {pip_install('rtx')} on a machine with an "
+            "NVIDIA GPU (the TensorRT library and the cuda-python of its CUDA major)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def cudart():
             from cuda import cudart as runtime  # cuda-python < 12.6.1; removed in cuda-bindings 13
         except ImportError:
             raise BackendUnavailable(f"TensorRT engines need cuda-python, which is not installed: "
-                                     f"{CUDA_PYTHON_INSTALL}") from None
+                                     f"{cuda_python_install()}") from None
     return runtime
 
 

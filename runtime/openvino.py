@@ -18,11 +18,11 @@ import numpy as np
 
 from crossvit.contract import first_line
 from crossvit.errors import ArtifactError, BackendUnavailable
+from crossvit.install import pip_install
 
 from .artifact import ArtifactInfo
 from .session import Session, intra_op_threads
 
-OPENVINO_INSTALL = "pip install openvino"
 # file precision -> the inference-precision hints that may run it
 HINTS = {"fp32": ("fp32", "bf16"), "int8-ov": ("fp32",)}
 _OV_HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -32,7 +32,7 @@ def import_openvino():
     try:
         import openvino
     except ImportError:
-        raise BackendUnavailable(f"the openvino backend needs OpenVINO: {OPENVINO_INSTALL}") from None
+        raise BackendUnavailable(f"the openvino backend needs OpenVINO: {pip_install('openvino')}") from None
     return openvino
 
 

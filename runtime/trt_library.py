@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from crossvit.errors import BackendUnavailable
+from crossvit.install import pip_install
 
 log = logging.getLogger("crossvit.tensorrt")
 
@@ -55,12 +56,18 @@ class TensorRTLibrary:
     name: str  # what manifests record: "tensorrt" or "tensorrt-rtx"
     module_name: str  # what Python imports
     title: str  # what messages say
-    install: str
+    extras: tuple[str, ...]  # crossvit's extras that install it, any one of them
+    install_note: str
     builds_without_gpu: bool
     # BuildOptions fields this library honours; the others are refused before a build (RTX ignores
     # the hardware compatibility level, fails on VERSION_COMPATIBLE and has no timing cache).
     options: frozenset
     runtime_cache: bool  # JIT-compiled kernels kept in a file beside the plan
+
+    @property
+    def install(self) -> str:
+        """The install line for this install of crossvit (a checkout or a wheel: `crossvit.install`)."""
+        return f"{' or '.join(pip_install(extra) for extra in self.extras)} ({self.install_note})"
 
     @property
     def is_rtx(self) -> bool:
@@ -104,14 +111,16 @@ class TensorRTLibrary:
 
 TENSORRT = TensorRTLibrary(
     name="tensorrt", module_name="tensorrt", title="TensorRT",
-    install="on a machine with an NVIDIA GPU, pip install 'crossvit[gpu-cu12]' or 'crossvit[gpu-cu13]' (TensorRT "
-            "and cuda-python of one CUDA major; the tensorrt wheels come from NVIDIA's package index)",
+    extras=("gpu-cu12", "gpu-cu13"),
+    install_note="on a machine with an NVIDIA GPU: TensorRT and cuda-python of one CUDA major; the tensorrt wheels "
+                 "come from NVIDIA's package index",
     builds_without_gpu=False, options=frozenset({"hardware_compat", "version_compatible", "timing_cache"}),
     runtime_cache=False)
 TENSORRT_RTX = TensorRTLibrary(
     name="tensorrt-rtx", module_name="tensorrt_rtx", title="TensorRT-RTX",
-    install="pip install 'crossvit[rtx]' (TensorRT for RTX from PyPI; it builds engines without a GPU, running "
-            "them needs an Ampere or later RTX GPU or an A100)",
+    extras=("rtx",),
+    install_note="TensorRT for RTX from PyPI; it builds engines without a GPU, running them needs an Ampere or "
+                 "later RTX GPU or an A100",
     builds_without_gpu=True, options=frozenset({"compute_capabilities"}), runtime_cache=True)
 LIBRARIES = {lib.name: lib for lib in (TENSORRT, TENSORRT_RTX)}
 LIBRARY_CHOICES = ("auto", *LIBRARIES)
@@ -224,8 +233,7 @@ def use_polygraphy(library: TensorRTLibrary):
     try:
         from polygraphy import config
     except ImportError:
-        raise BackendUnavailable("building engines needs Polygraphy: pip install 'crossvit[quant]' "
-                                 "(polygraphy==0.53.6)") from None
+        raise BackendUnavailable(f"building engines needs Polygraphy: {pip_install('quant')}") from None
     want = library.is_rtx
     if "polygraphy.backend.trt" in sys.modules:
         current = _polygraphy_library or (TENSORRT_RTX.name if config.USE_TENSORRT_RTX else TENSORRT.name)

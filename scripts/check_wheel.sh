@@ -5,7 +5,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-TORCH="${TORCH:-torch==2.13.0}"
+# torch as the Makefile installs it (TORCH, TORCH_INDEX: scripts/install_torch.sh), in its own pip call
+export TORCH="${TORCH:-torch==2.13.0}"
+export TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/crossvit-wheel-check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
@@ -21,7 +23,8 @@ echo "   $(basename "$wheel") ($(du -k "$wheel" | cut -f1) kB)"
 
 echo "== installing it into a fresh venv"
 "$PYTHON" -m venv "$work/v"
-"$work/v/bin/pip" install -q "$TORCH" "$wheel"
+bash "$repo/scripts/install_torch.sh" "$work/v"
+"$work/v/bin/pip" install -q "$wheel"
 
 cd "$work"  # nowhere near the checkout: nothing can be found through the source tree
 if "$work/v/bin/python" -c "import crossvit, sys; sys.exit(not crossvit.__file__.startswith('$repo'))"; then
@@ -30,6 +33,13 @@ if "$work/v/bin/python" -c "import crossvit, sys; sys.exit(not crossvit.__file__
 fi
 # every subpackage made it into the wheel (the serving code needs the [serve] extra to run, not to import)
 "$work/v/bin/python" -c "import crossvit.runtime.serving.protocol, crossvit.runtime.tensorrt, crossvit.export.engine, crossvit.export.triton, crossvit.benchmarks.suite, crossvit.pipeline"
+# an install hint from a wheel names the extra's packages (crossvit is not on PyPI): `bench --plot`
+# without matplotlib (the bench extra) refuses in one line before any work
+hint="$("$work/v/bin/crossvit" bench --plot "$work/plot.png" 2>&1 >/dev/null || true)"
+case "$hint" in
+    *"needs matplotlib: pip install 'matplotlib>=3.8'") echo "   install hint from the wheel: $hint" ;;
+    *) echo "bench --plot without matplotlib said: $hint" >&2; exit 1 ;;
+esac
 images="$("$work/v/bin/python" -c 'from crossvit.assets import heldout_images; print(heldout_images())')"
 echo "== crossvit deploy (from $work, images in $images)"
 "$work/v/bin/crossvit" deploy -o "$work/out" --variants int8-cpu

@@ -1,6 +1,7 @@
 """`crossvit deploy` (README command 1) end to end on the embedded model."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -93,6 +94,7 @@ def test_deploy_without_calibration_for_a_foreign_model_skips_int8_with_the_reas
 def test_tensorrt_skip_reasons(monkeypatch):
     import crossvit.runtime.gpu as gpu
     from crossvit.errors import BackendUnavailable
+    from crossvit.install import pip_install
     from crossvit.runtime.trt_library import choose_library
 
     def no_gpu():
@@ -107,8 +109,35 @@ def test_tensorrt_skip_reasons(monkeypatch):
     # auto: standard TensorRT is missing, TensorRT-RTX (installed by make test) builds
     assert choose_library("auto", gpu=True).name == "tensorrt-rtx"
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
-    assert "TensorRT-RTX is not installed: pip install 'crossvit[rtx]'" in gpu.tensorrt_unavailable("tensorrt-rtx")
-    with pytest.raises(BackendUnavailable, match=r"no TensorRT library can build here: .*crossvit\[rtx\]"):
+    rtx, cu12 = pip_install("rtx"), pip_install("gpu-cu12")  # this checkout's command (tests/test_install.py)
+    assert f"TensorRT-RTX is not installed: {rtx} (" in gpu.tensorrt_unavailable("tensorrt-rtx")
+    with pytest.raises(BackendUnavailable, match=f"no TensorRT library can build here: .*{re.escape(rtx)}"):
         choose_library("auto", gpu=False)
-    with pytest.raises(BackendUnavailable, match=r"no TensorRT library is installed: .*gpu-cu12.*crossvit\[rtx\]"):
+    with pytest.raises(BackendUnavailable, match=f"no TensorRT library is installed: .*{re.escape(cu12)}.*"
+                                                 f"{re.escape(rtx)}"):
         choose_library("auto", gpu=True)
+
+
+def test_deploy_names_a_missing_extra_once(tmp_path, monkeypatch):
+    """A plain install (no quant or openvino extra): one skip reason for the four ModelOpt
+    variants, and each extra's install line said once, in the progress and in the summary."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.install import pip_install
+    from crossvit.model import load_model
+    from crossvit.pipeline import DeployResult, cpu_gates_stage, variants_stage
+
+    fp32 = export_onnx(load_model(name="crossvit_digits"), tmp_path / "d.fp32.onnx", batch=BatchRange(1, 4)).path
+    for module in ("modelopt", "nncf", "openvino"):
+        monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError, as without the extras
+    said: list[str] = []
+    result = DeployResult(out_dir=tmp_path)
+    written = variants_stage(fp32, tmp_path, "d", ("fp16", "bf16", "int8", "fp8", "int8-ov"), None, result,
+                             said.append)
+    assert written == [] and cpu_gates_stage(fp32, None, None, None, tmp_path, result, said.append) == {}
+    assert result.skipped[0].startswith("fp16, bf16, int8, fp8 variants: the fp16/bf16/int8/fp8 variants need "
+                                        "NVIDIA ModelOpt"), result.skipped
+    assert len(result.skipped) == 3, result.skipped  # ModelOpt variants, int8-ov, OpenVINO's CPU paths
+    for extra in ("quant", "openvino"):
+        hint = pip_install(extra)
+        assert sum(hint in line for line in said) == 1, (extra, said)
+        assert sum(hint in reason for reason in result.skipped) == 1, (extra, result.skipped)

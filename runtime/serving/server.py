@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError
+from crossvit.install import pip_install
 
 log = logging.getLogger("crossvit.serve")
-SERVE_INSTALL = "pip install 'crossvit[serve]'"
 DEFAULT_MAX_BATCH = 32  # rows per session call, where the artifact's batch range allows it
 
 
@@ -73,7 +73,7 @@ def _import_serving():
         import tritonclient.grpc.service_pb2_grpc  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise BackendUnavailable(f"serving needs {e.name or 'its libraries'}: {SERVE_INSTALL}") from None
+        raise BackendUnavailable(f"serving needs {e.name or 'its libraries'}: {pip_install('serve')}") from None
 
 
 def server_session_options(artifact: str | Path) -> dict:
