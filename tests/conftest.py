@@ -18,6 +18,81 @@ TINY_SEED = dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_si
                  cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=16, depth=2)
 
 
+def random_png(path: Path, size: tuple[int, int] = (40, 40), seed: int = 0) -> Path:
+    """An RGB PNG of uniform noise at `path` (width, height = size)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def rewrite_onnx_metadata(src: Path, dst: Path, change) -> Path:
+    """A copy of the ONNX `src` at `dst` after `change(meta, proto)` edited its crossvit metadata (the raw
+    JSON, unchecked: it may be made to lie) and, if it likes, the graph."""
+    import json
+
+    import onnx
+
+    from crossvit.contract import METADATA_KEY, write_onnx_metadata
+
+    proto = onnx.load(str(src))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    change(meta, proto)
+    write_onnx_metadata(proto, meta)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _h100():
+    from crossvit.runtime.gpu import CudaDevice
+
+    return CudaDevice(0, "NVIDIA H100 80GB HBM3", (9, 0), "12.8", "12.8")
+
+
+H100 = _h100()  # a GPU this machine need not have, for the rules that read manifests
+
+
+def engine_io(info, profile=None, **change) -> list[dict]:
+    """The I/O list a TensorRT engine of the ONNX `info` reports (as the manifest records it);
+    `change`: `in__FIELD=value` / `out__FIELD=value` to make it differ."""
+    from crossvit.export.engine import Profile
+
+    profile = profile or Profile(1, 8, 64)
+    c, h, w = info.input_shape
+    io = [{"name": "input", "mode": "input", "dtype": "float32", "shape": [-1, c, h, w],
+           "profile": [[profile.min, c, h, w], [profile.opt, c, h, w], [profile.max, c, h, w]]},
+          {"name": "logits", "mode": "output", "dtype": "float32", "shape": [-1, info.num_classes]}]
+    for key, value in change.items():
+        which, field = key.split("__")
+        io[0 if which == "in" else 1][field] = value
+    return io
+
+
+def fake_plan(onnx_path: Path, folder: Path, *, profile=None, device=H100, trt: str = "10.13.0.35",
+              library: str = "tensorrt", targets=(), **options) -> Path:
+    """`folder/STEM.plan`: not a real engine, with a real manifest of `onnx_path`, as `crossvit build`
+    writes them (for the rules that read manifests, on machines without TensorRT or a GPU)."""
+    import hashlib
+
+    from crossvit.contract import sha256_file
+    from crossvit.export.engine import BuildOptions, Profile, engine_manifest, write_plan
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.trt_library import get_library
+
+    info = read_artifact(onnx_path)
+    profile = profile or Profile(1, 8, 64)
+    body = b"not a real engine"
+    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), plan_sha256=hashlib.sha256(body).hexdigest(),
+                               profile=profile, io=engine_io(info, profile), library=get_library(library),
+                               version=trt, targets=list(targets), device=device, options=BuildOptions(**options),
+                               seconds=1.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / f"{Path(onnx_path).stem}.plan"
+    write_plan(plan, body, manifest)
+    return plan
+
+
 def run_crossvit(*args, cwd=None, timeout: float = 900, stdin=None) -> subprocess.CompletedProcess:
     """`python -m crossvit ARGS...` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "crossvit", *map(str, args)], capture_output=True, text=True,
@@ -62,6 +137,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if marker in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory):
+    """The embedded model's fp32 ONNX, batch 1..64 (one per test module: tests may put files beside it)."""
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    return export_onnx(load_model(name="crossvit_digits"), tmp_path_factory.mktemp("digits") / "digits.onnx",
+                       batch=BatchRange(1, 64)).path
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import TINY_SEED
 from crossvit.errors import ExportError
 from crossvit.export.onnx import BatchRange, export_onnx
 from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
@@ -18,12 +19,8 @@ LABELS = [f"c{i}" for i in range(7)]
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory):
     torch.manual_seed(1)
-    kwargs = dict(image_size=32, num_classes=7, sm_dim=32, lg_dim=48, sm_patch_size=4, lg_patch_size=8,
-                  sm_enc_heads=2, sm_enc_dim_head=16, sm_enc_mlp_dim=64, lg_enc_depth=2, lg_enc_heads=3,
-                  lg_enc_dim_head=8, lg_enc_mlp_dim=96, cross_attn_depth=1, cross_attn_heads=2,
-                  cross_attn_dim_head=16, depth=2)
     path = tmp_path_factory.mktemp("ckpt") / "seed.safetensors"
-    return save_checkpoint(CrossViT(**kwargs), path, labels=LABELS,
+    return save_checkpoint(CrossViT(**TINY_SEED), path, labels=LABELS,
                            preprocessing=dict(input_size=[3, 32, 32], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SEED
+from conftest import TINY_SEED, random_png, rewrite_onnx_metadata
 from crossvit.contract import FORMAT_VERSION, METADATA_KEY, TEMP_TAG, encode_metadata
 from crossvit.errors import ArtifactError, CheckpointError, ConfigError, InputError
 
@@ -39,13 +39,6 @@ def tiny(tmp_path_factory):
                            preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
     onnx_path = export_onnx(load_checkpoint(ckpt), root / "tiny.onnx", batch=BatchRange(1, 4)).path
     return ckpt, onnx_path
-
-
-def _image(path: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 # -- untrusted configs and weights --------------------------------------------------------------
@@ -179,7 +172,7 @@ def test_predict_json_is_valid_json_even_when_the_model_overflows(tmp_path, cli)
     ckpt = save_checkpoint(model, tmp_path / "hot.safetensors", labels=["a", "b", "c"],
                            preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
     onnx_path = export_onnx(load_checkpoint(ckpt), tmp_path / "hot.onnx", batch=BatchRange(1, 4)).path
-    proc = cli("predict", onnx_path, _image(tmp_path / "x.png"), "--json")
+    proc = cli("predict", onnx_path, random_png(tmp_path / "x.png"), "--json")
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     record = _strict_json(lines[0])
@@ -202,7 +195,7 @@ def test_to_json_never_writes_nan():
     (["--top-k", "two"], "--top-k: expected an integer >= 1, got 'two'"),
 ])
 def test_predict_refuses_bad_numbers_in_one_line(tiny, tmp_path, cli, one_line_error, args, words):
-    proc = cli("predict", tiny[1], _image(tmp_path / "x.png"), *args)
+    proc = cli("predict", tiny[1], random_png(tmp_path / "x.png"), *args)
     one_line_error(proc, words, code=2)
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
 
@@ -210,7 +203,7 @@ def test_predict_refuses_bad_numbers_in_one_line(tiny, tmp_path, cli, one_line_e
 def test_predict_api_refuses_bad_numbers(tiny, tmp_path):
     from crossvit.runtime.session import open_session
 
-    img = _image(tmp_path / "x.png")
+    img = random_png(tmp_path / "x.png")
     with open_session(tiny[1]) as s:
         for kwargs in ({"top_k": 0}, {"top_k": -3}, {"batch_size": -1}, {"batch_size": 0}):
             with pytest.raises(ConfigError):
@@ -288,19 +281,6 @@ def test_variants_are_written_0644(tmp_path, tiny):
 
 # -- metadata that lies about the graph ---------------------------------------------------------
 
-def _rewrite_metadata(src: Path, dst: Path, change) -> Path:
-    import onnx
-
-    proto = onnx.load(str(src))
-    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
-    change(meta)
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            p.value = encode_metadata(meta)
-    onnx.save(proto, str(dst))
-    return dst
-
-
 @pytest.mark.parametrize("name, change, words", [
     ("input name", lambda m: m["inputs"][0].update(name="pixels"), "it names input 'pixels'"),
     ("output name", lambda m: m["outputs"][0].update(name="probs"), "it names output 'probs'"),
@@ -316,10 +296,10 @@ def _rewrite_metadata(src: Path, dst: Path, change) -> Path:
 def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_error, name, change, words):
     from crossvit.runtime.session import open_session
 
-    bad = _rewrite_metadata(tiny[1], tmp_path / "lying.onnx", change)
+    bad = rewrite_onnx_metadata(tiny[1], tmp_path / "lying.onnx", lambda meta, _: change(meta))
     with pytest.raises(ArtifactError, match=words):
         open_session(bad)
-    proc = cli("predict", bad, _image(tmp_path / "x.png"))
+    proc = cli("predict", bad, random_png(tmp_path / "x.png"))
     one_line_error(proc, words)
 
 
@@ -333,8 +313,8 @@ def test_metadata_is_checked_against_the_graph(tiny, tmp_path, cli, one_line_err
     ("crop_pct 1e-9", lambda m: m["model"]["preprocessing"].update(crop_pct=1e-9), "crops less than one pixel"),
 ])
 def test_predict_refuses_absurd_metadata_in_one_line(tiny, tmp_path, cli, one_line_error, name, change, words):
-    bad = _rewrite_metadata(tiny[1], tmp_path / "absurd.onnx", change)
-    proc = cli("predict", bad, _image(tmp_path / "x.png"))
+    bad = rewrite_onnx_metadata(tiny[1], tmp_path / "absurd.onnx", lambda meta, _: change(meta))
+    proc = cli("predict", bad, random_png(tmp_path / "x.png"))
     one_line_error(proc, words)
     assert proc.stdout == "" and len(proc.stderr) < 1000
 
@@ -474,7 +454,7 @@ def test_logits_that_do_not_match_the_labels_are_refused_at_run_time(tiny, tmp_p
             p.value = encode_metadata(meta)
     bad = tmp_path / "classes.onnx"
     onnx.save(proto, str(bad))
-    img = _image(tmp_path / "x.png")
+    img = random_png(tmp_path / "x.png")
     with open_session(bad, exact=True) as s:
         with pytest.raises(ArtifactError, match=rf"classes.onnx: the model gave logits of shape \(1, 3\), "
                                                 rf"expected \(1, {len(labels)}\)"):
@@ -496,7 +476,7 @@ def test_logits_mismatch_is_one_line_from_the_cli(tiny, tmp_path, cli, one_line_
         if p.key == METADATA_KEY:
             p.value = encode_metadata(meta)
     onnx.save(proto, str(tmp_path / "more.onnx"))
-    one_line_error(cli("predict", tmp_path / "more.onnx", _image(tmp_path / "x.png"), "--exact"),
+    one_line_error(cli("predict", tmp_path / "more.onnx", random_png(tmp_path / "x.png"), "--exact"),
                    "the model gave logits of shape (1, 3)")
 
 
@@ -525,7 +505,7 @@ def test_labels_and_file_names_with_control_characters_are_escaped(tmp_path, cli
     ckpt = save_checkpoint(CrossViT(**{**TINY_SEED, "num_classes": 3}), tmp_path / "m.safetensors", labels=evil,
                            preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0})
     onnx_path = export_onnx(load_checkpoint(ckpt), tmp_path / "m.onnx", batch=BatchRange(1, 4)).path
-    img = _image(tmp_path / "we\nird\x1b[2J.png")
+    img = random_png(tmp_path / "we\nird\x1b[2J.png")
     proc = cli("predict", onnx_path, img, "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stdout + proc.stderr
@@ -666,12 +646,12 @@ def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli):
 
     info = read_artifact(tmp_path / "t.onnx")
     assert info.random_weights and info.raw["source"]["random_weights"] is True
-    proc = cli("predict", tmp_path / "t.onnx", _image(tmp_path / "x.png"))
+    proc = cli("predict", tmp_path / "t.onnx", random_png(tmp_path / "x.png"))
     assert proc.returncode == 0 and "random weights" in proc.stderr and "mean nothing" in proc.stderr
 
 
 def test_a_trained_model_gets_no_random_weights_warning(tiny, tmp_path, cli):
-    proc = cli("predict", tiny[1], _image(tmp_path / "x.png"))
+    proc = cli("predict", tiny[1], random_png(tmp_path / "x.png"))
     assert proc.returncode == 0 and "random" not in proc.stderr
 
 
@@ -694,7 +674,7 @@ def test_a_fifo_given_as_a_checkpoint_or_artifact_is_refused(tmp_path, cli, one_
 def test_a_symlink_loop_is_called_a_symlink_loop_not_a_missing_file(tiny, tmp_path, cli, one_line_error):
     os.symlink("b.onnx", tmp_path / "a.onnx")
     os.symlink("a.onnx", tmp_path / "b.onnx")
-    one_line_error(cli("predict", tmp_path / "a.onnx", _image(tmp_path / "x.png"), timeout=120), "is a symlink loop")
+    one_line_error(cli("predict", tmp_path / "a.onnx", random_png(tmp_path / "x.png"), timeout=120), "is a symlink loop")
     one_line_error(cli("info", tmp_path / "a.onnx", timeout=120), "is a symlink loop")
     os.symlink("loop.png", tmp_path / "loop.png")
     proc = cli("predict", tiny[1], tmp_path / "loop.png", timeout=120)
@@ -718,7 +698,7 @@ def test_triton_repo_refuses_an_overlong_name_up_front(tiny, tmp_path, cli, one_
 def test_session_predict_accepts_one_path(tiny, tmp_path):
     from crossvit.runtime.session import open_session
 
-    img = _image(tmp_path / "x.png")
+    img = random_png(tmp_path / "x.png")
     with open_session(tiny[1]) as s:
         one, many = s.predict(str(img)), s.predict([img])
     assert len(one) == 1 and one[0].ok and one[0].indices == many[0].indices
@@ -736,5 +716,5 @@ def test_api_misuse_gets_the_projects_errors(tiny):
         for bad in (None, 5):
             with pytest.raises(InputError, match="images must be"):
                 s.predict(bad)
-        img = _image(Path(tiny[1]).parent / "api.png")
+        img = random_png(Path(tiny[1]).parent / "api.png")
         assert len(s.predict([img], top_k=np.int64(2), batch_size=np.int32(1))[0].labels) == 2

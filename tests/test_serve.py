@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tritonclient.grpc", reason="serving tests need the [serve] extra")
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import tritonclient.grpc as grpcclient  # the serve and dev extras: make test installs both
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
-from crossvit.runtime.serving.server import ServeOptions, Server  # noqa: E402
+from crossvit.runtime.serving.server import ServeOptions, Server
 
 
 class Running:
@@ -54,12 +53,8 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    from crossvit.export.onnx import BatchRange, export_onnx
-    from crossvit.model import load_model
-
-    return export_onnx(load_model(name="crossvit_digits"), tmp_path_factory.mktemp("serve") / "digits.onnx",
-                       batch=BatchRange(1, 64)).path
+def onnx_path(digits_onnx):
+    return digits_onnx
 
 
 @pytest.fixture(scope="module")
@@ -650,12 +645,19 @@ class _Slow:
 
     def __init__(self, session, seconds):
         self.session, self.seconds = session, seconds
+        self.calls = []  # (start, end) of each call, time.monotonic()
+        self.started = threading.Event()
 
     def __call__(self, x):
-        time.sleep(self.seconds)
-        if (x == 123.0).any():
-            raise RuntimeError("backend exploded")
-        return self.original(x)
+        start = time.monotonic()
+        self.started.set()
+        time.sleep(self.seconds)  # the backend's compute
+        try:
+            if (x == 123.0).any():
+                raise RuntimeError("backend exploded")
+            return self.original(x)
+        finally:
+            self.calls.append((start, time.monotonic()))
 
 
 def _slow(running, seconds):
@@ -714,19 +716,19 @@ def test_short_lone_batches_run_on_the_event_loop_and_slow_ones_in_the_worker(on
 
 def test_the_batching_delay_counts_from_arrival(onnx_path):
     """--max-delay-ms bounds a request's wait for company from when it arrived (Triton's
-    max_queue_delay): B, which waited out A's compute in the queue, runs at once after A."""
-    s = Running(onnx_path, max_batch=4, max_delay_ms=500)
-    _slow(s, 0.6)
+    max_queue_delay): B, which waited out A's compute in the queue, runs at once after A
+    (held again, it would start a whole delay later)."""
+    s = Running(onnx_path, max_batch=4, max_delay_ms=1000)
+    slow = _slow(s, 2.5)
     try:
         client = httpclient.InferenceServerClient(s.http, concurrency=2)
-        a = client.async_infer("crossvit_digits", [_input(_x(1))])  # waits 0.5 s alone, then 0.6 s
-        time.sleep(0.6)
-        t0 = time.monotonic()
+        a = client.async_infer("crossvit_digits", [_input(_x(1))])  # waits 1 s alone, then 2.5 s
+        assert slow.started.wait(60)  # A's compute has begun
         b = client.async_infer("crossvit_digits", [_input(_x(1, 1))])  # arrives during A's compute
         a.get_result()
         b.get_result()
-        waited = time.monotonic() - t0
-        assert waited < 1.35, f"B took {waited:.2f} s: held again after waiting out A"  # held again: ~1.6 s
+        (_, a_end), (b_start, _) = slow.calls
+        assert b_start - a_end < 0.8, f"B started {b_start - a_end:.2f} s after A: held again after waiting out A"
     finally:
         s.stop()
 
@@ -759,7 +761,10 @@ def test_shutdown_answers_the_requests_in_flight_then_refuses(onnx_path):
     threads = [threading.Thread(target=lambda: codes.append(s.raw("POST", INFER, _json())[0])) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.2)  # all four accepted and waiting
+    deadline = time.monotonic() + 60
+    while s.server.service.batcher.pending < 4:  # all four accepted: queued or computing
+        assert time.monotonic() < deadline, "the four requests never reached the queue"
+        time.sleep(0.01)
     s.stop()
     for t in threads:
         t.join(30)
@@ -771,11 +776,13 @@ def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monke
     its answer never came and the server never exited. Now it is answered, then the server stops."""
     s = Running(onnx_path)
     real = s.server.session.preprocessor
+    decoding = threading.Event()
 
     class Slow:
         input_size = real.input_size
 
         def __call__(self, data):
+            decoding.set()
             time.sleep(0.15)
             return real(data)
 
@@ -785,7 +792,7 @@ def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monke
     inp = httpclient.InferInput("images", [4], "BYTES")
     inp.set_data_from_numpy(images)
     pending = httpclient.InferenceServerClient(s.http).async_infer("crossvit_digits", [inp])
-    time.sleep(0.2)  # accepted, decoding (0.6 s)
+    assert decoding.wait(60)  # accepted, decoding (0.6 s)
     stopper = threading.Thread(target=s.stop)
     stopper.start()
     assert pending.get_result().as_numpy("logits").shape == (4, 10)
@@ -795,7 +802,7 @@ def test_shutdown_waits_for_a_request_still_decoding_its_images(onnx_path, monke
 
 # -- HTTP read limits: header size, header and body deadlines, the drain's end -----------------------
 
-def _connect(running) -> "socket.socket":
+def _connect(running):
     import socket
 
     return socket.create_connection(("127.0.0.1", running.server.http_port), timeout=5)

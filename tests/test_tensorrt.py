@@ -15,59 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import H100, engine_io, fake_plan
 from crossvit.contract import manifest_path
 from crossvit.errors import ArtifactError, BackendUnavailable, ExportError
-from crossvit.export.engine import (BuildOptions, Profile, check_buildable, check_device, check_options,
-                                    engine_manifest, write_plan)
+from crossvit.export.engine import BuildOptions, Profile, check_buildable, check_device, check_options
 from crossvit.install import pip_install
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.gpu import CudaDevice
 from crossvit.runtime.tensorrt import manifest_mismatch, verify_io
-from crossvit.runtime.trt_library import TENSORRT, TENSORRT_RTX, get_library
+from crossvit.runtime.trt_library import TENSORRT, TENSORRT_RTX
 
-H100 = CudaDevice(0, "NVIDIA H100 80GB HBM3", (9, 0), "12.8", "12.8")
 L4 = CudaDevice(0, "NVIDIA L4", (8, 9), "12.8", "12.8")
 A10 = CudaDevice(0, "NVIDIA A10", (8, 6), "12.8", "12.8")
 T4 = CudaDevice(0, "Tesla T4", (7, 5), "12.8", "12.8")
 V100 = CudaDevice(0, "Tesla V100", (7, 0), "12.8", "12.8")
-
-
-@pytest.fixture(scope="module")
-def digits_onnx(tmp_path_factory):
-    from crossvit.export.onnx import BatchRange, export_onnx
-    from crossvit.model import load_model
-
-    path = tmp_path_factory.mktemp("trt") / "digits.onnx"
-    return export_onnx(load_model(name="crossvit_digits"), path, batch=BatchRange(1, 64)).path
-
-
-def _io(info, profile=Profile(1, 8, 64), **change):
-    c, h, w = info.input_shape
-    io = [{"name": "input", "mode": "input", "dtype": "float32", "shape": [-1, c, h, w],
-           "profile": [[profile.min, c, h, w], [profile.opt, c, h, w], [profile.max, c, h, w]]},
-          {"name": "logits", "mode": "output", "dtype": "float32", "shape": [-1, info.num_classes]}]
-    for key, value in change.items():
-        which, field = key.split("__")
-        io[0 if which == "in" else 1][field] = value
-    return io
-
-
-def _fake_plan(onnx_path: Path, folder: Path, *, device=H100, trt="10.13.0.35", library="tensorrt",
-               targets=(), **options) -> Path:
-    """A plan file (not a real engine) with a real manifest, as `crossvit build` writes them."""
-    import hashlib
-
-    from crossvit.contract import sha256_file
-
-    info = read_artifact(onnx_path)
-    profile = Profile(1, 8, 64)
-    body = b"not a real engine"
-    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), plan_sha256=hashlib.sha256(body).hexdigest(),
-                               profile=profile, io=_io(info), library=get_library(library), version=trt,
-                               targets=list(targets), device=device, options=BuildOptions(**options), seconds=1.0)
-    plan = folder / "digits.plan"
-    write_plan(plan, body, manifest)
-    return plan
 
 
 # -- the profile and the options ---------------------------------------------------------------
@@ -138,7 +99,7 @@ def test_precisions_need_a_gpu_that_computes_in_them(precision, device, ok):
 
 def test_verify_io_accepts_the_engine_the_onnx_describes(digits_onnx):
     info = read_artifact(digits_onnx)
-    verify_io(_io(info), info, (1, 8, 64), ExportError)
+    verify_io(engine_io(info), info, (1, 8, 64), ExportError)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -152,13 +113,13 @@ def test_verify_io_accepts_the_engine_the_onnx_describes(digits_onnx):
 def test_verify_io_refuses_a_different_engine(digits_onnx, change, words):
     info = read_artifact(digits_onnx)
     with pytest.raises(ExportError, match=words):
-        verify_io(_io(info, **change), info, (1, 8, 64), ExportError)
+        verify_io(engine_io(info, **change), info, (1, 8, 64), ExportError)
 
 
 # -- the manifest --------------------------------------------------------------------------------
 
 def test_manifest_holds_everything_the_runtime_needs(digits_onnx, tmp_path):
-    plan = _fake_plan(digits_onnx, tmp_path, hardware_compat="ampere+", version_compatible=True)
+    plan = fake_plan(digits_onnx, tmp_path, hardware_compat="ampere+", version_compatible=True)
     m = json.loads(manifest_path(plan).read_text())
     assert m["format"] == "crossvit-engine" and m["precision"] == "fp32"
     assert m["batch"] == {"min": 1, "opt": 8, "max": 64}
@@ -176,7 +137,7 @@ def test_manifest_holds_everything_the_runtime_needs(digits_onnx, tmp_path):
 
 
 def test_plan_without_manifest_or_with_a_broken_one_is_refused(digits_onnx, tmp_path):
-    plan = _fake_plan(digits_onnx, tmp_path)
+    plan = fake_plan(digits_onnx, tmp_path)
     manifest_path(plan).write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         read_artifact(plan)
@@ -204,7 +165,7 @@ def test_plan_without_manifest_or_with_a_broken_one_is_refused(digits_onnx, tmp_
 ])
 def test_manifest_mismatch_names_both_sides(digits_onnx, tmp_path, built, here, trt_built, trt_here, options,
                                             words):
-    plan = _fake_plan(digits_onnx, tmp_path, device=built, trt=trt_built, **options)
+    plan = fake_plan(digits_onnx, tmp_path, device=built, trt=trt_built, **options)
     reason = manifest_mismatch(read_artifact(plan).raw, here, TENSORRT, trt_here)
     if words is None:
         assert reason is None
@@ -215,7 +176,7 @@ def test_manifest_mismatch_names_both_sides(digits_onnx, tmp_path, built, here, 
 
 def test_ampere_plus_plans_need_a_gpu_that_computes_in_their_precision(digits_onnx, tmp_path):
     """An ampere+ plan loads on any GPU >= 8.0, except where its precision needs more (fp8: 8.9)."""
-    plan = _fake_plan(digits_onnx, tmp_path, device=H100, hardware_compat="ampere+")
+    plan = fake_plan(digits_onnx, tmp_path, device=H100, hardware_compat="ampere+")
     manifest = read_artifact(plan).raw
     assert manifest_mismatch(manifest, A10, TENSORRT, "10.13.0.35") is None
     manifest["precision"] = "fp8"
@@ -224,7 +185,7 @@ def test_ampere_plus_plans_need_a_gpu_that_computes_in_their_precision(digits_on
 
 
 def test_rtx_plans_run_only_on_their_library_and_target_gpus(digits_onnx, tmp_path):
-    plan = _fake_plan(digits_onnx, tmp_path, device=None, trt="1.7.1.116", library="tensorrt-rtx",
+    plan = fake_plan(digits_onnx, tmp_path, device=None, trt="1.7.1.116", library="tensorrt-rtx",
                       targets=[(8, 6), (8, 9)])
     manifest = read_artifact(plan).raw
     assert manifest_mismatch(manifest, A10, TENSORRT_RTX, "1.7.1.116") is None
@@ -246,7 +207,7 @@ def test_rtx_plans_run_only_on_their_library_and_target_gpus(digits_onnx, tmp_pa
 def test_backends_run_only_their_kind_of_artifact(digits_onnx, tmp_path):
     from crossvit.runtime.session import open_session
 
-    plan = _fake_plan(digits_onnx, tmp_path)
+    plan = fake_plan(digits_onnx, tmp_path)
     with pytest.raises(ArtifactError, match="the tensorrt backend runs TensorRT engines"):
         open_session(digits_onnx, backend="tensorrt")
     with pytest.raises(ArtifactError, match="the onnxruntime backend runs .onnx files, not .plan"):
@@ -265,7 +226,7 @@ def test_a_plan_that_cannot_run_here_falls_back_to_its_onnx_with_the_reason(digi
 
     onnx_copy = tmp_path / "digits.onnx"
     shutil.copy(digits_onnx, onnx_copy)
-    plan = _fake_plan(onnx_copy, tmp_path)
+    plan = fake_plan(onnx_copy, tmp_path)
     with caplog.at_level(logging.WARNING, logger="crossvit.runtime"):
         with open_session(plan) as s:  # no GPU or no TensorRT here
             assert s.backend == "onnxruntime" and s.info.path == onnx_copy
@@ -305,7 +266,7 @@ def test_build_with_a_gpu_but_no_tensorrt_library_names_both_install_routes(digi
 
 @pytest.mark.no_gpu
 def test_check_on_a_plan_without_gpu_is_not_run_with_the_reason(digits_onnx, tmp_path, cli):
-    plan = _fake_plan(digits_onnx, tmp_path)
+    plan = fake_plan(digits_onnx, tmp_path)
     proc = cli("check", plan, "--batch-sizes", "2")
     assert proc.returncode == 4 and "NOT RUN" in proc.stdout, proc.stdout + proc.stderr
 
@@ -855,7 +816,7 @@ def test_an_rtx_plan_on_a_hopper_gpu_is_refused_for_the_gpu_even_without_the_lib
     import crossvit.runtime.tensorrt as session_module
     from crossvit.runtime.session import open_session
 
-    plan = _fake_plan(digits_onnx, tmp_path, device=None, trt="1.7.1.116", library="tensorrt-rtx",
+    plan = fake_plan(digits_onnx, tmp_path, device=None, trt="1.7.1.116", library="tensorrt-rtx",
                       targets=[(8, 0), (8, 6), (8, 9), (12, 0), (12, 1)])
     monkeypatch.setattr(session_module, "cuda_device", lambda: H100)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)

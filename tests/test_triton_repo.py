@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossvit.contract import manifest_path, read_onnx_metadata, sha256_file, write_onnx_metadata
+from conftest import fake_plan, rewrite_onnx_metadata
+from crossvit.contract import manifest_path
 from crossvit.errors import ArtifactError, ConfigError, CrossViTError, ExportError, OutputError
 from crossvit.export import triton
-from crossvit.export.engine import BuildOptions, Profile, engine_manifest, write_plan
+from crossvit.export.engine import Profile
 from crossvit.export.triton import (add_parser, cmd_triton_repo, parse_batch_list, render_inference_service,
                                     write_triton_repo)
 from crossvit.runtime.artifact import read_artifact
-from crossvit.runtime.gpu import CudaDevice
 
-H100 = CudaDevice(0, "NVIDIA H100 80GB HBM3", (9, 0), "12.8", "12.8")
 
 
 def parse_config(path: Path):
@@ -30,39 +29,6 @@ def parse_config(path: Path):
         pytest.fail(f"tritonclient is not installed ({e}): "
                     "pip install 'tritonclient[grpc]==2.73.0' 'protobuf>=6.33.5,<7'")
     return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()), model_config_pb2
-
-
-def fake_plan(onnx_path: Path, folder: Path, profile: Profile = Profile(1, 4, 8), **options) -> Path:
-    """A plan file (not a real engine) with a real manifest, as `crossvit build` writes them."""
-    info = read_artifact(onnx_path)
-    c, h, w = info.input_shape
-    io = [{"name": "input", "mode": "input", "dtype": "float32", "shape": [-1, c, h, w],
-           "profile": [[profile.min, c, h, w], [profile.opt, c, h, w], [profile.max, c, h, w]]},
-          {"name": "logits", "mode": "output", "dtype": "float32", "shape": [-1, info.num_classes]}]
-    import hashlib
-
-    from crossvit.runtime.trt_library import TENSORRT
-
-    body = b"not a real engine"
-    manifest = engine_manifest(info, onnx_sha256=sha256_file(onnx_path), plan_sha256=hashlib.sha256(body).hexdigest(),
-                               profile=profile, io=io, library=TENSORRT, version="10.13.0.35", targets=[],
-                               device=H100, options=BuildOptions(**options), seconds=1.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = folder / "small.plan"
-    write_plan(plan, body, manifest)
-    return plan
-
-
-def rewrite(src: Path, dst: Path, change) -> Path:
-    """A copy of the ONNX `src` after `change(meta, proto)`."""
-    import onnx
-
-    meta, _ = read_onnx_metadata(src)
-    proto = onnx.load(str(src))
-    change(meta, proto)
-    write_onnx_metadata(proto, meta)
-    onnx.save(proto, str(dst))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +152,13 @@ def test_labels_are_written_verbatim_and_line_breaks_refused(small_onnx, tmp_pat
     def set_labels(values):
         return lambda meta, proto: meta["model"].__setitem__("labels", values)
 
-    src = rewrite(small_onnx, tmp_path / "odd.onnx", set_labels(labels))
+    src = rewrite_onnx_metadata(small_onnx, tmp_path / "odd.onnx", set_labels(labels))
     out = write_triton_repo(src, tmp_path / "repo")
     assert (out / "odd" / "labels.txt").read_text(encoding="utf-8") == "".join(f"{label}\n" for label in labels)
     cfg, _ = parse_config(out / "odd" / "config.pbtxt")
     assert list(cfg.output[0].dims) == [10]
     for bad in ("two\nlines", "carriage\rreturn", "trailing\n"):
-        src = rewrite(small_onnx, tmp_path / "bad.onnx", set_labels([bad, *labels[1:]]))
+        src = rewrite_onnx_metadata(small_onnx, tmp_path / "bad.onnx", set_labels([bad, *labels[1:]]))
         with pytest.raises(ArtifactError, match="line break"):
             write_triton_repo(src, tmp_path / "bad-repo")
         assert not (tmp_path / "bad-repo").exists()
@@ -207,7 +173,7 @@ def test_batches_triton_cannot_send_are_refused(small_onnx, tmp_path):
         proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
 
     for change in (min_two, fixed):
-        src = rewrite(small_onnx, tmp_path / "b.onnx", change)
+        src = rewrite_onnx_metadata(small_onnx, tmp_path / "b.onnx", change)
         with pytest.raises(ExportError, match="Triton batches requests from 1 up"):
             write_triton_repo(src, tmp_path / "repo")
 
@@ -215,7 +181,7 @@ def test_batches_triton_cannot_send_are_refused(small_onnx, tmp_path):
 # -- plans -----------------------------------------------------------------------------------
 
 def test_plan_repository_uses_the_profile_and_a_gpu(small_onnx, tmp_path):
-    plan = fake_plan(small_onnx, tmp_path / "plans")
+    plan = fake_plan(small_onnx, tmp_path / "plans", profile=Profile(1, 4, 8))
     out = write_triton_repo(plan, tmp_path / "repo", instances=2)
     info = read_artifact(plan)
     cfg, pb = parse_config(out / "small" / "config.pbtxt")
@@ -238,14 +204,14 @@ def test_plan_repository_uses_the_profile_and_a_gpu(small_onnx, tmp_path):
 
 
 def test_version_compatible_plan_tells_triton_how_to_load_it(small_onnx, tmp_path):
-    plan = fake_plan(small_onnx, tmp_path / "plans", version_compatible=True)
+    plan = fake_plan(small_onnx, tmp_path / "plans", profile=Profile(1, 4, 8), version_compatible=True)
     out = write_triton_repo(plan, tmp_path / "repo")
     assert "--backend-config=tensorrt,version-compatible=true" in (out / "small" / "config.pbtxt").read_text()
     assert '- "--backend-config=tensorrt,version-compatible=true"' in (out / "inferenceservice.yaml").read_text()
 
 
 def test_plan_refusals(small_onnx, tmp_path):
-    plan = fake_plan(small_onnx, tmp_path / "plans")
+    plan = fake_plan(small_onnx, tmp_path / "plans", profile=Profile(1, 4, 8))
     with pytest.raises(ConfigError, match="TensorRT engine already"):
         write_triton_repo(plan, tmp_path / "repo", tensorrt_accelerator="fp16")
     with pytest.raises(ConfigError, match=r"--max-batch 16 is outside the plan's profile 1..8"):
