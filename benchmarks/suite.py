@@ -137,40 +137,75 @@ def model_gflops(model: torch.nn.Module) -> float:
 def gemm_rates(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict[str, float]:
     """Square n x n GEMM rates through each library and precision, in GFLOP/s (best of turns).
 
-    On a GPU: PyTorch's fp32 (TF32 off), tf32, fp16 and bf16 matmuls at n = 8192."""
+    A product this machine runs slowly (torch int8 without VNNI: ~1 GFLOP/s, 13 s a call at n = 2048)
+    is measured at the largest size up to n whose call takes at most GEMM_CALL_S (`_fit_size`): a slow
+    path is no limit worth minutes. On a GPU: PyTorch's fp32 (TF32 off), tf32, fp16 and bf16 matmuls
+    at n = 8192."""
     if device != "cpu":
         return _gpu_gemm_rates(device, seconds)
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    flops = 2 * n**3
     rng = np.random.default_rng(0)
-    a32, b32 = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ta, tb = torch.from_numpy(a32), torch.from_numpy(b32)
-    fns: dict[str, Callable] = {"torch fp32": lambda: ta @ tb}
+
+    def torch_mm(dtype):
+        def build(m: int):
+            a, b = (torch.from_numpy(rng.standard_normal((m, m), dtype=np.float32)).to(dtype) for _ in range(2))
+            return lambda: a @ b
+        return build
+
+    def session(op: str, dtype, b_dtype=None):
+        def build(m: int):
+            graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+                                      [helper.make_tensor_value_info("a", dtype, [m, m]),
+                                       helper.make_tensor_value_info("b", b_dtype or dtype, [m, m])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT if op == "MatMul"
+                                                                     else TensorProto.INT32, [m, m])])
+            proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            if op == "MatMul":
+                inputs = {k: rng.standard_normal((m, m), dtype=np.float32) for k in "ab"}
+            else:  # uint8 activations x int8 weights: what int8-cpu's MatMulInteger runs (VNNI's u8 x s8
+                # product; u8 x u8 takes a path half as fast on AVX-512 VNNI)
+                inputs = {"a": rng.integers(0, 255, (m, m), dtype=np.uint8),
+                          "b": rng.integers(-127, 127, (m, m), dtype=np.int8)}
+            return lambda: s.run(None, inputs)
+        return build
+
+    builders = {"torch fp32": torch_mm(torch.float32)}
     if has_bf16():
-        ha, hb = ta.bfloat16(), tb.bfloat16()
-        fns["torch bf16"] = lambda: ha @ hb
-    _add_if_it_runs(fns, "torch int8", _int8_matmul(n, "cpu"))
-
-    def session(op: str, dtype, inputs, b_dtype=None):
-        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
-                                  [helper.make_tensor_value_info("a", dtype, [n, n]),
-                                   helper.make_tensor_value_info("b", b_dtype or dtype, [n, n])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT if op == "MatMul"
-                                                                 else TensorProto.INT32, [n, n])])
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        return lambda: s.run(None, inputs)
-
-    fns["onnxruntime fp32"] = session("MatMul", TensorProto.FLOAT, {"a": a32, "b": b32})
-    # uint8 activations x int8 weights: what int8-cpu's MatMulInteger runs (VNNI's u8 x s8 product;
-    # u8 x u8 takes a path half as fast on AVX-512 VNNI)
-    u8a = rng.integers(0, 255, (n, n), dtype=np.uint8)
-    s8b = rng.integers(-127, 127, (n, n), dtype=np.int8)
-    fns["onnxruntime int8"] = session("MatMulInteger", TensorProto.UINT8, {"a": u8a, "b": s8b}, TensorProto.INT8)
+        builders["torch bf16"] = torch_mm(torch.bfloat16)
+    builders["torch int8"] = lambda m: _int8_matmul(m, "cpu")
+    builders["onnxruntime fp32"] = session("MatMul", TensorProto.FLOAT)
+    builders["onnxruntime int8"] = session("MatMulInteger", TensorProto.UINT8, TensorProto.INT8)
+    fns, sizes = {}, {}
+    for key, build in builders.items():
+        fitted = _fit_size(build, n)
+        if fitted is not None:  # None: no kernel for it here
+            fns[key], sizes[key] = fitted
     lat = measure_interleaved(fns, batch=1, runs=10, max_seconds=seconds * 3)
-    return {k: flops / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
+    return {k: 2 * sizes[k] ** 3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
+
+
+GEMM_CALL_S = 0.5  # the longest one GEMM call of the CPU rate probes may take
+
+
+def _fit_size(build: Callable[[int], Callable], n: int, smallest: int = 256) -> tuple[Callable, int] | None:
+    """(the product at the largest size m <= n, doubling from `smallest`, whose call is expected to take
+    at most GEMM_CALL_S, m), from one timed call at `smallest` (after one untimed call); None when the
+    product fails here (a private API, a build without that kernel)."""
+    try:
+        fn = build(smallest)
+        fn()
+        start = time.perf_counter()
+        fn()
+        t = time.perf_counter() - start
+    except Exception:
+        return None
+    m = smallest
+    while m * 2 <= n and t * (m * 2 / smallest) ** 3 <= GEMM_CALL_S:
+        m *= 2
+    return (fn if m == smallest else build(m)), m
 
 
 def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, float]:

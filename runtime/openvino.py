@@ -21,7 +21,7 @@ from crossvit.errors import ArtifactError, BackendUnavailable
 from crossvit.install import pip_install
 
 from .artifact import ArtifactInfo
-from .session import Session, intra_op_threads
+from .base import Session, intra_op_threads
 
 # file precision -> the inference-precision hints that may run it
 HINTS = {"fp32": ("fp32", "bf16"), "int8-ov": ("fp32",)}

@@ -33,7 +33,7 @@ from crossvit.errors import ArtifactError, BackendUnavailable, CrossViTError
 
 from .artifact import ArtifactInfo
 from .gpu import CudaDevice, check, cuda_device, cudart
-from .session import Session
+from .base import Session
 from .trt_library import (MIN_COMPUTE_CAPABILITY, TensorRTLibrary, cc_text, library_of, message_mark,
                           recent_messages, trt_logger)
 
