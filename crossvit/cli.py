@@ -228,6 +228,8 @@ def cmd_predict(args) -> int:
             print(f"# {printable(session.info.path.name)} on {session.describe()}", file=sys.stderr)
         if session.chosen:
             print(f"# running {printable(session.chosen)}; --exact runs the file given", file=sys.stderr)
+        elif session.passed_over:  # other CPU paths lie beside the file: why none of them runs
+            print(f"# running {printable(session.passed_over)}", file=sys.stderr)
         step = args.batch or min(session.info.batch_max, 32)
         for start in range(0, len(files), step):
             if len(files) > step:
@@ -372,16 +374,16 @@ def cmd_deploy(args) -> int:
 
 def _say_cpu_path(out: Path) -> None:
     """What `predict`/`serve` of each fp32 file here will run on this CPU (open_session's choice)."""
-    from crossvit.runtime.cpu_choice import choose_cpu_path
+    from crossvit.runtime.cpu_choice import decide_cpu_path
 
     for fp32 in sorted(out.glob("*.fp32.onnx")):
-        found = choose_cpu_path(fp32)
-        if found:
-            print(f"on this CPU, predict/serve {printable(fp32.name)} run {printable(found[0].label)}: "
-                  f"{found[1]}; --exact runs the fp32 file in ONNX Runtime")
+        candidate, why = decide_cpu_path(fp32)
+        if candidate is not None:
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run {printable(candidate.label)}: "
+                  f"{printable(why)}; --exact runs the fp32 file in ONNX Runtime")
         else:
-            print(f"on this CPU, predict/serve {printable(fp32.name)} run it as is in ONNX Runtime: no other CPU "
-                  "path passed its gate")
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run it as is in ONNX Runtime: "
+                  f"{printable(why or 'no other CPU path beside it')}")
 
 
 # -- parser ---------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class Server:
                                     **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
+        elif self.session.passed_over:  # other CPU paths lie beside the file: why none of them runs
+            self.say(f"running {self.session.passed_over}")
         info = self.session.info
         if options.max_batch is not None and options.max_batch > info.batch_max:  # as triton-repo refuses it
             self.session.close()
