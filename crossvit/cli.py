@@ -135,14 +135,18 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from crossvit.contract import check_output_path, get_precision, temporary_folder
     from crossvit.errors import ExportError
-    from crossvit.export.onnx import SUPPORTED_OPSETS, BatchRange, export_onnx
+    from crossvit.export.onnx import SUPPORTED_OPSETS, export_onnx
 
-    batch = BatchRange.parse(args.batch)
+    batch = _batch_range(args.batch)
     if args.opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {args.opset} is not supported by the exporter (supported: "
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
     out: Path = check_output_path(args.output, suffix=".onnx")  # before any work
     precision = get_precision(args.precision)
+    if precision.name != "fp32":  # a missing ModelOpt/NNCF is said before the fp32 export, not after it
+        from crossvit.export.precision import require_toolchain
+
+        require_toolchain(precision.name)
     loaded = _load(args)
     if precision.name == "fp32":
         result = export_onnx(loaded, out, batch=batch, opset=args.opset, progress=_say)
@@ -222,6 +226,7 @@ def cmd_predict(args) -> int:
         else:
             files.append(item)  # missing or bad files are reported per file, after the rest
     failed = 0
+    width = max((len(printable(str(f))) for f in files), default=0)  # the file column, as wide as its longest name
     with open_session(args.artifact, backend=args.backend, device=args.device, exact=args.exact) as session:
         _warn_random(session.info.random_weights, args.artifact.name)
         if not args.json:
@@ -231,6 +236,8 @@ def cmd_predict(args) -> int:
         elif session.passed_over:  # other CPU paths lie beside the file: why none of them runs
             print(f"# running {printable(session.passed_over)}", file=sys.stderr)
         step = args.batch or min(session.info.batch_max, 32)
+        # each label as wide as the longest (up to 30 characters), so the columns line up
+        label_width = min(30, max((len(printable(str(l))) for l in session.labels), default=0))
         for start in range(0, len(files), step):
             if len(files) > step:
                 _say(f"{min(start + step, len(files))}/{len(files)} images")
@@ -239,10 +246,10 @@ def cmd_predict(args) -> int:
                 if args.json:
                     print(to_json(p.to_dict()), flush=True)
                 elif p.ok:
-                    tops = "  ".join(f"{printable(l)} {pr:6.2%}" for l, pr in zip(p.labels, p.probs))
-                    print(f"{printable(p.source)}  {tops}", flush=True)
+                    tops = "  ".join(f"{printable(l):<{label_width}} {pr:7.2%}" for l, pr in zip(p.labels, p.probs))
+                    print(f"{printable(p.source):<{width}}  {tops}", flush=True)
                 else:
-                    print(f"{printable(p.source)}  ERROR: {printable(p.error)}", flush=True)
+                    print(f"{printable(p.source):<{width}}  ERROR: {printable(p.error)}", flush=True)
     if failed:
         print(f"crossvit predict: {failed} of {len(files)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
@@ -308,6 +315,17 @@ def cmd_bench(args) -> int:
     return bench(args, _say)
 
 
+def _batch_range(text: str):
+    """--batch MIN:MAX as a BatchRange; a malformed one is a usage error (exit 2, as the README says)."""
+    from crossvit.errors import ExportError, UsageError
+    from crossvit.export.onnx import BatchRange
+
+    try:
+        return BatchRange.parse(text)
+    except ExportError as e:
+        raise UsageError(str(e) if str(e).startswith("--batch") else f"--batch {text}: {e}") from None
+
+
 def _batch_list(text: str) -> list[int]:
     try:
         sizes = _batch_sizes(text)
@@ -342,7 +360,6 @@ def _precision_list(text: str) -> list[str]:
 
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
-    from crossvit.export.onnx import BatchRange
     from crossvit.pipeline import deploy, retune
 
     if args.retune:
@@ -357,7 +374,7 @@ def cmd_deploy(args) -> int:
     unknown = [v for v in variants if v not in VARIANT_NAMES]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANT_NAMES)}")
-    batch = BatchRange.parse(args.batch)
+    batch = _batch_range(args.batch)
     check_output_dir(args.output)
     loaded = _load(args)
     result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
@@ -569,9 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_triton_repo(sub)
 
-    p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
+    p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary",
+                       description="The whole path into one folder: export the fp32 ONNX, build the precision "
+                                   "variants, gate each (random inputs and real images; a report beside each "
+                                   "file), build TensorRT engines where a TensorRT library is installed, time every "
+                                   "CPU path against PyTorch eager in interleaved turns, record the fastest gated "
+                                   "one for this CPU (NAME.cpu.json, which predict/serve run), and write "
+                                   "DIR/summary.json. Exit 0, or 2 when a file failed its gate.")
     _add_model_source(p)
-    p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
+    p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR",
+                   help="output folder (default deploy-out); files in it this run did not write are named in a "
+                        "warning")
     p.add_argument("--variants", default=None, metavar=",".join(VARIANT_NAMES),
                    help="precision variants to build (default: all of them)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")

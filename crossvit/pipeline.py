@@ -318,6 +318,26 @@ def _x(v: float | None) -> str:
     return f"{v:.2f}x" if v else "no ratio"
 
 
+def pick_cpu_path(gated: list[Row]) -> tuple[Row, list[str]]:
+    """The fastest of the gated, timed CPU-path rows (the lowest product of its medians at batch 1
+    and the bench batch), and the labels of those among them whose turns disagreed (noisy): a
+    choice made over them is one the machine's other work may have made."""
+    best = min(gated, key=lambda r: r.latency["p50_ms"] * r.latency_b1["p50_ms"])
+    noisy = [r.candidate.label for r in gated
+             if max(r.latency.get("spread") or 0, r.latency_b1.get("spread") or 0) > SPREAD_WARNING]
+    return best, noisy
+
+
+def noisy_choice(noisy: list[str], folder: Path) -> str:
+    return (f"the CPU choice was decided on noisy timings (the turns of {', '.join(noisy)} disagreed by over "
+            f"{SPREAD_WARNING:.0%}): run `crossvit deploy --retune -o {folder}` on a quiet machine")
+
+
+def choice_line(fp32: Path, best: Row, batch: int, cpu: str, record: str) -> str:
+    return (f"CPU path for {fp32.name}: {best.candidate.label}, {_x(best.speedup_b1)} PyTorch eager at batch 1 "
+            f"and {_x(best.speedup)} at batch {batch} on {cpu} (recorded in {record})")
+
+
 def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):
     """The fastest gated CPU path: the lowest product of its median latencies at batch 1 and
     `batch`, measured here side by side (the best geometric mean of its two ratios to PyTorch
@@ -337,10 +357,8 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         say("no CPU path passed its gate and was timed: predict/serve run the fp32 file in ONNX Runtime")
         path.unlink(missing_ok=True)  # an old choice is about other measurements
         return None
-    best = min(gated, key=lambda r: r.latency["p50_ms"] * r.latency_b1["p50_ms"])
+    best, noisy = pick_cpu_path(gated)
     best.note = f"CHOSEN for this CPU; {best.note}"
-    noisy = [r.candidate.label for r in gated
-             if max(r.latency.get("spread") or 0, r.latency_b1.get("spread") or 0) > SPREAD_WARNING]
     fingerprint = cpu_fingerprint()
     record = {
         "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},
@@ -357,11 +375,9 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         "machine": machine_description()}
     text = to_json(record, indent=2)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-    line = (f"CPU path for {fp32.name}: {best.candidate.label}, {_x(best.speedup_b1)} PyTorch eager at batch 1 "
-            f"and {_x(best.speedup)} at batch {batch} on {describe_fingerprint(fingerprint)} (recorded in {path.name})")
+    line = choice_line(fp32, best, batch, describe_fingerprint(fingerprint), path.name)
     if noisy:
-        why = (f"the CPU choice was decided on noisy timings (the turns of {', '.join(noisy)} disagreed by over "
-               f"{SPREAD_WARNING:.0%}): run `crossvit deploy --retune -o {fp32.parent}` on a quiet machine")
+        why = noisy_choice(noisy, fp32.parent)
         line += f"; {why}"
         result.warnings.append(why)
     result.cpu_path = line
@@ -415,6 +431,20 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     return result
 
 
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """The files in `folder` with (inode, mtime in ns): a file this run writes (atomically, by a
+    rename) changes both."""
+    out = {}
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            out[p.name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
 def _warn_noisy(result: DeployResult) -> None:
     """One warning for the noisy latency rows, naming the load average seen after timing."""
     from crossvit.benchmarks.latency import noisy_rows_note
@@ -453,6 +483,7 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     out = check_output_dir(out_dir)
     _check_folders(calibration=calibration, images=images)  # before anything is written, not at stage 2 or 3
     out.mkdir(parents=True, exist_ok=True)
+    before = _files(out)
     name = loaded.info.name or (loaded.source.stem if loaded.source else "model")
     result = DeployResult(out_dir=out)
     if loaded.info.random_weights:
@@ -474,6 +505,13 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     say(f"[6/{STAGES}] the CPU path for this machine")
     choice_stage(fp32, result.rows, bench_batch, result, say)
     _warn_noisy(result)
+    stale = sorted(n for n, stamp in _files(out).items() if before.get(n) == stamp and n != "summary.json")
+    if stale:
+        shown = ", ".join(stale[:6]) + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
+        line = (f"{out} holds {len(stale)} file(s) this run did not write (an earlier run's?): {shown}; they are "
+                "not part of this run's results: remove them or deploy into an empty folder")
+        result.warnings.append(line)
+        say(f"WARNING: {line}")
     result.seconds = time.perf_counter() - start
     text = to_json(result.to_dict(), indent=2)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))
