@@ -135,9 +135,9 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from crossvit.contract import check_output_path, get_precision, temporary_folder
     from crossvit.errors import ExportError
-    from crossvit.export.onnx import SUPPORTED_OPSETS, export_onnx
+    from crossvit.export.onnx import SUPPORTED_OPSETS, BatchRange, export_onnx
 
-    batch = _batch_range(args.batch)
+    batch = BatchRange.parse(args.batch)
     if args.opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {args.opset} is not supported by the exporter (supported: "
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
@@ -315,17 +315,6 @@ def cmd_bench(args) -> int:
     return bench(args, _say)
 
 
-def _batch_range(text: str):
-    """--batch MIN:MAX as a BatchRange; a malformed one is a usage error (exit 2, as the README says)."""
-    from crossvit.errors import ExportError, UsageError
-    from crossvit.export.onnx import BatchRange
-
-    try:
-        return BatchRange.parse(text)
-    except ExportError as e:
-        raise UsageError(str(e) if str(e).startswith("--batch") else f"--batch {text}: {e}") from None
-
-
 def _batch_list(text: str) -> list[int]:
     try:
         sizes = _batch_sizes(text)
@@ -360,6 +349,7 @@ def _precision_list(text: str) -> list[str]:
 
 def cmd_deploy(args) -> int:
     from crossvit.contract import check_output_dir
+    from crossvit.export.onnx import BatchRange
     from crossvit.pipeline import deploy, retune
 
     if args.retune:
@@ -374,7 +364,7 @@ def cmd_deploy(args) -> int:
     unknown = [v for v in variants if v not in VARIANT_NAMES]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANT_NAMES)}")
-    batch = _batch_range(args.batch)
+    batch = BatchRange.parse(args.batch)
     check_output_dir(args.output)
     loaded = _load(args)
     result = deploy(loaded, args.output, variants=variants, calibration=args.calibration, images=args.images,
