@@ -314,10 +314,6 @@ def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, f
             row.note = "; ".join(n for n in (said, row.note) if n)
 
 
-def _x(v: float | None) -> str:
-    return f"{v:.2f}x" if v else "no ratio"
-
-
 def pick_cpu_path(gated: list[Row]) -> tuple[Row, list[str]]:
     """The fastest of the gated, timed CPU-path rows (the lowest product of its medians at batch 1
     and the bench batch), and the labels of those among them whose turns disagreed (noisy): a
@@ -334,8 +330,10 @@ def noisy_choice(noisy: list[str], folder: Path) -> str:
 
 
 def choice_line(fp32: Path, best: Row, batch: int, cpu: str, record: str) -> str:
-    return (f"CPU path for {fp32.name}: {best.candidate.label}, {_x(best.speedup_b1)} PyTorch eager at batch 1 "
-            f"and {_x(best.speedup)} at batch {batch} on {cpu} (recorded in {record})")
+    ratios = " and ".join(f"{v:.2f}x PyTorch eager at batch {b}" if v else
+                          f"no ratio to PyTorch eager at batch {b} (noisy turns)"
+                          for b, v in ((1, best.speedup_b1), (batch, best.speedup)))
+    return f"CPU path for {fp32.name}: {best.candidate.label}, {ratios} on {cpu} (recorded in {record})"
 
 
 def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):

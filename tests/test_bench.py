@@ -482,5 +482,5 @@ def test_deploy_gives_no_ratio_from_noisy_turns_and_its_cpu_choice_says_so(tmp_p
     assert best is noisy and said == [noisy.candidate.label]
     assert pick_cpu_path([quiet]) == (quiet, [])
     line = choice_line(tmp_path / "m.fp32.onnx", best, 8, "this CPU", "m.cpu.json")
-    assert "4.00x PyTorch eager at batch 1 and no ratio at batch 8" in line
+    assert "4.00x PyTorch eager at batch 1 and no ratio to PyTorch eager at batch 8 (noisy turns)" in line
     assert "--retune -o" in noisy_choice(said, tmp_path) and noisy.candidate.label in noisy_choice(said, tmp_path)
