@@ -356,7 +356,7 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         path.unlink(missing_ok=True)  # an old choice is about other measurements
         return None
     best, noisy = pick_cpu_path(gated)
-    best.note = f"CHOSEN for this CPU; {best.note}"
+    best.note = "; ".join(n for n in ("CHOSEN for this CPU", best.note) if n)
     fingerprint = cpu_fingerprint()
     record = {
         "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},

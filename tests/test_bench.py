@@ -430,6 +430,9 @@ def test_bench_prints_no_ratio_for_a_row_whose_turns_or_baselines_disagree():
     quiet = Result("m", 1.0)
     add_rows(quiet, {base: _latency(2.0, 0.1), ort: _latency(0.5, 0.05)}, 1, base)
     assert [r.vs_eager for r in quiet.rows] == [1.0, 4.0] and "4.00x" in quiet.table()
+    capped = Result("m", 1.0)  # timed_s 0.1 s each: --min-time 0.6 was cut short by --max-seconds
+    add_rows(capped, {base: _latency(2.0, 0.1)}, 1, base, min_seconds=0.6)
+    assert capped.rows[0].note == "timed 0.10 s of --min-time 0.6 s (--max-seconds stopped it)"
     noisy_ort = Result("m", 1.0)
     add_rows(noisy_ort, {base: _latency(2.0, 0.1), ort: _latency(0.5, 1.5)}, 1, base)
     row = noisy_ort.rows[1]
