@@ -292,7 +292,8 @@ def test_a_deadline_skips_what_would_not_fit_and_says_so():
 
     result = run(load_model(name="crossvit_digits").model, "digits", [], batch_sizes=[1, 2, 4], runs=3, max_seconds=0.3, deadline=0.0)
     assert {r.batch for r in result.rows} == {1}
-    skips = [n for n in result.notes if not n.startswith("the machine was busy")]  # that note depends on the box
+    skips = [n for n in result.notes  # these two notes depend on the box's load
+             if not n.startswith("the machine was busy") and "row(s) noisy" not in n]
     assert len(skips) == 1 and skips[0].startswith("batch sizes 2, 4 skipped: 0 s left")
     assert "note: batch sizes 2, 4 skipped" in result.table() and result.to_dict()["notes"] == result.notes
 
