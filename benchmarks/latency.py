@@ -26,7 +26,7 @@ from crossvit.errors import CrossViTError
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.cpu_choice import SPEED_FLAGS, cpu_flags, cpu_model
 from crossvit.runtime.session import OnnxRuntimeSession
-from crossvit.runtime.timing import Latency, measure, measure_interleaved
+from crossvit.runtime.timing import SPREAD_WARNING, Latency, measure, measure_interleaved
 
 BASELINE = "torch eager (cpu)"
 
@@ -58,6 +58,28 @@ def busy_machine(machine: dict) -> str | None:
         return (f"the machine was busy when timing began (load average {load:.2f} on {cores} cores): other work "
                 "moves these figures, by 2-3x on a small machine; time again when it is quiet")
     return None
+
+
+def ratio(base: Latency, this: Latency) -> tuple[float | None, str]:
+    """`base` p50 / `this` p50 (how many times faster than the baseline), or None and why not:
+    when the turns of either disagree (`Latency.noisy`), other work on the machine set the
+    figure, and a ratio of it (once 452x, eager at 498 ms under load against 1.2 ms quiet) is no
+    measurement."""
+    noisy = [f"its turns disagree by {this.spread:.0%}"] if this.noisy else []
+    if base.noisy and base is not this:
+        noisy.append(f"the baseline's turns disagree by {base.spread:.0%}")
+    if noisy:
+        return None, " and ".join(noisy) + f" (over {SPREAD_WARNING:.0%})"
+    return (base.p50_ms / this.p50_ms if this.p50_ms > 0 else None), ""
+
+
+def noisy_rows_note(count: int, cores: int | None = None) -> str:
+    """What a run with `count` noisy rows says once, naming the load it saw (os.getloadavg() now,
+    just after timing, beside the one taken before it)."""
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"{count} row(s) noisy: their turns' medians differ by over {SPREAD_WARNING:.0%}, so no ratio is given "
+            f"for them; load average {load} (1 / 5 / 15 min) on {cores or os.cpu_count()} cores after timing: "
+            "other work moved them; time again on a quiet machine")
 
 
 def command_line() -> str:

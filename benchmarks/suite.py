@@ -41,9 +41,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import BASELINE, busy_machine, command_line, machine_description
+from crossvit.benchmarks.latency import (BASELINE, busy_machine, command_line, machine_description, noisy_rows_note,
+                                         ratio)
 from crossvit.runtime.cpu_choice import cpu_flags
-from crossvit.runtime.timing import NOISY, measure_interleaved
+from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
 TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
 PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
@@ -66,11 +67,13 @@ class Row:
     p99_ms: float
     images_per_s: float
     gflops: float  # achieved model GFLOP/s at the median
-    vs_eager: float  # PyTorch eager fp32 p50 / this p50, same batch, same run
+    vs_eager: float | None  # PyTorch eager fp32 p50 / this p50, same batch, same run; None: see no_ratio
     of_peak: float | None  # achieved GFLOP/s / the best measured GEMM rate of its precision
     spread: float  # (max - min) / min of the per-turn medians
     note: str = ""
     runs: int = 0  # timed calls, all turns together
+    timed_s: float = 0.0  # their recorded times summed (what --min-time counts)
+    no_ratio: str = ""  # why vs_eager is None: this row's or the baseline's turns disagree (noisy)
     timer: str = "wall"  # "wall": the host's clock around each call; "cuda-events": the device's (GPU PyTorch rows)
 
 
@@ -93,9 +96,10 @@ class Result:
         lines = [f"{self.model}: {self.gflops_per_image:.2f} GFLOP per image", head, "-" * len(head)]
         for r in self.rows:
             peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
+            vs = f"{r.vs_eager:7.2f}x" if r.vs_eager is not None else f"{'-':>8}"
             lines.append(f"{r.backend:<{wb}} {r.precision:<{wp}} {r.batch:>5} "
                          f"{r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
-                         f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {r.vs_eager:7.2f}x  {r.note}")
+                         f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {vs}  {r.note}".rstrip())
         timers = {r.timer for r in self.rows}
         if timers != {"wall"} and timers:
             lines.append("timed by " + "; ".join(
@@ -484,6 +488,9 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
             last = time.monotonic() - t0 - (sum(cache["compile_s"]) - compiling)
             if on_batch is not None:
                 on_batch(result)
+    noisy = sum(r.spread > SPREAD_WARNING for r in result.rows)
+    if noisy:
+        _note(result, say, noisy_rows_note(noisy, result.machine.get("cores")))
     return result
 
 
@@ -561,18 +568,32 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
         clocks = {key: CudaEvents() for key in torch_keys} if cuda else {}
         lat = _timed(fns, b, runs, max_seconds, sync=torch.cuda.synchronize if cuda else None,
                      min_seconds=min_seconds, clocks=clocks)
-    base = lat[base_key].p50_ms
+    add_rows(result, lat, b, base_key, notes={k: getattr(fn, "note", "") for k, fn in fns.items()},
+             timers={k: c.name for k, c in clocks.items()}, min_seconds=min_seconds)
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def add_rows(result: Result, lat: dict[tuple[str, str], Latency], b: int, base_key: tuple[str, str], *,
+             notes: dict | None = None, timers: dict | None = None, min_seconds: float = 0.0) -> None:
+    """One row per timed backend of batch `b` (`lat`, keyed (backend, precision)). The ratio to
+    the baseline is given only where neither's turns disagree (`latency.ratio`); a noisy row says
+    so, and why it has no ratio, in its note and in `no_ratio`. A row whose --min-time was cut
+    short by --max-seconds says so too."""
+    base = lat[base_key]
     for key, l in lat.items():
         gflops = result.gflops_per_image * b / (l.p50_ms / 1000)
         peak = peak_for(key[1], result.gemm)
-        note = "; ".join(n for n in (NOISY if l.noisy else "", getattr(fns[key], "note", "")) if n)
+        vs, why = ratio(base, l)
+        short = (f"timed {l.timed_s:.2f} s of --min-time {min_seconds:g} s (--max-seconds stopped it)"
+                 if l.timed_s < min_seconds else "")
+        said = f"{NOISY} ({l.spread:.0%}), no ratio" if l.noisy else f"no ratio: {why}" if why else ""
+        note = "; ".join(n for n in (said, short, (notes or {}).get(key, "")) if n)
         result.rows.append(Row(backend=key[0], precision=key[1], batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
-                               vs_eager=base / l.p50_ms, of_peak=gflops / peak if peak else None,
-                               spread=l.spread or 0.0, runs=l.runs,
-                               timer=clocks[key].name if key in clocks else "wall", note=note))
-    if cuda:
-        torch.cuda.empty_cache()
+                               vs_eager=vs, of_peak=gflops / peak if peak else None,
+                               spread=l.spread or 0.0, runs=l.runs, timed_s=l.timed_s, no_ratio=why,
+                               timer=(timers or {}).get(key, "wall"), note=note))
 
 
 def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> list[tuple[Path, str, dict]]:

@@ -143,6 +143,10 @@ def cmd_export(args) -> int:
                           f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
     out: Path = check_output_path(args.output, suffix=".onnx")  # before any work
     precision = get_precision(args.precision)
+    if precision.name != "fp32":  # a missing ModelOpt/NNCF is said before the fp32 export, not after it
+        from crossvit.export.precision import require_toolchain
+
+        require_toolchain(precision.name)
     loaded = _load(args)
     if precision.name == "fp32":
         result = export_onnx(loaded, out, batch=batch, opset=args.opset, progress=_say)
@@ -222,13 +226,18 @@ def cmd_predict(args) -> int:
         else:
             files.append(item)  # missing or bad files are reported per file, after the rest
     failed = 0
+    width = max((len(printable(str(f))) for f in files), default=0)  # the file column, as wide as its longest name
     with open_session(args.artifact, backend=args.backend, device=args.device, exact=args.exact) as session:
         _warn_random(session.info.random_weights, args.artifact.name)
         if not args.json:
             print(f"# {printable(session.info.path.name)} on {session.describe()}", file=sys.stderr)
         if session.chosen:
             print(f"# running {printable(session.chosen)}; --exact runs the file given", file=sys.stderr)
+        elif session.passed_over:  # other CPU paths lie beside the file: why none of them runs
+            print(f"# running {printable(session.passed_over)}", file=sys.stderr)
         step = args.batch or min(session.info.batch_max, 32)
+        # each label as wide as the longest (up to 30 characters), so the columns line up
+        label_width = min(30, max((len(printable(str(l))) for l in session.labels), default=0))
         for start in range(0, len(files), step):
             if len(files) > step:
                 _say(f"{min(start + step, len(files))}/{len(files)} images")
@@ -237,10 +246,10 @@ def cmd_predict(args) -> int:
                 if args.json:
                     print(to_json(p.to_dict()), flush=True)
                 elif p.ok:
-                    tops = "  ".join(f"{printable(l)} {pr:6.2%}" for l, pr in zip(p.labels, p.probs))
-                    print(f"{printable(p.source)}  {tops}", flush=True)
+                    tops = "  ".join(f"{printable(l):<{label_width}} {pr:7.2%}" for l, pr in zip(p.labels, p.probs))
+                    print(f"{printable(p.source):<{width}}  {tops}", flush=True)
                 else:
-                    print(f"{printable(p.source)}  ERROR: {printable(p.error)}", flush=True)
+                    print(f"{printable(p.source):<{width}}  ERROR: {printable(p.error)}", flush=True)
     if failed:
         print(f"crossvit predict: {failed} of {len(files)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
@@ -372,16 +381,16 @@ def cmd_deploy(args) -> int:
 
 def _say_cpu_path(out: Path) -> None:
     """What `predict`/`serve` of each fp32 file here will run on this CPU (open_session's choice)."""
-    from crossvit.runtime.cpu_choice import choose_cpu_path
+    from crossvit.runtime.cpu_choice import decide_cpu_path
 
     for fp32 in sorted(out.glob("*.fp32.onnx")):
-        found = choose_cpu_path(fp32)
-        if found:
-            print(f"on this CPU, predict/serve {printable(fp32.name)} run {printable(found[0].label)}: "
-                  f"{found[1]}; --exact runs the fp32 file in ONNX Runtime")
+        candidate, why = decide_cpu_path(fp32)
+        if candidate is not None:
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run {printable(candidate.label)}: "
+                  f"{printable(why)}; --exact runs the fp32 file in ONNX Runtime")
         else:
-            print(f"on this CPU, predict/serve {printable(fp32.name)} run it as is in ONNX Runtime: no other CPU "
-                  "path passed its gate")
+            print(f"on this CPU, predict/serve {printable(fp32.name)} run it as is in ONNX Runtime: "
+                  f"{printable(why or 'no other CPU path beside it')}")
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -568,9 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_triton_repo(sub)
 
-    p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary")
+    p = sub.add_parser("deploy", help="the whole path: export, variants, parity, engines, latency, summary",
+                       description="The whole path into one folder: export the fp32 ONNX, build the precision "
+                                   "variants, gate each (random inputs and real images; a report beside each "
+                                   "file), build TensorRT engines where a TensorRT library is installed, time every "
+                                   "CPU path against PyTorch eager in interleaved turns, record the fastest gated "
+                                   "one for this CPU (NAME.cpu.json, which predict/serve run), and write "
+                                   "DIR/summary.json. Exit 0, or 2 when a file failed its gate.")
     _add_model_source(p)
-    p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR")
+    p.add_argument("-o", "--output", type=Path, default=Path("deploy-out"), metavar="DIR",
+                   help="output folder (default deploy-out); files in it this run did not write are named in a "
+                        "warning")
     p.add_argument("--variants", default=None, metavar=",".join(VARIANT_NAMES),
                    help="precision variants to build (default: all of them)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration images (int8/fp8)")

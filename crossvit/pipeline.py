@@ -36,6 +36,7 @@ class Row:
     speedup: float | None = None  # vs PyTorch eager, same batch, same process
     latency_b1: dict | None = None  # CPU paths: also timed at batch 1 (the choice weighs both)
     speedup_b1: float | None = None
+    no_ratio: str = ""  # why a speedup is None although it was timed: noisy turns (its or the baseline's)
     build_seconds: float | None = None  # engines: how long the TensorRT build took
     note: str = ""
     candidate: object = None  # CPU paths: the runtime.cpu_choice.Candidate this row timed
@@ -63,7 +64,7 @@ class DeployResult:
             lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
                          f"{r.parity:<8} {fmt(r.accuracy, '6.2f'):>6} {fmt(lat1.get('p50_ms'), '8.3f'):>8} "
                          f"{ratio(r.speedup_b1, 7):>7} {fmt(lat.get('p50_ms'), '8.3f'):>8} "
-                         f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {ratio(r.speedup, 8):>8}  {r.note}")
+                         f"{fmt(lat.get('p99_ms'), '8.3f'):>8} {ratio(r.speedup, 8):>8}  {r.note}".rstrip())
         for r in self.engines:
             lines.append(f"{r.artifact:<30} {r.backend:<12} {r.precision:<8} {fmt(r.size_mb, '8.2f'):>8} "
                          f"{'built':<8} {'-':>6} {'-':>8} {'-':>7} {'-':>8} {'-':>8} {'-':>8}  "
@@ -274,10 +275,6 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
     lat, failed = time_cpu_backends(loaded.model, timed, batch=batch, runs=runs, max_seconds=max_seconds)
     lat1, failed1 = (lat, failed) if batch == 1 else \
         time_cpu_backends(loaded.model, timed_b1, batch=1, runs=runs, max_seconds=max_seconds)
-    base, base1 = lat[BASELINE], lat1.get(BASELINE)
-    torch_row.latency, torch_row.speedup = base.to_dict(), 1.0
-    if base1:
-        torch_row.latency_b1, torch_row.speedup_b1 = base1.to_dict(), 1.0
     engine_lat = time_engines(list(engines), batch=batch, runs=runs, max_seconds=max_seconds) if engines else {}
     for plan, gate in engines.items():
         row = Row(artifact=plan.name, backend="tensorrt", precision=gate.precision,
@@ -286,49 +283,93 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
         rows.append(row)
         keys[id(row)] = plan.name
         lat[plan.name] = engine_lat[plan]
-    for row in rows[1:]:
-        key = keys.get(id(row))
-        if key in lat:
-            row.latency = lat[key].to_dict()
-            row.speedup = base.p50_ms / lat[key].p50_ms
-        elif key in failed or key in failed1:
-            row.note = failed.get(key) or failed1[key]
-        if key in lat1 and base1:
-            row.latency_b1 = lat1[key].to_dict()
-            row.speedup_b1 = base1.p50_ms / lat1[key].p50_ms
-    for row, latency in [(torch_row, base)] + [(r, lat[keys[id(r)]]) for r in rows[1:] if keys.get(id(r)) in lat]:
-        if latency.noisy:  # the machine, not the backend, set this figure
-            row.note = f"{NOISY} ({latency.spread:.0%}); {row.note}"
+    fill_latency(rows, {id(torch_row): BASELINE, **keys}, lat, lat1, {**failed1, **failed}, batch=batch)
     return rows
 
 
-def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):
-    """The fastest gated CPU path, by the geometric mean of its two ratios to PyTorch eager (batch 1
-    and `batch`, measured here side by side), recorded beside the files with this CPU's
-    fingerprint (`NAME.cpu.json`) for `open_session` to run. Returns the record, or None."""
-    import math
+def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, failed: dict[str, str], *,
+                 batch: int) -> None:
+    """Each row's latency at `batch` (`lat`) and batch 1 (`lat1`, the same dict when `batch` is 1) and its
+    ratios to PyTorch eager (`latency.ratio`, keyed by `BASELINE`): none where the turns of the
+    row or of the baseline disagree (noisy), and the row says so, and why, in its note and
+    `no_ratio`. `keys` maps id(row) to its timing key; `failed` holds why a key could not run."""
+    from crossvit.benchmarks.latency import BASELINE, ratio
 
+    base, base1 = lat[BASELINE], lat1.get(BASELINE)
+    for row in rows:
+        key = keys.get(id(row))
+        why = []
+        if key in lat:
+            row.latency = lat[key].to_dict()
+            row.speedup, no = ratio(base, lat[key])
+            why += [f"batch {batch}: {no}"] if no else []
+        elif key in failed:
+            row.note = failed[key]
+        if key in lat1 and base1:
+            row.latency_b1 = lat1[key].to_dict()
+            row.speedup_b1, no = ratio(base1, lat1[key])
+            why += [f"batch 1: {no}"] if no else []
+        row.no_ratio = "; ".join(dict.fromkeys(why))
+        noisy = dict.fromkeys(f"{t.spread:.0%} at batch {b}" for b, t in ((1, lat1.get(key)), (batch, lat.get(key)))
+                              if t is not None and t.noisy)
+        said = (f"{NOISY} ({', '.join(noisy)}), no ratio" if noisy else
+                "no ratio: the baseline's turns disagree" if why else "")
+        if said:  # the machine, not the backend, set this figure
+            row.note = "; ".join(n for n in (said, row.note) if n)
+
+
+def pick_cpu_path(gated: list[Row]) -> tuple[Row, list[str]]:
+    """The fastest of the gated, timed CPU-path rows (the lowest product of its medians at batch 1
+    and the bench batch), and the labels of those among them whose turns disagreed (noisy): a
+    choice made over them is one the machine's other work may have made."""
+    best = min(gated, key=lambda r: r.latency["p50_ms"] * r.latency_b1["p50_ms"])
+    noisy = [r.candidate.label for r in gated
+             if max(r.latency.get("spread") or 0, r.latency_b1.get("spread") or 0) > SPREAD_WARNING]
+    return best, noisy
+
+
+def noisy_choice(noisy: list[str], folder: Path) -> str:
+    return (f"the CPU choice was decided on noisy timings (the turns of {', '.join(noisy)} disagreed by over "
+            f"{SPREAD_WARNING:.0%}): run `crossvit deploy --retune -o {folder}` on a quiet machine")
+
+
+def choice_line(fp32: Path, best: Row, batch: int, cpu: str, record: str) -> str:
+    ratios = " and ".join(f"{v:.2f}x PyTorch eager at batch {b}" if v else
+                          f"no ratio to PyTorch eager at batch {b} (noisy turns)"
+                          for b, v in ((1, best.speedup_b1), (batch, best.speedup)))
+    return f"CPU path for {fp32.name}: {best.candidate.label}, {ratios} on {cpu} (recorded in {record})"
+
+
+def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):
+    """The fastest gated CPU path: the lowest product of its median latencies at batch 1 and
+    `batch`, measured here side by side (the best geometric mean of its two ratios to PyTorch
+    eager, without leaning on the baseline's figures), recorded beside the files with this CPU's
+    fingerprint (`NAME.cpu.json`) for `open_session` to run. Where a gated candidate's turns
+    disagreed (noisy), the choice still stands on what was measured but says so: in its line, a
+    warning, and the record's `noisy`. Returns the record, or None."""
     from crossvit.benchmarks.latency import machine_description
     from crossvit.contract import sha256_file
     from crossvit.runtime.cpu_choice import (CHOICE_FORMAT, choice_path, cpu_fingerprint, describe_fingerprint,
                                              gate_passed)
 
-    measured = [r for r in rows if getattr(r, "candidate", None) is not None and r.speedup and r.speedup_b1]
+    measured = [r for r in rows if getattr(r, "candidate", None) is not None and r.latency and r.latency_b1]
     gated = [r for r in measured if r.parity == "pass" and gate_passed(fp32, r.candidate)]
     path = choice_path(fp32)
     if not gated:
         say("no CPU path passed its gate and was timed: predict/serve run the fp32 file in ONNX Runtime")
         path.unlink(missing_ok=True)  # an old choice is about other measurements
         return None
-    best = max(gated, key=lambda r: math.sqrt(r.speedup * r.speedup_b1))
-    best.note = f"CHOSEN for this CPU; {best.note}"
+    best, noisy = pick_cpu_path(gated)
+    best.note = "; ".join(n for n in ("CHOSEN for this CPU", best.note) if n)
     fingerprint = cpu_fingerprint()
     record = {
         "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},
         "fingerprint": fingerprint, "chosen": best.candidate.to_dict(),
         "speedup": {"1": best.speedup_b1, str(batch): best.speedup},
-        "how": f"the gated CPU path with the best geometric mean of its ratios to PyTorch eager at batch 1 and "
-               f"{batch}, all timed side by side in interleaved turns in one process",
+        "how": f"the gated CPU path with the lowest product of its median latencies at batch 1 and {batch} (the "
+               "best geometric mean of its ratios to PyTorch eager), all timed side by side in interleaved turns "
+               "in one process",
+        **({"noisy": noisy} if noisy else {}),
         "candidates": [{**r.candidate.to_dict(), "gate": r.parity,
                         "latency": {"1": r.latency_b1, str(batch): r.latency},
                         "speedup": {"1": r.speedup_b1, str(batch): r.speedup}}
@@ -336,8 +377,11 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         "machine": machine_description()}
     text = to_json(record, indent=2)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-    line = (f"CPU path for {fp32.name}: {best.candidate.label}, {best.speedup_b1:.2f}x PyTorch eager at batch 1 "
-            f"and {best.speedup:.2f}x at batch {batch} on {describe_fingerprint(fingerprint)} (recorded in {path.name})")
+    line = choice_line(fp32, best, batch, describe_fingerprint(fingerprint), path.name)
+    if noisy:
+        why = noisy_choice(noisy, fp32.parent)
+        line += f"; {why}"
+        result.warnings.append(why)
     result.cpu_path = line
     say(line)
     return record
@@ -384,8 +428,32 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
                                 max_seconds=bench_seconds, cpu_gates=cpu_gates)
     say("[2/2] the CPU path for this machine")
     choice_stage(fp32, result.rows, bench_batch, result, say)
+    _warn_noisy(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """The files in `folder` with (inode, mtime in ns): a file this run writes (atomically, by a
+    rename) changes both."""
+    out = {}
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            out[p.name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _warn_noisy(result: DeployResult) -> None:
+    """One warning for the noisy latency rows, naming the load average seen after timing."""
+    from crossvit.benchmarks.latency import noisy_rows_note
+
+    noisy = [r.artifact for r in result.rows if r.note.startswith(NOISY)]
+    if noisy:
+        result.warnings.append(noisy_rows_note(len(noisy)) + " (`crossvit bench` shows the spread of every row)")
 
 
 # -- the whole path --------------------------------------------------------------------------
@@ -417,6 +485,7 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     out = check_output_dir(out_dir)
     _check_folders(calibration=calibration, images=images)  # before anything is written, not at stage 2 or 3
     out.mkdir(parents=True, exist_ok=True)
+    before = _files(out)
     name = loaded.info.name or (loaded.source.stem if loaded.source else "model")
     result = DeployResult(out_dir=out)
     if loaded.info.random_weights:
@@ -437,11 +506,14 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
                                 max_seconds=bench_seconds, cpu_gates=cpu_gates)
     say(f"[6/{STAGES}] the CPU path for this machine")
     choice_stage(fp32, result.rows, bench_batch, result, say)
-    noisy = [r.artifact for r in result.rows if r.note.startswith(NOISY)]
-    if noisy:
-        result.warnings.append(f"{len(noisy)} latency row(s) are noisy: their 3 turns' medians differ by over "
-                               f"{SPREAD_WARNING:.0%}, so other work on this machine moved them; time again on "
-                               "a quiet machine (`crossvit bench` shows the spread of every row)")
+    _warn_noisy(result)
+    stale = sorted(n for n, stamp in _files(out).items() if before.get(n) == stamp and n != "summary.json")
+    if stale:
+        shown = ", ".join(stale[:6]) + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
+        line = (f"{out} holds {len(stale)} file(s) this run did not write (an earlier run's?): {shown}; they are "
+                "not part of this run's results: remove them or deploy into an empty folder")
+        result.warnings.append(line)
+        say(f"WARNING: {line}")
     result.seconds = time.perf_counter() - start
     text = to_json(result.to_dict(), indent=2)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text + "\n"))

@@ -25,7 +25,7 @@ from crossvit import __version__
 from crossvit.contract import (FILE_MODE, INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME,
                                PROTOBUF_LIMIT, check_output_path, encode_metadata, first_line, new_metadata,
                                temp_dir)
-from crossvit.errors import ExportError, OutputError
+from crossvit.errors import ExportError, OutputError, UsageError
 from crossvit.model.checkpoint import LoadedModel
 
 DEFAULT_OPSET = 20
@@ -57,8 +57,8 @@ class BatchRange:
                 return cls(int(lo) if lo.strip() else 1, int(hi))
             n = int(text)
             return cls(n, n)
-        except ValueError:
-            raise ExportError(f"--batch must look like MIN:MAX (e.g. 1:64) or N, got {text!r}") from None
+        except ValueError:  # a value that does not parse: a usage error (exit 2), as a bad number elsewhere
+            raise UsageError(f"--batch must look like MIN:MAX (e.g. 1:64) or N, got {text!r}") from None
 
     @property
     def dynamic(self) -> bool:

@@ -369,6 +369,17 @@ def _random_weights_calibration(calibration: np.ndarray) -> np.ndarray:
     return np.concatenate([calibration[:k], draws])
 
 
+def _import_nncf(precision: str):
+    """(nncf, AdvancedQuantizationParameters, RangeEstimatorParametersSet), or BackendUnavailable."""
+    try:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    except ImportError as e:
+        raise BackendUnavailable(f"{precision} needs NNCF ({first_line(e)}): {pip_install('openvino')}") from None
+    return nncf, AdvancedQuantizationParameters, RangeEstimatorParametersSet
+
+
 def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, source: str, say: Progress, *,
               random_weights: bool = False):
     """int8-ov: NNCF post-training quantization of the fp32 graph (transformer mode: SmoothQuant,
@@ -380,12 +391,7 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     gave the same speed (29.7 ms at batch 1) and accuracy (rel L2 0.075), so the artifact stays
     an ONNX file with our metadata. A model with random weights is calibrated on images and as
     many random draws, with min-max activation ranges (see above)."""
-    try:
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-    except ImportError as e:
-        raise BackendUnavailable(f"{spec.name} needs NNCF ({first_line(e)}): {pip_install('openvino')}") from None
+    nncf, AdvancedQuantizationParameters, RangeEstimatorParametersSet = _import_nncf(spec.name)
     n_images = int(calibration.shape[0])
     options: dict = {}
     used = {"images": n_images}
@@ -447,6 +453,19 @@ def _write_checked(converted, dst: Path, source, meta: dict, spec: Precision, to
             raise ExportError(f"{spec.name} variant of {src_name} fails the ONNX checker: {first_line(e)}") from None
 
     atomic_write(dst, write)
+
+
+def require_toolchain(precision: str) -> None:
+    """Raise the BackendUnavailable that `convert_precision` to `precision` would raise for a
+    missing tool (ModelOpt for fp16/bf16/int8/fp8, NNCF for int8-ov), before any work: `export
+    --precision` checks this before it exports the fp32 graph."""
+    spec = PRECISION_TABLE.get(precision)
+    if spec is None:
+        return  # convert_precision says so
+    if spec.toolchain in ("modelopt-autocast", "modelopt-ptq"):
+        _import_modelopt(precision)
+    elif spec.toolchain == "nncf-ptq":
+        _import_nncf(precision)
 
 
 def convert_precision(src: Path, dst: Path, precision: str, calibration: np.ndarray | None, *,

@@ -68,6 +68,8 @@ class Session:
         self.info = info
         self.device = "cpu"
         self.chosen: str | None = None  # why open_session ran another file than the one given
+        # why open_session ran the fp32 file given although other CPU paths lie beside it
+        self.passed_over: str | None = None
         self._closed = False
         self._preprocessor = None
 

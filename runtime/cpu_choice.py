@@ -149,25 +149,41 @@ class _Hashes:
         return self._seen[path]
 
 
-def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
-    """True when the candidate's report beside it passed for these bytes and this precision, and a
-    variant was made from this very fp32 file (its metadata names it, with the same sha256)."""
+def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
+    """None when the candidate's report beside it passed for these bytes and this precision, and a
+    variant was made from this very fp32 file (its metadata names it, with the same sha256);
+    otherwise what is wrong, in a few words."""
     sha = sha or _Hashes()
     path = fp32.parent / candidate.file
-    report = _read_json(gate_report_path(fp32.parent, candidate))
-    if report is None or report.get("verdict") != "pass" or report.get("precision") != candidate.precision:
-        return False
-    if not str(report.get("backend", "")).startswith(candidate.backend):
-        return False
+    report_path = gate_report_path(fp32.parent, candidate)
+    if not report_path.exists():
+        return f"no gate report beside it ({report_path.name})"
+    report = _read_json(report_path)
+    if report is None:
+        return f"its gate report {report_path.name} is not one of ours"
+    if report.get("verdict") != "pass":
+        return f"its gate said {str(report.get('verdict'))[:40]!r}"
+    if report.get("precision") != candidate.precision or \
+            not str(report.get("backend", "")).startswith(candidate.backend):
+        return f"its gate report {report_path.name} is about another precision or backend"
     try:
         if path != fp32:
             info = read_artifact(path)
             source = info.raw.get("source") or {}
-            if not isinstance(source, dict) or source.get("onnx") != fp32.name or source.get("sha256") != sha(fp32):
-                return False
-        return report.get("artifact_sha256") == sha(path)
-    except (CrossViTError, OSError):
-        return False
+            if not isinstance(source, dict) or source.get("onnx") != fp32.name:
+                return f"it was not made from {fp32.name}"
+            if source.get("sha256") != sha(fp32):
+                return f"it was made from another {fp32.name} (that file changed since)"
+        if report.get("artifact_sha256") != sha(path):
+            return "the file changed after its gate"
+    except (CrossViTError, OSError) as e:
+        return f"it cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return None
+
+
+def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
+    """True when the candidate's report beside it passed for these bytes (`gate_problem`)."""
+    return gate_problem(fp32, candidate, sha) is None
 
 
 def gated_candidates(fp32: Path) -> list[Candidate]:
@@ -225,13 +241,20 @@ def read_choice(fp32: Path) -> dict | None:
 
 def _available(candidate: Candidate, flags: set[str]) -> bool:
     """Whether this machine can run it at all (OpenVINO installed; bf16 arithmetic for the bf16 hint)."""
+    return _unavailable(candidate, flags) is None
+
+
+def _unavailable(candidate: Candidate, flags: set[str]) -> str | None:
+    """Why this machine cannot run it at all, or None."""
     if candidate.backend != "openvino":
-        return True
+        return None
     from .openvino import openvino_version
 
     if openvino_version() is None:
-        return False
-    return candidate.hint != "bf16" or bool({"avx512_bf16", "amx_bf16"} & flags)
+        return "OpenVINO is not installed"
+    if candidate.hint == "bf16" and not {"avx512_bf16", "amx_bf16"} & flags:
+        return "this CPU has no bf16 arithmetic"
+    return None
 
 
 def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
@@ -239,9 +262,18 @@ def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
 
     The recorded choice when it was measured on a CPU with this fingerprint and its gate still
     holds; otherwise the rule for this CPU's flags over the gated candidates that can run here."""
+    candidate, why = decide_cpu_path(fp32)
+    return (candidate, why) if candidate is not None else None
+
+
+def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
+    """`choose_cpu_path`, and when it runs the file itself although other CPU paths lie beside it
+    (variant files, gate reports, a choice record), why none of them: (None, why). (None, None)
+    for a lone fp32 file."""
     candidates = candidates_for(fp32)
-    if not choice_path(fp32).exists() and not any(gate_report_path(fp32.parent, c).exists() for c in candidates[1:]):
-        return None  # the common case (a lone fp32 file) costs a few stat calls, no parsing or hashing
+    if not choice_path(fp32).exists() and len(candidates) == 3 and \
+            not any(gate_report_path(fp32.parent, c).exists() for c in candidates[1:]):
+        return None, None  # the common case (a lone fp32 file) costs a few stat calls, no parsing or hashing
     here = cpu_fingerprint()
     flags = set(here["flags"])
     sha = _Hashes()
@@ -261,14 +293,20 @@ def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
             why = f"its choice, {chosen.label}, cannot run here (OpenVINO missing?)"
         else:
             ratio = record.get("speedup") or {}
-            said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items()) if v)
-            return chosen, f"measured fastest of the gated CPU paths on this CPU{' (' + said + ')' if said else ''}"
+            said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items())
+                             if isinstance(v, (int, float)) and v)
+            noisy = (", on noisy timings (`crossvit deploy --retune` on a quiet machine measures again)"
+                     if record.get("noisy") else "")
+            return chosen, (f"measured fastest of the gated CPU paths on this CPU{' (' + said + ')' if said else ''}"
+                            f"{noisy}")
     else:
         why = f"no {choice_path(fp32).name} beside it (`crossvit deploy` measures one)"
-    usable = [c for c in candidates if _available(c, flags) and gate_passed(fp32, c, sha)]
-    rule = rule_for_flags(flags, usable)
-    if rule is None:
-        return None
-    if rule.file == fp32.name and rule.backend == "onnxruntime" and rule.precision == "fp32":
-        return None
+    problems = {c: _unavailable(c, flags) or gate_problem(fp32, c, sha) for c in candidates}
+    rule = rule_for_flags(flags, [c for c in candidates if problems[c] is None])
+    if rule is None or (rule.file == fp32.name and rule.backend == "onnxruntime" and rule.precision == "fp32"):
+        # say why each other path beside it is out: a variant file always, another way to run
+        # the fp32 file only where it was gated (a report exists)
+        out = [f"{c.label}: {problems[c]}" for c in candidates[1:] if problems[c] is not None
+               and (c.file != fp32.name or gate_report_path(fp32.parent, c).exists())]
+        return None, "; ".join(out) or why
     return rule, f"the rule for this CPU's flags ({' '.join(sorted(flags & set(SPEED_FLAGS))) or 'none'}): {why}"

@@ -267,17 +267,22 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
 
 
 def _open_preferring_cpu_variant(onnx: Path, device: str, options: dict) -> Session:
-    from .cpu_choice import choose_cpu_path
+    from .cpu_choice import decide_cpu_path
 
-    found = choose_cpu_path(onnx) if _runs_on_cpu(device) and not options.get("hint") else None
-    if found is None:
-        return _open("auto", onnx, device, options)
-    candidate, why = found
+    candidate, why = decide_cpu_path(onnx) if _runs_on_cpu(device) and not options.get("hint") else (None, None)
+    if candidate is None:
+        session = _open("auto", onnx, device, options)
+        if why:  # other CPU paths lie beside it: say why none of them runs
+            log.info("using %s as given: %s", onnx.name, why)
+            session.passed_over = f"{onnx.name} as given: {why}"
+        return session
     try:
         session = _open(candidate.backend, onnx.parent / candidate.file, device, {**options, **candidate.options})
     except (ArtifactError, BackendUnavailable) as e:
         log.warning("%s cannot run here (%s); using %s with ONNX Runtime", candidate.label, e, onnx.name)
-        return _open("auto", onnx, device, options)
+        session = _open("auto", onnx, device, options)
+        session.passed_over = f"{onnx.name} as given: {candidate.label} cannot run here ({e})"
+        return session
     log.info("using %s for %s: %s (exact=True / --exact runs the file given)", candidate.label, onnx.name, why)
     session.chosen = f"{candidate.label} for {onnx.name}: {why}"
     return session

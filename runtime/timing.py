@@ -25,6 +25,7 @@ class Latency:
     p99_ms: float
     mean_ms: float
     spread: float | None = None  # (max - min) / min of the per-turn medians, when timed in turns
+    timed_s: float = 0.0  # the recorded call times summed: what `min_seconds` (--min-time) counts
 
     @property
     def noisy(self) -> bool:
@@ -75,14 +76,17 @@ class WallClock:
 def _latency(batch: int, times_ms: np.ndarray) -> Latency:
     return Latency(batch=batch, runs=len(times_ms), p50_ms=float(np.percentile(times_ms, 50)),
                    p90_ms=float(np.percentile(times_ms, 90)), p99_ms=float(np.percentile(times_ms, 99)),
-                   mean_ms=float(times_ms.mean()))
+                   mean_ms=float(times_ms.mean()), timed_s=float(times_ms.sum()) / 1000.0)
 
 
 def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_seconds: float = 0.5,
            min_seconds: float = 0.0, max_seconds: float | None = None, min_runs: int = 5,
            sync: Callable[[], None] | None = None, clock: Clock | None = None) -> list[float]:
     """Warm up, then the per-call times in milliseconds, each read by `clock` (default: a
-    `WallClock` that runs `sync` before each read). Budgets are kept on the host's clock."""
+    `WallClock` that runs `sync` before each read). `min_seconds` counts the recorded times (the
+    timed time a result reports as `timed_s`), not the host's clock: on a busy machine the time
+    between calls, and the median times the count, can be far from it. `max_seconds` and the
+    warm-up are kept on the host's clock (they bound how long the caller waits)."""
     clock = clock or WallClock(sync)
     if max_seconds is not None:
         warmup_seconds = min(warmup_seconds, max_seconds / 4)
@@ -95,11 +99,13 @@ def _timed(fn: Callable[[], object], *, runs: int, warmup: int = 5, warmup_secon
         if max_seconds is not None and done >= 2 and time.perf_counter() - t0 > max_seconds / 4:
             break  # slow calls: a couple of warm-up runs are enough
     times = []
+    timed_ms = 0.0
     start = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - start < min_seconds:
+    while len(times) < runs or timed_ms < min_seconds * 1000.0:
         if max_seconds is not None and len(times) >= min(min_runs, runs) and time.perf_counter() - start > max_seconds:
             break
         times.append(clock.time(fn))
+        timed_ms += times[-1]
     return times
 
 
@@ -111,9 +117,9 @@ def measure(fn: Callable[[], object], *, batch: int, warmup: int = 5, warmup_sec
 
     Warms up for `warmup` calls and at least `warmup_seconds` (thread pools, allocator arenas
     and clock frequency settle; a few milliseconds of warm-up made whichever backend ran
-    first look up to 2x slower here). Then runs `runs` times (and for at least
-    `min_seconds`), unless `max_seconds` runs out first, after `min_runs` at least; the
-    result says how many runs it is made of.
+    first look up to 2x slower here). Then runs `runs` times (and until the recorded call times
+    add up to `min_seconds`), unless `max_seconds` runs out first, after `min_runs` at least; the
+    result says how many runs it is made of and their summed time (`timed_s`).
     """
     times = _timed(fn, runs=runs, warmup=warmup, warmup_seconds=warmup_seconds, min_seconds=min_seconds,
                       max_seconds=max_seconds, min_runs=min_runs, sync=sync)
@@ -129,8 +135,9 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
     whichever backend runs right after another (e.g. after torch's OpenMP pool) pays for it;
-    turns spread that over all of them. `max_seconds` bounds each backend's total time,
-    `min_seconds` sets its least timed time (both split over the rounds). Each
+    turns spread that over all of them. `max_seconds` bounds each backend's total time (host
+    clock), `min_seconds` sets its least timed time, the sum of its recorded call times, which
+    each result reports as `timed_s` (both split over the rounds). Each
     result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
     the drift is made visible, not averaged away. Percentiles are those of all runs pooled.
 

@@ -112,3 +112,19 @@ def test_bench_compile_from_the_command_line_adds_the_compiled_row(small_artifac
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["backend"], r["batch"]) for r in rows if "compile" in r["backend"]] == [("torch.compile (cpu)", 2)]
     assert "torch.compile (cpu): first call at batch 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "deploy"])
+def test_a_batch_range_that_does_not_parse_is_a_usage_error(tmp_path, command, cli, one_line_error):
+    """The README: a malformed value exits 2 (it exited 1); a range that parses but does not fit
+    stays 1 (tests/test_export.py)."""
+    proc = cli(command, "--batch", "1:abc", "-o", tmp_path / ("x.onnx" if command == "export" else "out"))
+    one_line_error(proc, "--batch must look like MIN:MAX (e.g. 1:64) or N, got '1:abc'", code=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deploy_help_describes_the_command_and_its_output_folder(cli):
+    proc = cli("deploy", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "The whole path into one folder" in text and "output folder (default deploy-out)" in text

@@ -22,17 +22,20 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     assert set(rows) == {"crossvit_digits.safetensors", *(f"crossvit_digits.{p}.onnx" for p in PRECISION_NAMES)}
     openvino = {r["precision"]: r for r in summary["rows"] if r["backend"] == "openvino"}
     assert set(openvino) == {"fp32", "bf16", "int8-ov"} and openvino["fp32"]["parity"] == "pass"
+    base = rows["crossvit_digits.safetensors"]["latency"]
+    noisy = lambda lat: (lat["spread"] or 0) > 0.25  # noqa: E731  turns disagree: no ratio (issue 24)
     for p in (p for p in PRECISION_NAMES if p != "bf16"):
         row = rows[f"crossvit_digits.{p}.onnx"]
         assert row["parity"] == "pass", (p, row)
         assert row["accuracy"] >= 97.0
         assert row["latency"]["p50_ms"] > 0 and row["latency"]["p99_ms"] >= row["latency"]["p50_ms"]
-        assert row["speedup"] == pytest.approx(rows["crossvit_digits.safetensors"]["latency"]["p50_ms"]
-                                               / row["latency"]["p50_ms"])
+        assert row["speedup"] == (None if noisy(row["latency"]) or noisy(base) else
+                                  pytest.approx(base["p50_ms"] / row["latency"]["p50_ms"]))
+        assert bool(row["no_ratio"]) == (row["speedup"] is None)
         assert (out / f"crossvit_digits.{p}.parity.json").is_file()
     # ONNX Runtime on the CPU has no bf16 MatMul: said plainly, never passed.
     assert rows["crossvit_digits.bf16.onnx"]["parity"] == "not run"
-    assert rows["crossvit_digits.safetensors"]["speedup"] == 1.0
+    assert rows["crossvit_digits.safetensors"]["speedup"] == (None if noisy(base) else 1.0)
     # no GPU here: TensorRT-RTX built an engine of every GPU variant, said plainly it did not run them
     engines = {r["artifact"]: r for r in summary["engines_not_run"]}
     assert set(engines) == {f"crossvit_digits.{p}.plan" for p in ("fp32", "fp16", "bf16", "int8", "fp8")}
@@ -49,7 +52,8 @@ def test_deploy_runs_the_whole_path_on_the_embedded_model(tmp_path, cli):
     # the deploy folder is what predict/serve open: on a CPU its fp32 runs as the path chosen here
     chosen = json.loads((out / "crossvit_digits.cpu.json").read_text())["chosen"]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("CPU path for crossvit_digits.fp32.onnx: "))
-    assert chosen["file"] in line and "x PyTorch eager at batch 1" in line and summary["cpu_path"] in line
+    assert chosen["file"] in line and "PyTorch eager at batch 1" in line and summary["cpu_path"] in line
+    assert not any(r["note"].rstrip().endswith(";") for r in summary["rows"])  # no dangling "noisy: ...; "
     from crossvit.runtime.session import open_session
 
     with open_session(out / "crossvit_digits.fp32.onnx", device="cpu") as s:

@@ -9,6 +9,7 @@ gate's (the contract's precision table), not looser ones.
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -298,3 +299,20 @@ def test_missing_modelopt_raises_backend_unavailable_with_install_command(fp32_o
         convert_precision(fp32_onnx, tmp_path / "out.onnx", "fp16", None)
     assert "[onnx]" not in str(info.value) and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision, missing, words", [
+    ("fp16", "modelopt", "fp16 conversion needs NVIDIA ModelOpt"),
+    ("int8", "modelopt", "int8 conversion needs NVIDIA ModelOpt"),
+    ("int8-ov", "nncf", "int8-ov needs NNCF"),
+])
+def test_export_says_a_missing_tool_before_it_exports_anything(tmp_path, precision, missing, words, one_line_error):
+    """Issue 24: `export --precision fp16` without ModelOpt exported and checked fp32 first and only
+    then exited 3; the tool is now checked first (the CLI in a process where its import fails)."""
+    out = tmp_path / "x.onnx"
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from crossvit.cli import main\n"
+            f"sys.exit(main(['export', '--precision', {precision!r}, '-o', {str(out)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    one_line_error(proc, words, code=3)
+    assert "exporting" not in proc.stderr and not out.exists()

@@ -245,3 +245,18 @@ def test_torch_backend_matches_onnxruntime_on_each_device(small_artifacts, devic
     with open_session(onnx_path, device="cpu") as ref, open_session(ckpt, backend="torch", device=device) as s:
         assert s.device == device
         assert np.abs(s.infer(x) - ref.infer(x)).max() <= 1e-4
+
+
+def test_predict_table_columns_line_up_with_long_file_names(small_artifacts, images, tmp_path, cli):
+    """Issue 24: each line began with its file name, so a long one pushed its labels right."""
+    import re
+    import shutil
+
+    long = tmp_path / ("a-much-longer-file-name-than-the-others" + "x" * 20 + ".png")
+    shutil.copy(images[0], long)
+    proc = cli("predict", small_artifacts[1], *images, long, "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4
+    columns = {tuple(m.start() for m in re.finditer("%", line)) for line in lines}
+    assert len(columns) == 1 and len(next(iter(columns))) == 3, lines

@@ -87,3 +87,27 @@ def test_interleaved_percentiles_are_over_all_runs_and_progress_is_reported(monk
     timing.measure_interleaved(one_backend(), batch=1, runs=30,
                                progress=lambda done, total, name: seen.append((done, total, name)))
     assert seen == [(0, 3, ("a", "fp32")), (1, 3, ("a", "fp32")), (2, 3, ("a", "fp32")), (3, 3, None)]
+
+
+def test_min_seconds_counts_the_recorded_call_times_not_the_hosts_clock():
+    """Issue 24: under load `bench --min-time 0.6` gave 17 runs of p50 1.55 ms; the loop had kept
+    the host's clock, which counts the time between calls too. --min-time promises timed time:
+    here each call takes at least 2 ms of the host's clock but its clock records 1 ms, so only
+    counting the records gives 100 ms of them (the old loop stopped after 100 ms of host time,
+    at most 50 records). No assumption on how fast this machine is."""
+    from crossvit.runtime.timing import measure_interleaved
+
+    class OneMillisecond:
+        name = "fixed"
+
+        def sync(self):
+            pass
+
+        def time(self, fn):
+            fn()
+            return 1.0
+
+    lat = measure_interleaved({"a": lambda: time.sleep(0.002)}, batch=1, runs=3, rounds=3, min_seconds=0.1,
+                              clocks={"a": OneMillisecond()})["a"]
+    assert lat.timed_s >= 0.1 and lat.runs >= 100
+    assert lat.timed_s == lat.runs * 1.0 / 1000 and lat.to_dict()["timed_s"] == lat.timed_s

@@ -102,6 +102,8 @@ class Server:
                                     **server_session_options(artifact))
         if self.session.chosen:
             self.say(f"running {self.session.chosen} (--exact serves the file given)")
+        elif self.session.passed_over:  # other CPU paths lie beside the file: why none of them runs
+            self.say(f"running {self.session.passed_over}")
         info = self.session.info
         if info.input_name == IMAGES_INPUT:  # one name for two inputs: a request could not say which it sends
             self.session.close()
