@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     import torch
 
     from crossvit.arguments import Parser, positive_number
-    from crossvit.contract import check_output_dir
     from crossvit.errors import CrossViTError
+    from crossvit.files import check_output_dir
     from crossvit.model import DEFAULT_MODEL, get_spec
 
     p = Parser(prog="python -m crossvit.benchmarks.gpu_acceptance", description=__doc__.split("\n\n")[0])
@@ -165,7 +165,8 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
     import torch
 
     from crossvit.benchmarks.suite import run, write_csv, write_plot
-    from crossvit.contract import atomic_write, to_json
+    from crossvit.contract import to_json
+    from crossvit.files import atomic_write
     from crossvit.model import load_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -302,9 +303,10 @@ def tensorrt_step(model_name: str, tmp: Path, out: Path, results: Verdicts | Non
     """Standard TensorRT engines of two models in three precisions: gate and time each (SKIP
     without TensorRT). A row's failure, whatever it is, is its FAIL line; the next row runs."""
     from crossvit.benchmarks.latency import command_line, machine_description, time_engines
-    from crossvit.contract import atomic_write, to_json
+    from crossvit.contract import to_json
     from crossvit.export.engine import BuildOptions, build_engine
     from crossvit.export.parity import check_parity
+    from crossvit.files import atomic_write
     from crossvit.runtime.gpu import tensorrt_unavailable
 
     reason = tensorrt_unavailable("tensorrt")
@@ -361,10 +363,11 @@ def tensorrt_rtx_step(model_name: str, tmp: Path, out: Path, results: Verdicts |
     ("compute_capability_refusal"). `command` is the command line to record (this step runs in a
     child process, whose own is not the user's)."""
     from crossvit.benchmarks.latency import command_line, machine_description, time_engines
-    from crossvit.contract import atomic_write, to_json
+    from crossvit.contract import to_json
     from crossvit.errors import ArtifactError, ExportError
     from crossvit.export.engine import BuildOptions, build_engine
     from crossvit.export.parity import check_parity
+    from crossvit.files import atomic_write
     from crossvit.runtime.gpu import cuda_device, tensorrt_unavailable
     from crossvit.runtime.session import open_session
     from crossvit.runtime.tensorrt import manifest_mismatch

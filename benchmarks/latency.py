@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from crossvit.contract import first_line
 from crossvit.errors import CrossViTError
+from crossvit.files import first_line
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.cpu_choice import SPEED_FLAGS, cpu_flags, cpu_model
 from crossvit.runtime.session import OnnxRuntimeSession

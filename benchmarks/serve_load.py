@@ -354,8 +354,8 @@ def check_server(address: str, model: str, shape: tuple) -> None:
     """The server at `address` answers, has `model` ready (Triton's whole-server readiness says no when any
     other model failed to load, so the model's is asked) and takes inputs of `shape`; or one line saying what
     is wrong, before any load is offered."""
-    from crossvit.contract import first_line
     from crossvit.errors import UsageError
+    from crossvit.files import first_line
 
     client = _client("http", address)[1]
     try:
@@ -383,8 +383,8 @@ def takes(dims: list[int], shape: tuple) -> bool:
 
 def _main(args) -> int:
     from crossvit.benchmarks.latency import busy_machine, command_line, machine_description
-    from crossvit.contract import check_output_dir, check_output_path, temporary_folder
     from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.files import check_output_dir, check_output_path, temporary_folder
     from crossvit.model import load_model
 
     if args.out is not None:  # before the run, not after it
@@ -465,7 +465,8 @@ def _open_loop_main(args, artifact: Path | None, name: str, x: np.ndarray, machi
 
 
 def _save(result: dict, out: Path | None, name: str, quiet: bool = False) -> None:
-    from crossvit.contract import atomic_write, to_json
+    from crossvit.contract import to_json
+    from crossvit.files import atomic_write
 
     if out is None:
         return

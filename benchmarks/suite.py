@@ -679,7 +679,7 @@ def _bar(done: int, total: int, label: str, width: int = 24) -> None:
 
 def write_csv(results: Result | list[Result], path: Path) -> None:
     """One row per backend, precision and batch (and model, for several results)."""
-    from crossvit.contract import atomic_write
+    from crossvit.files import atomic_write
 
     results = [results] if isinstance(results, Result) else results
     rows = [{"model": res.model, **asdict(r)} for res in results for r in res.rows]
@@ -727,7 +727,7 @@ def _shape(shape) -> str:
 
 def write_plot(result: Result, path: Path) -> None:
     """Latency and throughput against batch size, one line per backend (needs matplotlib)."""
-    from crossvit.contract import atomic_write
+    from crossvit.files import atomic_write
 
     plt = _pyplot()
 
@@ -835,10 +835,11 @@ def _runs_on(precision: str, device: str) -> bool:
 def main(args, say: Callable[[str], None]) -> int:
     """`crossvit bench`: see the module docstring."""
     from crossvit.arguments import printable
-    from crossvit.contract import atomic_write, check_output_path, temporary_folder, to_json
+    from crossvit.contract import to_json
     from crossvit.errors import ConfigError
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.export.parity import check_parity
+    from crossvit.files import atomic_write, check_output_path, temporary_folder
     from crossvit.model import DEFAULT_MODEL, load_model
     from crossvit.runtime.artifact import read_artifact
 

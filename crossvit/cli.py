@@ -120,7 +120,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from crossvit.contract import check_output_path
+    from crossvit.files import check_output_path
     from crossvit.model import save_checkpoint
 
     check_output_path(args.output, suffix=".safetensors", inputs=(args.checkpoint, args.config))
@@ -133,9 +133,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from crossvit.contract import check_output_path, get_precision, temporary_folder
+    from crossvit.contract import get_precision
     from crossvit.errors import ExportError
     from crossvit.export.onnx import SUPPORTED_OPSETS, BatchRange, export_onnx
+    from crossvit.files import check_output_path, temporary_folder
 
     batch = BatchRange.parse(args.batch)
     if args.opset not in SUPPORTED_OPSETS:
@@ -166,8 +167,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from crossvit.contract import check_output_path, source_checkpoint
+    from crossvit.contract import source_checkpoint
     from crossvit.export.parity import check_parity, gate_thresholds
+    from crossvit.files import check_output_path
     from crossvit.model import load_model
     from crossvit.runtime.artifact import read_artifact
 
@@ -348,8 +350,8 @@ def _precision_list(text: str) -> list[str]:
 
 
 def cmd_deploy(args) -> int:
-    from crossvit.contract import check_output_dir
     from crossvit.export.onnx import BatchRange
+    from crossvit.files import check_output_dir
     from crossvit.pipeline import deploy, retune
 
     if args.retune:

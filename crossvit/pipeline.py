@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from crossvit import __version__
-from crossvit.contract import VARIANT_NAMES, atomic_write, check_output_dir, get_precision, to_json
+from crossvit.contract import VARIANT_NAMES, get_precision, to_json
 from crossvit.errors import CrossViTError
+from crossvit.files import atomic_write, check_output_dir
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING
 
 Progress = Callable[[str], None]
@@ -348,7 +349,7 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
     disagreed (noisy), the choice still stands on what was measured but says so: in its line, a
     warning, and the record's `noisy`. Returns the record, or None."""
     from crossvit.benchmarks.latency import machine_description
-    from crossvit.contract import sha256_file
+    from crossvit.files import sha256_file
     from crossvit.runtime.cpu_choice import (CHOICE_FORMAT, choice_path, cpu_fingerprint, describe_fingerprint,
                                              gate_passed)
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from crossvit import __version__
-from crossvit.contract import (ENGINE_FORMAT, ENGINE_SUFFIXES, atomic_write, check_output_path, derived_source,
-                               get_precision, manifest_path, new_metadata, sha256_file, to_json)
+from crossvit.contract import (ENGINE_FORMAT, ENGINE_SUFFIXES, derived_source, get_precision, manifest_path,
+                               new_metadata, to_json)
 from crossvit.errors import BackendUnavailable, ExportError
+from crossvit.files import atomic_write, check_output_path, sha256_file
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
 from crossvit.runtime.gpu import CudaDevice, cuda_device
 from crossvit.runtime.tensorrt import engine_io, network_io, rtx_validity, verify_io

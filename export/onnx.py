@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 
 from crossvit import __version__
-from crossvit.contract import (FILE_MODE, INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME,
-                               PROTOBUF_LIMIT, check_output_path, encode_metadata, first_line, new_metadata,
-                               temp_dir)
+from crossvit.contract import (INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME, PROTOBUF_LIMIT,
+                               encode_metadata, new_metadata)
 from crossvit.errors import ExportError, OutputError, UsageError
+from crossvit.files import FILE_MODE, check_output_path, first_line, temp_dir
 from crossvit.model.checkpoint import LoadedModel
 
 DEFAULT_OPSET = 20

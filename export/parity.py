@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from crossvit.assets import heldout_images
-from crossvit.contract import Thresholds, atomic_write, first_line, get_precision, sha256_file, to_json
+from crossvit.contract import Thresholds, get_precision, to_json
 from crossvit.errors import ConfigError, CrossViTError, ParityFailure
+from crossvit.files import atomic_write, first_line, sha256_file
 from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.images import ImageSet, iter_image_set, list_images

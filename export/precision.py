@@ -40,10 +40,11 @@ from typing import Callable
 
 import numpy as np
 
-from crossvit.contract import (INPUT_NAME, MAX_CALIBRATION_IMAGES, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT, PRECISION_TABLE,
-                               PROTOBUF_LIMIT, Precision, atomic_write, check_output_path, decode_metadata,
-                               derived_source, first_line, sha256_file, temporary_folder, write_onnx_metadata)
+from crossvit.contract import (INPUT_NAME, MAX_CALIBRATION_IMAGES, METADATA_KEY, MIN_CALIBRATION_IMAGES, ONNX_FORMAT,
+                               PRECISION_TABLE, PROTOBUF_LIMIT, Precision, decode_metadata, derived_source,
+                               write_onnx_metadata)
 from crossvit.errors import BackendUnavailable, ExportError
+from crossvit.files import atomic_write, check_output_path, first_line, sha256_file, temporary_folder
 from crossvit.install import pip_install
 
 # Kept in fp32 in every reduced-precision variant: fp16 LayerNorm/Softmax overflow in transformers.

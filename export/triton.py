@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from crossvit import __version__
-from crossvit.contract import (TEMP_TAG, atomic_write, check_input_file, check_output_dir, first_line, get_precision,
-                               temp_dir)
+from crossvit.contract import get_precision
 from crossvit.errors import ArtifactError, ConfigError, ExportError, OutputError
+from crossvit.files import TEMP_TAG, atomic_write, check_input_file, check_output_dir, first_line, temp_dir
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # also a folder name: no leading dot

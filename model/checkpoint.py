@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from crossvit import __version__
-from crossvit.contract import (CHECKPOINT_FORMAT, MAX_PARAMETERS, METADATA_KEY, atomic_write, check_input_file,
-                               decode_metadata, encode_metadata, first_line, new_metadata, sha256_file,
-                               validate_preprocessing)
+from crossvit.contract import (CHECKPOINT_FORMAT, MAX_PARAMETERS, METADATA_KEY, decode_metadata, encode_metadata,
+                               new_metadata, validate_preprocessing)
 from crossvit.errors import CheckpointError, ConfigError
+from crossvit.files import atomic_write, check_input_file, first_line, sha256_file
 
 from .registry import (MODELS, Architecture, get_architecture, get_spec, guess_architecture,
                        resolve_labels)

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIXES, MAX_BATCH, check_input_file,
-                               decode_metadata, get_precision, manifest_path, read_onnx_metadata,
-                               validate_preprocessing)
+from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIXES, MAX_BATCH, decode_metadata,
+                               get_precision, manifest_path, read_onnx_metadata, validate_preprocessing)
 from crossvit.errors import ArtifactError, ConfigError
+from crossvit.files import check_input_file
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # Triton's model names are also folder names
 

@@ -27,8 +27,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crossvit.contract import PRECISION_TABLE, check_input_file, sha256_file
+from crossvit.contract import PRECISION_TABLE
 from crossvit.errors import ArtifactError, CrossViTError
+from crossvit.files import check_input_file, sha256_file
 
 from .artifact import read_artifact
 

@@ -16,8 +16,8 @@ import threading
 
 import numpy as np
 
-from crossvit.contract import first_line
 from crossvit.errors import ArtifactError, BackendUnavailable
+from crossvit.files import first_line
 from crossvit.install import pip_install
 
 from .artifact import ArtifactInfo

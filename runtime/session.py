@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, PRECISION_TABLE,
-                               check_input_file, first_line)
+from crossvit.contract import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, INPUT_NAME, OUTPUT_NAME, PRECISION_TABLE
 from crossvit.errors import ArtifactError, BackendUnavailable
+from crossvit.files import check_input_file, first_line
 
 from .artifact import ArtifactInfo, read_artifact
 from .base import Session, intra_op_threads
@@ -189,8 +189,8 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
 def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
     """The ONNX an engine was built from when it is beside the plan and unchanged since, else
     (None, why it cannot stand in for the plan; None when the plan names no ONNX)."""
-    from crossvit.contract import sha256_file
     from crossvit.errors import CrossViTError
+    from crossvit.files import sha256_file
 
     try:
         source = read_artifact(plan).raw.get("source") or {}

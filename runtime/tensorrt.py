@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossvit.contract import atomic_write
 from crossvit.errors import ArtifactError, BackendUnavailable, CrossViTError
+from crossvit.files import atomic_write
 
 from .artifact import ArtifactInfo
 from .gpu import CudaDevice, check, cuda_device, cudart

@@ -75,8 +75,8 @@ def fake_plan(onnx_path: Path, folder: Path, *, profile=None, device=H100, trt: 
     writes them (for the rules that read manifests, on machines without TensorRT or a GPU)."""
     import hashlib
 
-    from crossvit.contract import sha256_file
     from crossvit.export.engine import BuildOptions, Profile, engine_manifest, write_plan
+    from crossvit.files import sha256_file
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.trt_library import get_library
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import TINY_SEED, random_png, rewrite_onnx_metadata
-from crossvit.contract import FORMAT_VERSION, METADATA_KEY, TEMP_TAG, encode_metadata
+from crossvit.contract import FORMAT_VERSION, METADATA_KEY, encode_metadata
 from crossvit.errors import ArtifactError, CheckpointError, ConfigError, InputError
+from crossvit.files import TEMP_TAG
 
 
 def _strict_json(line: str):
@@ -688,7 +689,7 @@ def test_check_refuses_a_missing_images_folder_before_any_case(tiny, tmp_path, c
 
 
 def test_triton_repo_refuses_an_overlong_name_up_front(tiny, tmp_path, cli, one_line_error):
-    from crossvit.contract import TEMP_TAG
+    from crossvit.files import TEMP_TAG
 
     proc = cli("triton-repo", tiny[1], "-o", tmp_path / "repo", "--name", "a" * 300, timeout=120)
     line = one_line_error(proc, "--model-name is 300 characters long; a model name may have at most 128")

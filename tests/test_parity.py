@@ -159,8 +159,8 @@ def test_check_notes_a_reference_other_than_the_chains_checkpoint_for_variants_t
     right checkpoint says nothing, with another one says so (it once noted every variant)."""
     import torch
 
-    from crossvit.contract import sha256_file
     from crossvit.export.precision import convert_precision
+    from crossvit.files import sha256_file
     from crossvit.model import CrossViT, save_checkpoint
     from conftest import TINY_SEED
 

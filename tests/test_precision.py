@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossvit.contract import MIN_CALIBRATION_IMAGES, PRECISION_NAMES, PRECISION_TABLE, sha256_file
+from crossvit.contract import MIN_CALIBRATION_IMAGES, PRECISION_NAMES, PRECISION_TABLE
 from crossvit.errors import BackendUnavailable, ExportError
 from crossvit.export.precision import convert_precision, graph_precision_summary
+from crossvit.files import sha256_file
 
 THRESHOLDS = {name: p.thresholds for name, p in PRECISION_TABLE.items()}
 

@@ -514,7 +514,7 @@ def _check_rtx_manifest(manifest: dict, plan: Path, onnx: Path, precision: str, 
     """Everything item 3 asks a CPU-only build to verify, read back from the files."""
     import hashlib
 
-    from crossvit.contract import sha256_file
+    from crossvit.files import sha256_file
 
     trt = _rtx()
     assert manifest == json.loads(manifest_path(plan).read_text())
