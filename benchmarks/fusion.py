@@ -63,7 +63,7 @@ def measure(dim: int, heads: int, token_counts: list[int], runs: int = 20) -> li
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from crossvit.benchmarks.suite import _pyplot
+    from crossvit.benchmarks.report import _pyplot
     from crossvit.files import atomic_write
 
     plt = _pyplot("--out")
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
 
 
 def _main(args, tokens: list[int]) -> int:
-    from crossvit.benchmarks.latency import command_line, machine_description
-    from crossvit.benchmarks.suite import _pyplot
+    from crossvit.benchmarks.machine import command_line, machine_description
+    from crossvit.benchmarks.report import _pyplot
     from crossvit.contract import to_json
     from crossvit.files import atomic_write, check_output_dir, check_output_path
 

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         results.append(("TensorRT-RTX engines", None, "skipped (--skip-rtx)"))
     else:
         from crossvit.benchmarks import gpu_acceptance as this  # by its module name, not __main__: spawn pickles it
-        from crossvit.benchmarks.latency import command_line
+        from crossvit.benchmarks.machine import command_line
 
         with tempfile.TemporaryDirectory(prefix="crossvit-gpu-rtx-") as tmp:
             try:
@@ -164,7 +164,8 @@ def bench_step(models: list[str], out: Path, budget: float, compile: bool = True
     """`crossvit bench --device cuda` for each model, saved after each one."""
     import torch
 
-    from crossvit.benchmarks.suite import run, write_csv, write_plot
+    from crossvit.benchmarks.report import write_csv, write_plot
+    from crossvit.benchmarks.suite import run
     from crossvit.contract import to_json
     from crossvit.files import atomic_write
     from crossvit.model import load_model
@@ -302,7 +303,8 @@ def _p50s(lat: dict) -> str:
 def tensorrt_step(model_name: str, tmp: Path, out: Path, results: Verdicts | None = None) -> Verdicts:
     """Standard TensorRT engines of two models in three precisions: gate and time each (SKIP
     without TensorRT). A row's failure, whatever it is, is its FAIL line; the next row runs."""
-    from crossvit.benchmarks.latency import command_line, machine_description, time_engines
+    from crossvit.benchmarks.latency import time_engines
+    from crossvit.benchmarks.machine import command_line, machine_description
     from crossvit.contract import to_json
     from crossvit.export.engine import BuildOptions, build_engine
     from crossvit.export.parity import check_parity
@@ -362,7 +364,8 @@ def tensorrt_rtx_step(model_name: str, tmp: Path, out: Path, results: Verdicts |
     Then a build for compute capability 9.0 must be refused with a one-line ExportError
     ("compute_capability_refusal"). `command` is the command line to record (this step runs in a
     child process, whose own is not the user's)."""
-    from crossvit.benchmarks.latency import command_line, machine_description, time_engines
+    from crossvit.benchmarks.latency import time_engines
+    from crossvit.benchmarks.machine import command_line, machine_description
     from crossvit.contract import to_json
     from crossvit.errors import ArtifactError, ExportError
     from crossvit.export.engine import BuildOptions, build_engine

@@ -382,7 +382,7 @@ def takes(dims: list[int], shape: tuple) -> bool:
 
 
 def _main(args) -> int:
-    from crossvit.benchmarks.latency import busy_machine, command_line, machine_description
+    from crossvit.benchmarks.machine import busy_machine, command_line, machine_description
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.files import check_output_dir, check_output_path, temporary_folder
     from crossvit.model import load_model
@@ -438,7 +438,7 @@ def _main(args) -> int:
 
 
 def _open_loop_main(args, artifact: Path | None, name: str, x: np.ndarray, machine: dict) -> int:
-    from crossvit.benchmarks.latency import command_line
+    from crossvit.benchmarks.machine import command_line
 
     rows: list[dict] = []
     result = {"machine": machine, "command": command_line(), "model": name, "open_loop": rows,

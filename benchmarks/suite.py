@@ -29,26 +29,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from crossvit.benchmarks.latency import (BASELINE, busy_machine, command_line, machine_description, noisy_rows_note,
-                                         ratio)
-from crossvit.runtime.cpu_choice import cpu_flags
+from crossvit.benchmarks.cuda_timer import CudaEvents
+from crossvit.benchmarks.latency import BASELINE, noisy_rows_note, ratio
+from crossvit.benchmarks.limits import gemm_rates, has_bf16, model_gflops, peak_for
+from crossvit.benchmarks.machine import busy_machine, command_line, machine_description
+from crossvit.benchmarks.report import Result, Row, _pyplot, _shape, plot_format, write_csv, write_plot
 from crossvit.runtime.timing import NOISY, SPREAD_WARNING, Latency, measure_interleaved
 
 TORCH_ROWS = frozenset({"autocast", "cuda-graph"})  # PyTorch's optional rows, on by default
-PRECISION_CLASS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8",
-                   "int8-cpu": "int8", "int8-ov": "int8"}
 DEVICES = ("cpu", "cuda")
 
 
@@ -57,226 +53,7 @@ def baseline(device: str) -> tuple[str, str]:
     return (BASELINE, "fp32") if device == "cpu" else (f"torch eager ({device})", "fp32")
 
 
-@dataclass
-class Row:
-    backend: str
-    precision: str
-    batch: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    images_per_s: float
-    gflops: float  # achieved model GFLOP/s at the median
-    vs_eager: float | None  # PyTorch eager fp32 p50 / this p50, same batch, same run; None: see no_ratio
-    of_peak: float | None  # achieved GFLOP/s / the best measured GEMM rate of its precision
-    spread: float  # (max - min) / min of the per-turn medians
-    note: str = ""
-    runs: int = 0  # timed calls, all turns together
-    timed_s: float = 0.0  # their recorded times summed (what --min-time counts)
-    no_ratio: str = ""  # why vs_eager is None: this row's or the baseline's turns disagree (noisy)
-    timer: str = "wall"  # "wall": the host's clock around each call; "cuda-events": the device's (GPU PyTorch rows)
-
-
-@dataclass
-class Result:
-    model: str
-    gflops_per_image: float
-    rows: list[Row] = field(default_factory=list)
-    gemm: dict = field(default_factory=dict)  # "library precision" -> GFLOP/s
-    accuracy: dict = field(default_factory=dict)
-    machine: dict = field(default_factory=dict)
-    command: str = ""
-    notes: list[str] = field(default_factory=list)  # what the run skipped or dropped, and why
-
-    def table(self) -> str:
-        wb = max([36, *(len(r.backend) for r in self.rows)])  # file names make long backend names
-        wp = max([8, *(len(r.precision) for r in self.rows)])
-        head = (f"{'backend':<{wb}} {'prec':<{wp}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
-                f"{'img/s':>9} {'GFLOP/s':>8} {'of peak':>7} {'vs eager':>8}  note")
-        lines = [f"{self.model}: {self.gflops_per_image:.2f} GFLOP per image", head, "-" * len(head)]
-        for r in self.rows:
-            peak = f"{r.of_peak:6.0%}" if r.of_peak is not None else "     -"
-            vs = f"{r.vs_eager:7.2f}x" if r.vs_eager is not None else f"{'-':>8}"
-            lines.append(f"{r.backend:<{wb}} {r.precision:<{wp}} {r.batch:>5} "
-                         f"{r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
-                         f"{r.images_per_s:9.1f} {r.gflops:8.1f} {peak:>7} {vs}  {r.note}".rstrip())
-        timers = {r.timer for r in self.rows}
-        if timers != {"wall"} and timers:
-            lines.append("timed by " + "; ".join(
-                f"{'CUDA events' if t == 'cuda-events' else 'the host clock' if t == 'wall' else t}: "
-                + ", ".join(dict.fromkeys(r.backend for r in self.rows if r.timer == t)) for t in sorted(timers)))
-        if self.gemm:
-            lines.append("GEMM rates here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.gemm.items()))
-        for name, acc in self.accuracy.items():
-            lines.append(f"accuracy {name}: " + ", ".join(
-                f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()))
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "gflops_per_image": self.gflops_per_image, "rows": [asdict(r) for r in self.rows],
-                "gemm_gflops": self.gemm, "accuracy": self.accuracy, "machine": self.machine, "command": self.command, "notes": self.notes}
-
-
 # -- the machine's limits ----------------------------------------------------------------------
-
-def has_bf16() -> bool:
-    """bf16 instructions: AVX512-BF16 or AMX on x86, BF16 on Linux Arm (its "Features"), Apple silicon."""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags()) or platform.machine() == "arm64"
-
-
-def model_gflops(model: torch.nn.Module) -> float:
-    """GFLOP of one image (2 per multiply-add of matmuls, convolutions and attention): from the
-    config for the official family (`flops.official_flops`, which the tests check against
-    PyTorch's counter), else counted by running it once (`flops.count_flops`)."""
-    from crossvit.benchmarks.flops import count_flops, official_flops
-    from crossvit.model.official import OfficialConfig
-
-    if isinstance(getattr(model, "config", None), OfficialConfig):
-        return official_flops(model.config)["total"] / 1e9
-    c, h, w = model.input_shape
-    return count_flops(model.eval(), torch.zeros(1, c, h, w)) / 1e9
-
-
-def gemm_rates(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> dict[str, float]:
-    """Square n x n GEMM rates through each library and precision, in GFLOP/s (best of turns).
-
-    A product this machine runs slowly (torch int8 without VNNI: ~1 GFLOP/s, 13 s a call at n = 2048)
-    is measured at the largest size up to n whose call takes at most GEMM_CALL_S (`_fit_size`): a slow
-    path is no limit worth minutes. On a GPU: PyTorch's fp32 (TF32 off), tf32, fp16 and bf16 matmuls
-    at n = 8192."""
-    if device != "cpu":
-        return _gpu_gemm_rates(device, seconds)
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(0)
-
-    def torch_mm(dtype):
-        def build(m: int):
-            a, b = (torch.from_numpy(rng.standard_normal((m, m), dtype=np.float32)).to(dtype) for _ in range(2))
-            return lambda: a @ b
-        return build
-
-    def session(op: str, dtype, b_dtype=None):
-        def build(m: int):
-            graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
-                                      [helper.make_tensor_value_info("a", dtype, [m, m]),
-                                       helper.make_tensor_value_info("b", b_dtype or dtype, [m, m])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT if op == "MatMul"
-                                                                     else TensorProto.INT32, [m, m])])
-            proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-            if op == "MatMul":
-                inputs = {k: rng.standard_normal((m, m), dtype=np.float32) for k in "ab"}
-            else:  # uint8 activations x int8 weights: what int8-cpu's MatMulInteger runs (VNNI's u8 x s8
-                # product; u8 x u8 takes a path half as fast on AVX-512 VNNI)
-                inputs = {"a": rng.integers(0, 255, (m, m), dtype=np.uint8),
-                          "b": rng.integers(-127, 127, (m, m), dtype=np.int8)}
-            return lambda: s.run(None, inputs)
-        return build
-
-    builders = {"torch fp32": torch_mm(torch.float32)}
-    if has_bf16():
-        builders["torch bf16"] = torch_mm(torch.bfloat16)
-    builders["torch int8"] = lambda m: _int8_matmul(m, "cpu")
-    builders["onnxruntime fp32"] = session("MatMul", TensorProto.FLOAT)
-    builders["onnxruntime int8"] = session("MatMulInteger", TensorProto.UINT8, TensorProto.INT8)
-    fns, sizes = {}, {}
-    for key, build in builders.items():
-        fitted = _fit_size(build, n)
-        if fitted is not None:  # None: no kernel for it here
-            fns[key], sizes[key] = fitted
-    lat = measure_interleaved(fns, batch=1, runs=10, max_seconds=seconds * 3)
-    return {k: 2 * sizes[k] ** 3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
-
-
-GEMM_CALL_S = 0.5  # the longest one GEMM call of the CPU rate probes may take
-
-
-def _fit_size(build: Callable[[int], Callable], n: int, smallest: int = 256) -> tuple[Callable, int] | None:
-    """(the product at the largest size m <= n, doubling from `smallest`, whose call is expected to take
-    at most GEMM_CALL_S, m), from one timed call at `smallest` (after one untimed call); None when the
-    product fails here (a private API, a build without that kernel)."""
-    try:
-        fn = build(smallest)
-        fn()
-        start = time.perf_counter()
-        fn()
-        t = time.perf_counter() - start
-    except Exception:
-        return None
-    m = smallest
-    while m * 2 <= n and t * (m * 2 / smallest) ** 3 <= GEMM_CALL_S:
-        m *= 2
-    return (fn if m == smallest else build(m)), m
-
-
-def _gpu_gemm_rates(device: str, seconds: float, n: int = 8192) -> dict[str, float]:
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    half, bf = (a.half(), b.half()), (a.bfloat16(), b.bfloat16())
-
-    def tf32(on: bool):
-        def f():
-            torch.backends.cuda.matmul.allow_tf32 = on
-            try:
-                return a @ b
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = False
-        return f
-
-    fns = {"torch fp32": tf32(False), "torch tf32": tf32(True), "torch fp16": lambda: half[0] @ half[1],
-           "torch bf16": lambda: bf[0] @ bf[1]}
-    _add_if_it_runs(fns, "torch int8", _int8_matmul(n, device), sync=torch.cuda.synchronize)
-    _add_if_it_runs(fns, "torch fp8", _fp8_matmul(n, device), sync=torch.cuda.synchronize)
-    lat = measure_interleaved(fns, batch=1, runs=20, max_seconds=seconds * 3, sync=torch.cuda.synchronize,
-                              clocks={k: CudaEvents() for k in fns})
-    return {k: 2 * n**3 / (l.p50_ms / 1000) / 1e9 for k, l in lat.items()}
-
-
-def _int8_matmul(n: int, device: str) -> Callable[[], torch.Tensor]:
-    """PyTorch's int8 x int8 -> int32 matrix product (`torch._int_mm`: oneDNN/VNNI on x86, cuBLASLt
-    on a GPU), what a PyTorch int8 backend would run."""
-    a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
-    b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
-    return lambda: torch._int_mm(a, b)
-
-
-def _fp8_matmul(n: int, device: str) -> Callable[[], torch.Tensor]:
-    """PyTorch's fp8 (e4m3) matrix product with bf16 output (`torch._scaled_mm`, compute
-    capability 8.9+); its second operand column-major, as cuBLASLt wants. With fast accumulation
-    (cuBLASLt's faster, less precise fp8 mode), since this rate is the ceiling fp8 rows are held to."""
-    def make():
-        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
-        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
-        one = torch.ones((), device=device)
-        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                        use_fast_accum=True)
-    try:
-        return make()
-    except Exception as e:  # no float8 dtype in this torch: the probe in _add_if_it_runs says no
-        why = f"no fp8 matmul here: {type(e).__name__}"
-
-        def unavailable():
-            raise RuntimeError(why)
-        return unavailable
-
-
-def _add_if_it_runs(fns: dict, key: str, fn: Callable, sync: Callable[[], None] | None = None) -> None:
-    """`fns[key] = fn` when one call succeeds: a product this build or device lacks is no rate."""
-    try:
-        fn()
-        if sync is not None:
-            sync()
-    except Exception:  # no kernel for it here (a private API, hardware without int8 tensor cores)
-        return
-    fns[key] = fn
-
-
-def peak_for(precision: str, gemm: dict[str, float]) -> float | None:
-    cls = PRECISION_CLASS.get(precision, precision)
-    rates = [v for k, v in gemm.items() if k.endswith(" " + cls)]
-    return max(rates) if rates else None
 
 
 # -- the backends ------------------------------------------------------------------------------
@@ -638,29 +415,6 @@ def _timed(fns: dict, batch: int, runs: int, max_seconds: float, sync: Callable[
             done, total, f"batch {batch}, turn {done // max(len(fns), 1) + 1}/3: {key[0]}" if key else ""))
 
 
-class CudaEvents:
-    """GPU time between two CUDA events recorded on the current stream around each call, read
-    once the second has completed (`Event.synchronize`): what the device spent from the first
-    launch to the last, without the host's wait for the result. For PyTorch rows, whose work
-    is queued on the current stream; sessions with their own streams copy results to the host
-    before returning, so those rows keep the wall clock."""
-
-    name = "cuda-events"
-
-    def __init__(self):
-        self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-
-    def sync(self) -> None:
-        torch.cuda.synchronize()
-
-    def time(self, fn: Callable[[], object]) -> float:
-        self._start.record()
-        fn()
-        self._end.record()
-        self._end.synchronize()
-        return self._start.elapsed_time(self._end)
-
-
 def _bar(done: int, total: int, label: str, width: int = 24) -> None:
     """A one-line progress bar on stderr, redrawn in place; only on a terminal (logs get the
     "[i/n] batch" lines), and wiped when `done == total`."""
@@ -676,80 +430,6 @@ def _bar(done: int, total: int, label: str, width: int = 24) -> None:
 
 
 # -- output ------------------------------------------------------------------------------------
-
-def write_csv(results: Result | list[Result], path: Path) -> None:
-    """One row per backend, precision and batch (and model, for several results)."""
-    from crossvit.files import atomic_write
-
-    results = [results] if isinstance(results, Result) else results
-    rows = [{"model": res.model, **asdict(r)} for res in results for r in res.rows]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    text = buf.getvalue()
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _pyplot(option: str = "--plot"):
-    """matplotlib.pyplot (headless), or the one line that says how to get it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from crossvit.errors import BackendUnavailable
-        from crossvit.install import pip_install
-
-        raise BackendUnavailable(f"{option} needs matplotlib: {pip_install('bench')}") from None
-    return plt
-
-
-def plot_format(path: Path) -> str:
-    """The image format the file name asks for (.png, .svg, .pdf, ...); checked before the run."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    from crossvit.errors import UsageError
-
-    # what matplotlib writes by itself (pgf needs LaTeX, and would fail only after the run)
-    kinds = [k for k in ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff")
-             if k in FigureCanvasBase.get_supported_filetypes()]
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in kinds:
-        raise UsageError(f"{path}: a plot is written as .{', .'.join(kinds)}; not {path.suffix or 'a name without a suffix'}")
-    return fmt
-
-
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def write_plot(result: Result, path: Path) -> None:
-    """Latency and throughput against batch size, one line per backend (needs matplotlib)."""
-    from crossvit.files import atomic_write
-
-    plt = _pyplot()
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = sorted({(r.backend, r.precision) for r in result.rows})
-    for key in keys:
-        rows = sorted((r for r in result.rows if (r.backend, r.precision) == key), key=lambda r: r.batch)
-        label = f"{key[0]} ({key[1]})"
-        left.plot([r.batch for r in rows], [r.p50_ms for r in rows], marker="o", label=label)
-        right.plot([r.batch for r in rows], [r.images_per_s for r in rows], marker="o", label=label)
-    for ax, what in ((left, "p50 latency (ms)"), (right, "throughput (images/s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-    left.legend(fontsize=7)
-    where = result.machine.get("cuda") if result.machine.get("bench_device") == "cuda" else None
-    where = where or result.machine.get("cpu_model") or result.machine.get("processor")
-    fig.suptitle(f"{result.model} on {where} ({time.strftime('%Y-%m-%d')})")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=plot_format(path), dpi=110))
-    plt.close(fig)
 
 
 # -- the command -------------------------------------------------------------------------------

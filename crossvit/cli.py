@@ -71,7 +71,7 @@ def _batch_sizes(text: str | None) -> list[int] | None:
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
-    from crossvit.benchmarks.suite import model_gflops
+    from crossvit.benchmarks.limits import model_gflops
     from crossvit.model import build_model, get_spec, list_models
     import torch
 

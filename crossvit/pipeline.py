@@ -75,7 +75,7 @@ class DeployResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        from crossvit.benchmarks.latency import command_line, machine_description
+        from crossvit.benchmarks.machine import command_line, machine_description
 
         return {"out_dir": str(self.out_dir), "rows": [asdict(r) for r in self.rows],
                 "engines_not_run": [asdict(r) for r in self.engines],
@@ -348,7 +348,7 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
     fingerprint (`NAME.cpu.json`) for `open_session` to run. Where a gated candidate's turns
     disagreed (noisy), the choice still stands on what was measured but says so: in its line, a
     warning, and the record's `noisy`. Returns the record, or None."""
-    from crossvit.benchmarks.latency import machine_description
+    from crossvit.benchmarks.machine import machine_description
     from crossvit.files import sha256_file
     from crossvit.runtime.cpu_choice import (CHOICE_FORMAT, choice_path, cpu_fingerprint, describe_fingerprint,
                                              gate_passed)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from crossvit.assets import heldout_images
-from crossvit.benchmarks.latency import machine_description
+from crossvit.benchmarks.machine import machine_description
 from crossvit.export.onnx import BatchRange, export_onnx
 from crossvit.export.parity import compare
 from crossvit.export.precision import convert_precision

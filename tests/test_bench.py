@@ -48,7 +48,7 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
 def test_model_flops_agree_with_the_paper(name, params_m, paper_gflops):
     """The paper counts multiply-adds as FLOPs; ours counts 2 per multiply-add (matmuls, convolutions
     and the attention matmuls that PyTorch's counter misses on the CPU)."""
-    from crossvit.benchmarks.suite import model_gflops
+    from crossvit.benchmarks.limits import model_gflops
     from crossvit.model import create_model
 
     model = create_model(name)
@@ -151,7 +151,7 @@ def test_bench_on_cuda_without_a_gpu_says_so_in_one_line(cli, one_line_error):
 
 
 def test_the_table_says_which_rows_each_timer_read():
-    from crossvit.benchmarks.suite import Result, Row
+    from crossvit.benchmarks.report import Result, Row
 
     def row(backend, timer):
         return Row(backend, "fp32", 1, 1.0, 1.0, 1.0, 1000.0, 1.0, 1.0, None, 0.0, timer=timer)
@@ -164,7 +164,7 @@ def test_the_table_says_which_rows_each_timer_read():
 
 
 def test_accuracy_lines_round_floats_and_keep_verdicts():
-    from crossvit.benchmarks.suite import Result
+    from crossvit.benchmarks.report import Result
 
     result = Result("m", 1.0, accuracy={"m.int8-cpu.onnx": {"verdict": "pass", "rel_l2": 0.0041289001738311635,
                                                              "accuracy": 99.44444444444444}})
@@ -180,7 +180,7 @@ def test_pytorch_rows_on_a_gpu_are_timed_by_cuda_events(tmp_path, cli):
 
     import torch
 
-    from crossvit.benchmarks.suite import CudaEvents
+    from crossvit.benchmarks.cuda_timer import CudaEvents
     from crossvit.runtime.timing import WallClock
 
     a = torch.randn(4096, 4096, device="cuda")
@@ -235,7 +235,8 @@ def test_compiled_rows_at_every_batch_agree_with_eager_and_a_compiler_failure_co
     the rows so far. Then a compiler that fails: the row is gone, the reason said, the rest runs."""
     import torch
 
-    from crossvit.benchmarks.suite import has_bf16, run
+    from crossvit.benchmarks.limits import has_bf16
+    from crossvit.benchmarks.suite import run
     from crossvit.model import load_model
 
     model = load_model(name="crossvit_digits").model
@@ -377,7 +378,7 @@ def test_bench_backends_pick_the_rows_and_min_time_sets_the_timed_time(tmp_path,
 
 
 def test_a_busy_machine_is_said_and_a_quiet_one_is_not():
-    from crossvit.benchmarks.latency import busy_machine
+    from crossvit.benchmarks.machine import busy_machine
 
     assert "load average 1.60 on 2 cores" in busy_machine({"load_average": [1.6, 1.0, 0.9], "cores": 2})
     assert busy_machine({"load_average": [0.6, 1.0, 0.9], "cores": 2}) is None  # a run's own export
@@ -407,7 +408,7 @@ def test_bench_of_a_checkpoint_is_named_by_it(small_artifacts, tmp_path, cli):
 
 def test_a_gemm_rate_is_kept_only_when_its_product_runs():
     """The GPU's int8/fp8 rates are probed once: a product this build or device lacks is no rate."""
-    from crossvit.benchmarks.suite import _add_if_it_runs, _int8_matmul
+    from crossvit.benchmarks.limits import _add_if_it_runs, _int8_matmul
 
     def missing():
         raise RuntimeError("no kernel")
@@ -426,7 +427,8 @@ def _latency(p50: float, spread: float | None, batch: int = 1):
 def test_bench_prints_no_ratio_for_a_row_whose_turns_or_baselines_disagree():
     """Issue 24: eager went from 1.2 to 498 ms under load and the table said 452x. A row whose
     turns disagree (or whose baseline's do) gets no ratio: `-` in the table, null and why in JSON."""
-    from crossvit.benchmarks.suite import Result, add_rows
+    from crossvit.benchmarks.report import Result
+    from crossvit.benchmarks.suite import add_rows
 
     base, ort = ("torch eager (cpu)", "fp32"), ("onnxruntime (m.fp32)", "fp32")
     quiet = Result("m", 1.0)
