@@ -246,7 +246,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     backend = backend or (get_precision(info.precision).runtime if kind == "onnx" else AUTO_BACKEND[kind])
     library = (info.raw.get("tensorrt") or {}).get("library") if kind == "engine" else None
     report = ParityReport(artifact=str(artifact), reference=str(reference.source or reference.info.name),
-                          precision=precision, backend=library if library == "tensorrt-rtx" else backend,
+                          precision=precision, backend=(library if library == "tensorrt-rtx" else backend)
+                          + (f" ({hint} hint)" if hint else ""),  # session.describe() replaces it once open
                           thresholds=dataclasses.asdict(t), artifact_sha256=sha256_file(artifact),
                           gate=RANDOM_WEIGHTS_GATE if random_weights else "")
     sizes = batch_sizes or sorted({1, 2, 7, info.batch_max})

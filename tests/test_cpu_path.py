@@ -117,8 +117,12 @@ def test_the_bf16_hint_is_gated_as_bf16(deployed):
     report = json.loads(gate_report_path(out, Candidate(fp32.name, "openvino", "bf16", "bf16")).read_text())
     assert report["precision"] == "bf16" and "bf16 hint" in report["backend"]
     assert report["thresholds"]["rel_l2"] == 1e-2  # bf16's gate, not fp32's max abs 1e-4
-    if report["verdict"] == "not run":
-        assert "no bf16 arithmetic" in report["not_run"]
+    from crossvit.runtime.openvino import cpu_capabilities
+
+    if "BF16" in cpu_capabilities():  # run (OpenVINO's own word on this CPU), and judged on bf16's limits
+        assert report["verdict"] in ("pass", "fail") and report["cases"], report
+    else:  # not run, for a reason that names the machine, never a pass
+        assert report["verdict"] == "not run" and "no bf16 arithmetic" in report["not_run"], report
 
 
 def test_an_edited_fp32_file_voids_the_record_and_every_variant(deployed, tmp_path):
