@@ -15,8 +15,8 @@ def test_measure_reports_ordered_percentiles_and_throughput():
 def test_measure_stops_at_its_time_budget_after_the_minimum_runs():
     start = time.perf_counter()
     lat = measure(lambda: time.sleep(0.05), batch=1, warmup=5, runs=1000, max_seconds=0.3, min_runs=3)
-    assert 3 <= lat.runs < 20
-    assert time.perf_counter() - start < 2.0
+    assert 3 <= lat.runs < 20  # ~6 runs fit the budget; a slower machine makes fewer, never more
+    assert time.perf_counter() - start < 6.0  # ~0.6 s quiet (warm-up and the 0.3 s budget): 10x
 
 
 def test_sync_follows_every_call_warm_up_included():
