@@ -114,13 +114,15 @@ def test_make_installs_torch_from_its_index_in_its_own_pip_call(tmp_path):
     """`make deploy TORCH_INDEX=...` (README's CUDA line): torch alone, from that index; the project
     in a second call that names neither torch nor an index (one index URL would apply to all)."""
     cuda = "https://download.pytorch.org/whl/cu130"
-    proc = subprocess.run(["make", "-n", "deploy", f"VENV={tmp_path / 'v'}", f"TORCH_INDEX={cuda}"], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    # as a user runs it: not as a sub-make of `make test` (its MAKEFLAGS/MAKELEVEL would be inherited)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "deploy", f"VENV={tmp_path / 'v'}",
+                           f"TORCH_INDEX={cuda}"], cwd=REPO, capture_output=True, text=True, check=True, env=env)
     assert proc.stdout.splitlines()[1:3] == [  # after creating the venv: torch first, then the project
         f'TORCH="torch==2.13.0" TORCH_INDEX="{cuda}" bash scripts/install_torch.sh {tmp_path / "v"}',
         f'{tmp_path / "v" / "bin" / "pip"} install -q -e ".[quant,serve,rtx,openvino]"']
-    default = subprocess.run(["make", "-n", "deploy", f"VENV={tmp_path / 'v'}"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
+    default = subprocess.run(["make", "--no-print-directory", "-n", "deploy", f"VENV={tmp_path / 'v'}"], cwd=REPO,
+                             capture_output=True, text=True, check=True, env=env).stdout
     assert 'TORCH_INDEX="https://download.pytorch.org/whl/cpu" bash scripts/install_torch.sh' in default
 
 
