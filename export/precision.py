@@ -474,7 +474,7 @@ def require_toolchain(precision: str) -> None:
     if spec is None:
         return  # convert_precision says so
     if spec.toolchain in ("modelopt-autocast", "modelopt-ptq"):
-        _import_modelopt(precision)
+        _import_modelopt()
     elif spec.toolchain == "nncf-ptq":
         _import_nncf(precision)
 

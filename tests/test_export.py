@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_SEED
-from crossvit.errors import ExportError
+from crossvit.errors import ExportError, UsageError
 from crossvit.export.onnx import BatchRange, export_onnx
 from crossvit.model import CrossViT, load_checkpoint, save_checkpoint
 from crossvit.runtime.artifact import read_artifact
@@ -87,10 +87,12 @@ def test_batch_range_parsing(text, expect):
     assert (b.min, b.max) == expect
 
 
-@pytest.mark.parametrize("text, words", [("5:2", "max 2 is smaller than min 5"), ("0:4", ">= 1"),
-                                         ("a:b", "MIN:MAX"), ("", "MIN:MAX")])
-def test_bad_batch_ranges_are_refused(text, words):
-    with pytest.raises(ExportError, match=words):
+@pytest.mark.parametrize("text, error, words", [
+    ("5:2", ExportError, "max 2 is smaller than min 5"), ("0:4", ExportError, ">= 1"),
+    ("a:b", UsageError, "MIN:MAX"), ("", UsageError, "MIN:MAX"),  # does not parse: a usage error (exit 2)
+])
+def test_bad_batch_ranges_are_refused(text, error, words):
+    with pytest.raises(error, match=words):
         BatchRange.parse(text)
 
 
