@@ -258,6 +258,29 @@ def _unavailable(candidate: Candidate, flags: set[str]) -> str | None:
     return None
 
 
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # int8 products summed in int32, not int16
+
+
+def _saturates_here(folder: Path, candidate: Candidate, flags: set[str]) -> str | None:
+    """Why an int8 file cannot be trusted on this CPU although its gate passed elsewhere: x86 without
+    VNNI sums u8 x s8 pairs in int16 (VPMADDUBSW), which saturates with 8-bit weights. Files made
+    since crossvit used 7-bit ones (int8-cpu's `reduce_range`, int8-ov's overflow fix in every
+    layer) say so in their metadata; older ones are left out here, with the reason."""
+    import platform
+
+    if candidate.precision not in ("int8-cpu", "int8-ov") or VNNI_FLAGS & flags or \
+            platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        tool = read_artifact(folder / candidate.file).raw.get("precision_tool") or {}
+    except (CrossViTError, OSError):
+        return None  # gate_problem says what is wrong with the file
+    if isinstance(tool, dict) and (tool.get("reduce_range") is True or tool.get("overflow_fix") == "all layers"):
+        return None
+    return ("its 8-bit weights saturate on a CPU without VNNI (it was made before crossvit used 7-bit ones; "
+            "export it again)")
+
+
 def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
     """The candidate to run for `fp32` on this CPU and why, or None for the file itself in ONNX Runtime.
 
@@ -302,7 +325,8 @@ def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
                             f"{noisy}")
     else:
         why = f"no {choice_path(fp32).name} beside it (`crossvit deploy` measures one)"
-    problems = {c: _unavailable(c, flags) or gate_problem(fp32, c, sha) for c in candidates}
+    problems = {c: _unavailable(c, flags) or gate_problem(fp32, c, sha) or _saturates_here(fp32.parent, c, flags)
+                for c in candidates}
     rule = rule_for_flags(flags, [c for c in candidates if problems[c] is None])
     if rule is None or (rule.file == fp32.name and rule.backend == "onnxruntime" and rule.precision == "fp32"):
         # say why each other path beside it is out: a variant file always, another way to run

@@ -312,3 +312,27 @@ def test_predict_and_serve_say_why_they_run_the_fp32_file_when_the_other_paths_a
     assert decide_cpu_path(lone / fp32.name) == (None, None)  # a lone file: nothing to say
     with open_session(lone / fp32.name) as s:
         assert s.passed_over is None and s.chosen is None
+
+
+def test_an_int8_file_with_8_bit_weights_is_left_out_on_a_cpu_without_vnni(small_artifacts, tmp_path):
+    """int8 made before 7-bit weights (int8-cpu's reduce_range) saturates on x86 without VNNI: a gate
+    passed on a VNNI machine says nothing there, so such a file is left out, with the reason."""
+    import platform
+
+    from conftest import rewrite_onnx_metadata
+    from crossvit.export.precision import convert_precision
+    from crossvit.runtime.cpu_choice import _saturates_here
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the saturation is x86's (VPMADDUBSW)")
+    _, onnx_path = small_artifacts
+    made = convert_precision(onnx_path, tmp_path / "s.int8-cpu.onnx", "int8-cpu", None)
+    int8 = Candidate(made.name, "onnxruntime", "int8-cpu")
+    assert read_artifact(made).raw["precision_tool"]["reduce_range"] is True
+    assert _saturates_here(tmp_path, int8, {"avx2"}) is None  # 7-bit weights: safe everywhere
+    old = rewrite_onnx_metadata(made, tmp_path / "o.int8-cpu.onnx",
+                                lambda meta, _: meta["precision_tool"].pop("reduce_range"))
+    old_int8 = Candidate(old.name, "onnxruntime", "int8-cpu")
+    assert "saturate on a CPU without VNNI" in _saturates_here(tmp_path, old_int8, {"avx2", "fma"})
+    assert _saturates_here(tmp_path, old_int8, {"avx2", "avx512_vnni"}) is None
+    assert _saturates_here(tmp_path, Candidate(onnx_path.name, "onnxruntime", "fp32"), {"avx2"}) is None
