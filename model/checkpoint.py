@@ -144,9 +144,14 @@ def _sniff(path: Path, head: bytes) -> str:
             return "an ONNX model, not a checkpoint (give the checkpoint it was exported from)"
         except Exception:
             pass
-    if head.lstrip()[:1] in (b"{", b"["):
-        return "a JSON or text file, not a checkpoint"
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+    try:  # text: UTF-8 without control bytes (a random binary starting with "{" is not JSON)
+        text = head.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:  # a multi-byte character cut off at the end of `head` is still text
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 and e.reason == "unexpected end of data" \
+            else None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        if text.lstrip()[:1] in ("{", "["):
+            return "a JSON or text file, not a checkpoint"
         return "a text file, not a checkpoint"
     return "not a PyTorch checkpoint or a safetensors file (unrecognised content)"
 
