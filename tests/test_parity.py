@@ -156,7 +156,10 @@ def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpo
 @pytest.mark.slow  # converts a variant and runs check four times
 def test_check_notes_a_reference_other_than_the_chains_checkpoint_for_variants_too(small_artifacts, tmp_path, check):
     """A variant records the fp32 file it came from and that file's checkpoint: `check` with the
-    right checkpoint says nothing, with another one says so (it once noted every variant)."""
+    right checkpoint says nothing, with another one says so (it once noted every variant).
+    The variant is fp16: this untrained model's logits are near-tied, so an int8 variant's top-1
+    agreement on the images sits at the 97 % gate (96.4-98.6 % by quantization detail) and the
+    verdict, which is not what this test is about, would be decided by that."""
     import torch
 
     from crossvit.export.precision import convert_precision
@@ -165,7 +168,7 @@ def test_check_notes_a_reference_other_than_the_chains_checkpoint_for_variants_t
     from conftest import TINY_SEED
 
     ckpt, onnx_path = small_artifacts
-    variant = convert_precision(onnx_path, tmp_path / "small.int8-cpu.onnx", "int8-cpu", None)
+    variant = convert_precision(onnx_path, tmp_path / "small.fp16.onnx", "fp16", None)
     source = json.loads({p.key: p.value for p in onnx.load(str(variant)).metadata_props}["crossvit"])["source"]
     assert source["onnx"] == "small.onnx" and source["sha256"] == sha256_file(onnx_path)
     assert source["checkpoint"] == {"name": "small.safetensors", "sha256": sha256_file(ckpt)}
