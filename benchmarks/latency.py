@@ -46,7 +46,9 @@ def noisy_rows_note(count: int, cores: int | None = None) -> str:
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"{count} row(s) noisy: their turns' medians differ by over {SPREAD_WARNING:.0%}, so no ratio is given "
             f"for them; load average {load} (1 / 5 / 15 min) on {cores or os.cpu_count()} cores after timing: "
-            "other work moved them; time again on a quiet machine")
+            "other work moved them (this run's own threads count in it; other tenants of a virtual "
+            "machine's host do not: on a 2-core CI VM they slowed one process 1.7x for 30 s at a time); time again "
+            "on a quiet machine")
 
 
 def time_cpu_backends(model: torch.nn.Module, artifacts: dict[str, Path | tuple[Path, str, dict]], *, batch: int,
