@@ -149,3 +149,24 @@ def test_deploy_names_a_missing_extra_once(tmp_path, monkeypatch):
         hint = pip_install(extra)
         assert sum(hint in line for line in said) == 1, (extra, said)
         assert sum(hint in reason for reason in result.skipped) == 1, (extra, result.skipped)
+
+
+def test_a_failed_openvino_hint_of_the_fp32_file_leaves_the_choice_but_a_failed_variant_fails_the_deploy():
+    """OpenVINO bf16 on the embedded model sits near its 1e-2 limit (0.006-0.011 on fresh random
+    inputs): when it fails, it is left out of the CPU choice and `deploy` still exits 0; a variant
+    deploy wrote (int8-ov here) that fails its gate makes it exit 2."""
+    from crossvit.cli import gate_failures
+    from crossvit.pipeline import Row
+
+    rows = [Row("m.safetensors", "torch (cpu)", "fp32", parity="ref"),
+            Row("m.fp32.onnx", "onnxruntime", "fp32", parity="pass"),
+            Row("m.fp32.onnx", "openvino", "fp32", parity="pass"),
+            Row("m.fp32.onnx", "openvino", "bf16", parity="fail"),
+            Row("m.int8-ov.onnx", "openvino", "int8-ov", parity="pass")]
+    failed, left_out = gate_failures(rows)
+    assert failed == [] and left_out == [rows[3]]
+    rows[4].parity = "fail"
+    failed, left_out = gate_failures(rows)
+    assert failed == [rows[4]] and left_out == [rows[3]]
+    rows[1].parity = "fail"  # the fp32 file itself: fails the deploy
+    assert gate_failures(rows)[0] == [rows[1], rows[4]]
