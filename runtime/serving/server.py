@@ -147,7 +147,8 @@ class Server:
         # h11, not httptools (uvicorn's pick when installed): h11 has the header size limit
         http = protocol_class(header_timeout=o.header_timeout_s, body_timeout=o.body_timeout_s,
                               max_header_bytes=o.max_header_bytes)
-        config = uvicorn.Config(QuietCancel(create_app(self.service, max_body=o.max_body)), log_level="warning",
+        config = uvicorn.Config(QuietCancel(create_app(self.service, max_body=o.max_body),
+                                            stopping=lambda: self._uvicorn.should_exit), log_level="warning",
                                 lifespan="off", access_log=False, http=http, ws="none",  # no WebSocket routes
                                 h11_max_incomplete_event_size=o.max_header_bytes,
                                 # a client that stalls mid-body must not hold the exit off for ever
