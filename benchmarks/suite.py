@@ -265,9 +265,10 @@ def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes
             last = time.monotonic() - t0 - (sum(cache["compile_s"]) - compiling)
             if on_batch is not None:
                 on_batch(result)
-    noisy = sum(r.spread > SPREAD_WARNING for r in result.rows)
+    noisy = [r for r in result.rows if r.spread > SPREAD_WARNING]
     if noisy:
-        _note(result, say, noisy_rows_note(noisy, result.machine.get("cores")))
+        _note(result, say, noisy_rows_note(len(noisy), result.machine.get("cores"),
+                                           unrated=sum(r.vs_eager is None for r in noisy)))
     return result
 
 
@@ -354,8 +355,9 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
 def add_rows(result: Result, lat: dict[tuple[str, str], Latency], b: int, base_key: tuple[str, str], *,
              notes: dict | None = None, timers: dict | None = None, min_seconds: float = 0.0) -> None:
     """One row per timed backend of batch `b` (`lat`, keyed (backend, precision)). The ratio to
-    the baseline is given only where neither's turns disagree (`latency.ratio`); a noisy row says
-    so, and why it has no ratio, in its note and in `no_ratio`. A row whose --min-time was cut
+    the baseline is the median of the two's ratio in each turn, given only where those agree
+    (`latency.ratio`); a noisy row says so, and a row without a ratio says why in its note and in
+    `no_ratio`. A row whose --min-time was cut
     short by --max-seconds says so too."""
     base = lat[base_key]
     for key, l in lat.items():
@@ -364,7 +366,8 @@ def add_rows(result: Result, lat: dict[tuple[str, str], Latency], b: int, base_k
         vs, why = ratio(base, l)
         short = (f"timed {l.timed_s:.2f} s of --min-time {min_seconds:g} s (--max-seconds stopped it)"
                  if l.timed_s < min_seconds else "")
-        said = f"{NOISY} ({l.spread:.0%}), no ratio" if l.noisy else f"no ratio: {why}" if why else ""
+        said = (f"{NOISY} ({l.spread:.0%}), " + ("no ratio" if why else "ratio turn by turn") if l.noisy else
+                f"no ratio: {why}" if why else "")
         note = "; ".join(n for n in (said, short, (notes or {}).get(key, "")) if n)
         result.rows.append(Row(backend=key[0], precision=key[1], batch=b, p50_ms=l.p50_ms, p90_ms=l.p90_ms,
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,

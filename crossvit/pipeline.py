@@ -291,9 +291,9 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
 def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, failed: dict[str, str], *,
                  batch: int) -> None:
     """Each row's latency at `batch` (`lat`) and batch 1 (`lat1`, the same dict when `batch` is 1) and its
-    ratios to PyTorch eager (`latency.ratio`, keyed by `BASELINE`): none where the turns of the
-    row or of the baseline disagree (noisy), and the row says so, and why, in its note and
-    `no_ratio`. `keys` maps id(row) to its timing key; `failed` holds why a key could not run."""
+    ratios to PyTorch eager (`latency.ratio`, keyed by `BASELINE`: turn by turn, none where the
+    turns' ratios disagree), and the row says so, and why, in its note and `no_ratio`; a row whose
+    turns disagreed (noisy) says that too. `keys` maps id(row) to its timing key; `failed` holds why a key could not run."""
     from crossvit.benchmarks.latency import BASELINE, ratio
 
     base, base1 = lat[BASELINE], lat1.get(BASELINE)
@@ -313,16 +313,25 @@ def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, f
         row.no_ratio = "; ".join(dict.fromkeys(why))
         noisy = dict.fromkeys(f"{t.spread:.0%} at batch {b}" for b, t in ((1, lat1.get(key)), (batch, lat.get(key)))
                               if t is not None and t.noisy)
-        said = (f"{NOISY} ({', '.join(noisy)}), no ratio" if noisy else
-                "no ratio: the baseline's turns disagree" if why else "")
+        if noisy:
+            said = f"{NOISY} ({', '.join(noisy)}), " + ("no ratio" if why else "ratio turn by turn")
+        else:
+            said = ("no ratio: the baseline's turns disagree" if any("baseline's turns" in w for w in why) else
+                    "no ratio: its ratio to the baseline moved from turn to turn" if why else "")
         if said:  # the machine, not the backend, set this figure
             row.note = "; ".join(n for n in (said, row.note) if n)
 
 
 def pick_cpu_path(gated: list[Row]) -> tuple[Row, list[str]]:
-    """The fastest of the gated, timed CPU-path rows (the lowest product of its medians at batch 1
-    and the bench batch), and the labels of those among them whose turns disagreed (noisy): a
-    choice made over them is one the machine's other work may have made."""
+    """The fastest of the gated, timed CPU-path rows, and the labels of those among them the
+    choice is unsure of: a choice made over them is one the machine's other work may have made.
+
+    Where every row has its ratios to PyTorch eager at batch 1 and at the bench batch (turn by
+    turn, `latency.ratio`), the fastest is the highest product of the two (the best geometric
+    mean), and none is unsure. Otherwise it is the lowest product of the pooled medians, and the
+    rows whose turns disagreed (noisy) are the unsure ones."""
+    if all(r.speedup and r.speedup_b1 for r in gated):
+        return max(gated, key=lambda r: r.speedup * r.speedup_b1), []
     best = min(gated, key=lambda r: r.latency["p50_ms"] * r.latency_b1["p50_ms"])
     noisy = [r.candidate.label for r in gated
              if max(r.latency.get("spread") or 0, r.latency_b1.get("spread") or 0) > SPREAD_WARNING]
@@ -452,9 +461,10 @@ def _warn_noisy(result: DeployResult) -> None:
     """One warning for the noisy latency rows, naming the load average seen after timing."""
     from crossvit.benchmarks.latency import noisy_rows_note
 
-    noisy = [r.artifact for r in result.rows if r.note.startswith(NOISY)]
+    noisy = [r for r in result.rows if r.note.startswith(NOISY)]
     if noisy:
-        result.warnings.append(noisy_rows_note(len(noisy)) + " (`crossvit bench` shows the spread of every row)")
+        result.warnings.append(noisy_rows_note(len(noisy), unrated=sum(bool(r.no_ratio) for r in noisy))
+                               + " (`crossvit bench` shows the spread of every row)")
 
 
 # -- the whole path --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class Latency:
     mean_ms: float
     spread: float | None = None  # (max - min) / min of the per-turn medians, when timed in turns
     timed_s: float = 0.0  # the recorded call times summed: what `min_seconds` (--min-time) counts
+    turns_ms: tuple[float, ...] | None = None  # the median of each turn, in order, when timed in turns
 
     @property
     def noisy(self) -> bool:
@@ -139,7 +140,9 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
     clock), `min_seconds` sets its least timed time, the sum of its recorded call times, which
     each result reports as `timed_s` (both split over the rounds). Each
     result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
-    the drift is made visible, not averaged away. Percentiles are those of all runs pooled.
+    the drift is made visible, not averaged away, and `turns_ms` holds those medians, so that two
+    backends can be compared turn by turn (`benchmarks.latency.ratio`). Percentiles are those of
+    all runs pooled.
 
     `clocks` names the clock of some backends (e.g. CUDA events for PyTorch on a GPU); the
     others get a `WallClock(sync)`. `progress(done, total, name)` is called before each turn
@@ -167,5 +170,5 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
     for name, t in samples.items():
         low = min(medians[name])
         spread = (max(medians[name]) - low) / low if rounds > 1 and low > 0 else None
-        out[name] = replace(_latency(batch, np.asarray(t)), spread=spread)
+        out[name] = replace(_latency(batch, np.asarray(t)), spread=spread, turns_ms=tuple(medians[name]))
     return out

@@ -24,8 +24,8 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["images_per_s"] > 0 and r["gflops"] > 0
         assert ("noisy: turns disagree" in r["note"]) == (r["spread"] > 0.25)
-        if r["backend"] == "torch eager (cpu)":  # no ratio from noisy turns (issue 24)
-            assert r["vs_eager"] == (None if r["spread"] > 0.25 else 1.0)
+        if r["backend"] == "torch eager (cpu)":  # the baseline against itself, turn by turn
+            assert r["vs_eager"] == 1.0
     assert {"torch fp32", "onnxruntime fp32", "onnxruntime int8"} <= set(data["gemm_gflops"])
     assert all(r["of_peak"] is not None for r in rows if r["precision"] in ("fp32", "int8-cpu"))
     assert data["accuracy"]["crossvit_digits.fp32.onnx"]["verdict"] == "pass"
@@ -350,6 +350,7 @@ def test_interleaved_turns_report_their_spread_and_deploy_flags_noisy_rows(monke
 
     lat = timing.measure_interleaved({"steady": lambda: [2.0, 2.1, 1.9], "drifting": drifting}, batch=1, runs=9)
     assert lat["drifting"].noisy and lat["drifting"].spread == 5.0 and lat["drifting"].runs == 9
+    assert lat["drifting"].turns_ms == (1.0, 6.0, 6.0) and lat["steady"].turns_ms == (2.0, 2.0, 2.0)
     assert not lat["steady"].noisy and lat["steady"].to_dict()["spread"] == 0.0
 
     def time_cpu_backends(model, artifacts, **kw):  # the PyTorch row drifts, as on a busy machine
@@ -358,8 +359,8 @@ def test_interleaved_turns_report_their_spread_and_deploy_flags_noisy_rows(monke
 
     monkeypatch.setattr(latency, "time_cpu_backends", time_cpu_backends)
     rows = latency_stage(load_model(name="crossvit_digits"), {}, {}, "d", batch=1, runs=9, max_seconds=5)
-    assert rows[0].note.startswith("noisy: turns disagree (500% at batch 1), no ratio;") and rows[0].latency["spread"] == 5.0
-    assert rows[0].speedup is None and "its turns disagree by 500%" in rows[0].no_ratio
+    assert rows[0].note.startswith("noisy: turns disagree (500% at batch 1)") and rows[0].latency["spread"] == 5.0
+    assert rows[0].speedup == 1.0  # the baseline against itself
 
 
 def test_bench_backends_pick_the_rows_and_min_time_sets_the_timed_time(tmp_path, cli):
@@ -418,10 +419,38 @@ def test_a_gemm_rate_is_kept_only_when_its_product_runs():
     assert list(fns) == ["torch int8"] and fns["torch int8"]().dtype.is_floating_point is False
 
 
-def _latency(p50: float, spread: float | None, batch: int = 1):
+def _latency(p50: float, spread: float | None, batch: int = 1, turns: tuple | None = None):
     from crossvit.runtime.timing import Latency
 
-    return Latency(batch=batch, runs=9, p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50, spread=spread, timed_s=0.1)
+    return Latency(batch=batch, runs=9, p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50, spread=spread, timed_s=0.1,
+                   turns_ms=turns)
+
+
+def test_ratios_are_taken_turn_by_turn():
+    """This host slows a process 1.7x for stretches of seconds. Two backends timed in the same
+    turns see the same stretch: the ratio of each turn holds where the pooled medians mix a slow
+    stretch of one with a fast one of the other. The ratio is the median of the turns' ratios,
+    given where those agree (interquartile range within 10 % of the median; range within 25 %
+    with fewer than four turns)."""
+    from crossvit.benchmarks.latency import ratio
+
+    slow = (1.0, 1.7, 1.7, 1.0, 1.0, 1.7)  # the host's stretches, turn by turn
+    base = _latency(90.0, 0.7, turns=tuple(90.0 * s for s in slow))
+    this = _latency(30.0, 0.7, turns=tuple(30.0 * s for s in slow))
+    assert base.noisy and this.noisy  # the pooled rule gave no ratio here
+    assert ratio(base, this) == (pytest.approx(3.0), "")
+    one_off = _latency(30.0, 0.7, turns=(30.0, 51.0, 51.0, 30.0, 30.0, 30.0))  # the baseline slowed alone in turn 6
+    assert ratio(base, one_off)[0] == pytest.approx(3.0)  # one turn out of six moves no median
+    apart = _latency(30.0, 0.7, turns=(51.0, 30.0, 51.0, 30.0, 51.0, 30.0))  # stretches that miss the baseline's
+    value, why = ratio(base, apart)
+    assert value is None and why.startswith("its ratio to the baseline moved from turn to turn (interquartile range")
+    three = _latency(30.0, 0.3, turns=(30.0, 33.0, 40.0))  # three turns: the range rule, 33 % over 25 %
+    value, why = ratio(_latency(90.0, 0.0, turns=(90.0, 90.0, 90.0)), three)
+    assert value is None and "(range 33% of it, over 25%)" in why
+    assert ratio(_latency(90.0, 0.0, turns=(90.0, 90.0, 90.0)), _latency(30.0, 0.1, turns=(30.0, 31.0, 32.0)))[0] \
+        == pytest.approx(90.0 / 31.0)
+    assert ratio(base, _latency(30.0, 0.0, turns=(30.0, 30.0, 30.0)))[0] is None  # not timed in the same turns:
+    # the pooled rule, and the baseline's turns disagree
 
 
 def test_bench_prints_no_ratio_for_a_row_whose_turns_or_baselines_disagree():
@@ -447,7 +476,7 @@ def test_bench_prints_no_ratio_for_a_row_whose_turns_or_baselines_disagree():
     noisy_eager = Result("m", 1.0)
     add_rows(noisy_eager, {base: _latency(498.0, 400.0), ort: _latency(0.5, 0.05)}, 1, base)
     eager, ort_row = noisy_eager.rows
-    assert eager.vs_eager is None and ort_row.vs_eager is None
+    assert eager.vs_eager == 1.0 and ort_row.vs_eager is None
     data = noisy_eager.to_dict()["rows"][1]
     assert data["vs_eager"] is None and data["no_ratio"].startswith("the baseline's turns disagree by 40000%")
     assert "452" not in noisy_eager.table() and "996.00x" not in noisy_eager.table()
@@ -488,6 +517,12 @@ def test_deploy_gives_no_ratio_from_noisy_turns_and_its_cpu_choice_says_so(tmp_p
     best, said = pick_cpu_path([quiet, noisy])
     assert best is noisy and said == [noisy.candidate.label]
     assert pick_cpu_path([quiet]) == (quiet, [])
+    # with every ratio given (turn by turn), the highest product of the two ratios wins, unsure of none
+    steady = Row("c", "openvino", "int8-ov")
+    steady.candidate = Candidate("m.int8-ov.onnx", "openvino", "int8-ov")
+    steady.latency, steady.latency_b1, steady.speedup, steady.speedup_b1 = quiet.latency, quiet.latency_b1, 3.0, 2.5
+    quiet.speedup, quiet.speedup_b1 = 2.0, 2.0
+    assert pick_cpu_path([quiet, steady]) == (steady, [])
     line = choice_line(tmp_path / "m.fp32.onnx", best, 8, "this CPU", "m.cpu.json")
     assert "4.00x PyTorch eager at batch 1 and no ratio to PyTorch eager at batch 8 (noisy turns)" in line
     assert "--retune -o" in noisy_choice(said, tmp_path) and noisy.candidate.label in noisy_choice(said, tmp_path)
