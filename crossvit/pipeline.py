@@ -511,8 +511,10 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
     cpu_gates = cpu_gates_stage(fp32, loaded, images, batch, out, result, say)
     engines = engines_stage(reports, loaded, images, batch, out, result, say, library)
-    say(f"[5/{STAGES}] latency at batch 1 (CPU paths) and {bench_batch} ({bench_runs} runs each in 3 turns, "
-        f"at most ~{bench_seconds:.0f} s a backend and batch)")
+    from crossvit.benchmarks.latency import TURNS
+
+    say(f"[5/{STAGES}] latency at batch 1 (CPU paths) and {bench_batch} ({bench_runs} runs each in {TURNS} turns, "
+        f"at most ~{bench_seconds:.0f} s a backend and batch, or 5 runs a turn)")
     result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,
                                 max_seconds=bench_seconds, cpu_gates=cpu_gates)
     say(f"[6/{STAGES}] the CPU path for this machine")

@@ -26,3 +26,20 @@ def test_train_default_trains_writes_and_reloads_the_model(tmp_path):
         assert list(csv.reader(mine)) == list(csv.reader(theirs))
     first = sorted(p.name for p in shipped.glob("*.png"))[0]
     assert (heldout / first).read_bytes() == (shipped / first).read_bytes()
+
+
+def test_openvino_profile_adds_up_the_calls_and_the_linear_layers(digits_onnx):
+    """The per-node counters OpenVINO keeps, summed per kind, and the linear layers' FLOP rate
+    (the README's batch-1 breakdown of crossvit_15_240 comes from this script)."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "openvino_profile.py"), str(digits_onnx),
+                           "--batch", "2", "--calls", "3", "--top", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "batch 2, f32 hint" in lines[0] and "ms per call" in lines[0]
+    assert len([l for l in lines if "% " in l and " x " in l]) == 5
+    assert lines[-1].startswith("fully connected layers: ") and "GFLOP/s" in lines[-1]
+    total = float(lines[0].split(": ")[-1].split(" ms")[0])
+    listed = [float(l.split()[0]) for l in lines[1:6]]
+    assert listed == sorted(listed, reverse=True) and 0 < sum(listed) <= total + 0.01
+    fc_ms = float(lines[-1].split("layers: ")[1].split(" ms")[0])
+    assert 0 < fc_ms <= total + 0.01 and float(lines[-1].split(" for ")[1].split(" GFLOP")[0]) > 0
