@@ -23,7 +23,7 @@ body when the shutdown drain runs out is answered 503 by `QuietCancel` instead o
 
 At shutdown uvicorn closes every idle kept-alive connection at once, and a client that has just
 sent its next request on one sees the connection reset instead of an answer (under continuous
-load, 3-39 of 48 clients a run). Here an idle connection is left open for `SHUTDOWN_IDLE_S`
+load, 0-39 of 48 clients a run). Here an idle connection is left open for `SHUTDOWN_IDLE_S`
 more: a request that comes on it is answered (503: the service has stopped) with
 `connection: close` (`QuietCancel(stopping=...)`), and a connection silent that long is closed.
 New connections are refused from the start of uvicorn's shutdown (it stops listening).
