@@ -2,10 +2,10 @@
 
 For each batch size, all backends run in one process on the same input, timed in interleaved
 turns (`measure_interleaved`: A B C, A B C, ...). Each row reports p50/p90/p99, images/s,
-achieved model GFLOP/s, the ratio to PyTorch eager fp32 of the same run, and the fraction of
-the best GEMM rate measured for its precision on this machine in the same process. When the
-per-turn medians of a backend disagree by more than `SPREAD_WARNING`, the row says so: on a
-shared machine that is noise, not a result.
+achieved model GFLOP/s, the ratio to PyTorch eager fp32 of the same run (taken turn by turn,
+`latency.ratio`), and the fraction of the best GEMM rate measured for its precision on this
+machine in the same process. When the per-turn medians of a backend disagree by more than
+`SPREAD_WARNING`, the row says so: on a shared machine that is noise, not a result.
 
 Backends on a CPU (`--device cpu`): PyTorch eager fp32 (the baseline), PyTorch bf16 autocast
 (on CPUs with bf16 instructions), `torch.compile` (opt-in: compiling takes minutes; fp32, and the
