@@ -27,6 +27,7 @@ class Latency:
     spread: float | None = None  # (max - min) / min of the per-turn medians, when timed in turns
     timed_s: float = 0.0  # the recorded call times summed: what `min_seconds` (--min-time) counts
     turns_ms: tuple[float, ...] | None = None  # the median of each turn, in order, when timed in turns
+    turns_at_s: tuple[float, ...] | None = None  # when each turn ran: its midpoint, seconds into the timing
 
     @property
     def noisy(self) -> bool:
@@ -140,8 +141,9 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
     clock), `min_seconds` sets its least timed time, the sum of its recorded call times, which
     each result reports as `timed_s` (both split over the rounds). Each
     result's `spread` says how far apart its per-turn medians were (`noisy` past SPREAD_WARNING):
-    the drift is made visible, not averaged away, and `turns_ms` holds those medians, so that two
-    backends can be compared turn by turn (`benchmarks.latency.ratio`). Percentiles are those of
+    the drift is made visible, not averaged away, and `turns_ms` holds those medians (and
+    `turns_at_s` when each turn ran), so that two backends can be compared turn by turn
+    (`benchmarks.latency.ratio`). Percentiles are those of
     all runs pooled.
 
     `clocks` names the clock of some backends (e.g. CUDA events for PyTorch on a GPU); the
@@ -153,22 +155,28 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
     budget = None if max_seconds is None else max_seconds / rounds
     samples: dict = {name: [] for name in fns}  # keyed as `fns` (names, or (backend, precision))
     medians: dict = {name: [] for name in fns}
+    at: dict = {name: [] for name in fns}
     clocks = clocks or {}
     wall = WallClock(sync)
     total = rounds * len(fns)
+    t0 = time.perf_counter()
     for r in range(rounds):  # the first round warms up longer
         for i, (name, fn) in enumerate(fns.items()):
             if progress is not None:
                 progress(r * len(fns) + i, total, name)
+            start = time.perf_counter()
             times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else rewarm_seconds,
                            min_seconds=min_seconds / rounds, max_seconds=budget, clock=clocks.get(name, wall))
+            end = time.perf_counter()
             samples[name].extend(times)
             medians[name].append(float(np.median(times)))
+            at[name].append((end - sum(times) / 2000.0) - t0)  # the middle of its timed calls
     if progress is not None:
         progress(total, total, None)
     out = {}
     for name, t in samples.items():
         low = min(medians[name])
         spread = (max(medians[name]) - low) / low if rounds > 1 and low > 0 else None
-        out[name] = replace(_latency(batch, np.asarray(t)), spread=spread, turns_ms=tuple(medians[name]))
+        out[name] = replace(_latency(batch, np.asarray(t)), spread=spread, turns_ms=tuple(medians[name]),
+                            turns_at_s=tuple(round(v, 3) for v in at[name]))
     return out
