@@ -316,8 +316,7 @@ def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, f
         if noisy:
             said = f"{NOISY} ({', '.join(noisy)}), " + ("no ratio" if why else "ratio turn by turn")
         else:
-            said = ("no ratio: the baseline's turns disagree" if any("baseline's turns" in w for w in why) else
-                    "no ratio: its ratio to the baseline moved from turn to turn" if why else "")
+            said = f"no ratio ({row.no_ratio})" if why else ""
         if said:  # the machine, not the backend, set this figure
             row.note = "; ".join(n for n in (said, row.note) if n)
 

@@ -509,6 +509,11 @@ def test_deploy_gives_no_ratio_from_noisy_turns_and_its_cpu_choice_says_so(tmp_p
     assert noisy.note == "noisy: turns disagree (200% at batch 8), no ratio"  # nothing dangling
     table = DeployResult(out_dir=tmp_path, rows=[torch_row, quiet, noisy]).table()
     assert not any(l.rstrip().endswith(";") for l in table.splitlines())
+    # steady turns on each side, but ratios that move from turn to turn: no ratio, and the note says why
+    apart = Row("c", "onnxruntime", "fp32")
+    moving = {BASELINE: _latency(8.8, 0.2, 8, turns=(8.0, 9.6) * 3), "c": _latency(4.4, 0.2, 8, turns=(4.8, 4.0) * 3)}
+    fill_latency([apart], {id(apart): "c"}, moving, {}, {}, batch=8)
+    assert apart.speedup is None and apart.note.startswith("no ratio (batch 8: its ratio to the baseline moved")
 
     # the choice: the noisy candidate is fastest by its medians; it is chosen, and that is said
     for row, c in ((quiet, Candidate("m.fp32.onnx", "onnxruntime", "fp32")),
