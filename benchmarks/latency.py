@@ -34,6 +34,11 @@ BASELINE = "torch eager (cpu)"
 PAIRED_WARNING = 0.10
 # Turns of deploy's timing: enough for the interquartile rule above; the runs are shared out among them.
 TURNS = 6
+# Deploy's timed runs per backend and batch (10 a turn, within its time cap): a turn's median of 5
+# calls moved too much for the rule above on a noisy host (crossvit_15_240 at batch 1, a 2-core
+# AVX2 EPYC, three runs each: 4 of 12 rows got a ratio with 30 runs, 10 of 12 with 60;
+# benchmarks/results/cpu_epyc_avx2_2core/cpu_choice/turn_calls/).
+RUNS = 60
 
 
 def turn_ratios(base: Latency, this: Latency) -> np.ndarray | None:

@@ -236,12 +236,13 @@ CPU_NOTES = {("onnxruntime", "fp32"): "the reference file in ONNX Runtime",
              ("openvino", "int8-ov"): "static int8 (NNCF) in OpenVINO"}
 
 
-def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int,
+def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int | None,
                   max_seconds: float, cpu_gates: dict | None = None) -> list[Row]:
     """PyTorch eager; every CPU path (`cpu_choice.candidates_for`) at batch 1 and `batch`; the
     TensorRT-oriented files in ONNX Runtime at `batch`; every engine — timed by the benchmark code."""
-    from crossvit.benchmarks.latency import BASELINE, time_cpu_backends, time_engines
+    from crossvit.benchmarks.latency import BASELINE, RUNS, time_cpu_backends, time_engines
 
+    runs = runs or RUNS
     acc_ref = next((r.accuracy[0] for r in reports.values() if r.accuracy[0] is not None), None)
     torch_row = Row(artifact=loaded.source.name if loaded.source else name, backend="torch (cpu)",
                     precision="fp32", size_mb=loaded.source.stat().st_size / 1e6 if loaded.source else None,
@@ -396,7 +397,7 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
     return record
 
 
-def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0,
+def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int | None = None, bench_seconds: float = 10.0,
            progress: Progress | None = None) -> DeployResult:
     """`crossvit deploy --retune`: the CPU paths of an earlier deploy in `out_dir`, timed again on
     this machine, and the choice recorded for this CPU. Nothing is exported or gated again: the
@@ -484,7 +485,7 @@ def _check_folders(**folders) -> None:
 
 def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_NAMES,
            calibration: str | Path | None = None, images: str | Path | None = None, batch=None,
-           bench_batch: int = 8, bench_runs: int = 30, bench_seconds: float = 10.0, library: str = "auto",
+           bench_batch: int = 8, bench_runs: int | None = None, bench_seconds: float = 10.0, library: str = "auto",
            progress: Progress | None = None) -> DeployResult:
     from crossvit.export.onnx import BatchRange
     from crossvit.model import RANDOM_WEIGHTS_NOTE
@@ -510,9 +511,9 @@ def deploy(loaded, out_dir: str | Path, *, variants: tuple[str, ...] = VARIANT_N
     reports = parity_stage(artifacts, loaded, images, batch, out, result, say)
     cpu_gates = cpu_gates_stage(fp32, loaded, images, batch, out, result, say)
     engines = engines_stage(reports, loaded, images, batch, out, result, say, library)
-    from crossvit.benchmarks.latency import TURNS
+    from crossvit.benchmarks.latency import RUNS, TURNS
 
-    say(f"[5/{STAGES}] latency at batch 1 (CPU paths) and {bench_batch} ({bench_runs} runs each in {TURNS} turns, "
+    say(f"[5/{STAGES}] latency at batch 1 (CPU paths) and {bench_batch} ({bench_runs or RUNS} runs each in {TURNS} turns, "
         f"at most ~{bench_seconds:.0f} s a backend and batch, or 5 runs a turn)")
     result.rows = latency_stage(loaded, reports, engines, name, batch=bench_batch, runs=bench_runs,
                                 max_seconds=bench_seconds, cpu_gates=cpu_gates)

@@ -132,7 +132,7 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
                         max_seconds: float | None = None, sync: Callable[[], None] | None = None,
                         min_seconds: float = 0.0, clocks: dict | None = None,
                         progress: Callable[[int, int, object], None] | None = None,
-                        rewarm_seconds: float = 0.1) -> dict:
+                        rewarm_seconds: float = 0.1, rewarm_calls: int = 1) -> dict:
     """Time several backends in turns (A B C, A B C, ...) and pool each one's runs.
 
     On a shared machine the clock speed and the other tenants drift during a measurement, and
@@ -148,8 +148,11 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
 
     `clocks` names the clock of some backends (e.g. CUDA events for PyTorch on a GPU); the
     others get a `WallClock(sync)`. `progress(done, total, name)` is called before each turn
-    and once at the end (name None). The first round warms each backend up for 0.5 s, later
-    ones for `rewarm_seconds`.
+    and once at the end (name None). The first round warms each backend up for 0.5 s and 5 calls,
+    later ones for `rewarm_seconds` and `rewarm_calls`: one call is enough to take over the
+    machine from the backend before (its pool threads, the caches), and a slow call's time is
+    better spent timed (crossvit_15_240 at batch 8 on a 2-core AVX2 EPYC: 0.8 s a call, and
+    two warm-up calls a turn took 1.6 s of each backend's 1.7 s budget).
     """
     per_round = max(1, -(-runs // rounds))  # at least `runs` in all
     budget = None if max_seconds is None else max_seconds / rounds
@@ -165,7 +168,8 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
             if progress is not None:
                 progress(r * len(fns) + i, total, name)
             start = time.perf_counter()
-            times = _timed(fn, runs=per_round, warmup_seconds=0.5 if r == 0 else rewarm_seconds,
+            times = _timed(fn, runs=per_round, warmup=5 if r == 0 else rewarm_calls,
+                           warmup_seconds=0.5 if r == 0 else rewarm_seconds,
                            min_seconds=min_seconds / rounds, max_seconds=budget, clock=clocks.get(name, wall))
             end = time.perf_counter()
             samples[name].extend(times)

@@ -111,3 +111,30 @@ def test_min_seconds_counts_the_recorded_call_times_not_the_hosts_clock():
                               clocks={"a": OneMillisecond()})["a"]
     assert lat.timed_s >= 0.1 and lat.runs >= 100
     assert lat.timed_s == lat.runs * 1.0 / 1000 and lat.to_dict()["timed_s"] == lat.timed_s
+
+
+def test_later_turns_warm_up_with_one_call_when_a_call_outlasts_the_rewarm_time():
+    """A slow call (0.8 s at batch 8 on a 2-core AVX2 EPYC) is better timed than spent warming up:
+    after the first turn (5 warm-up calls and 0.5 s) each turn warms a backend up with one call
+    when that call alone outlasts `rewarm_seconds`, then times its share of the runs."""
+    from crossvit.runtime.timing import measure_interleaved
+
+    calls = {"a": 0, "b": 0}
+    per_turn = []
+
+    def fn(name):
+        def call():
+            calls[name] += 1
+            time.sleep(0.03)
+        return call
+
+    def progress(done, total, name):
+        per_turn.append(dict(calls))
+
+    lat = measure_interleaved({"a": fn("a"), "b": fn("b")}, batch=1, runs=6, rounds=3, rewarm_seconds=0.01,
+                              progress=progress)
+    assert lat["a"].runs == lat["b"].runs == 6
+    # before each backend's turn: [a, b] in turn 0, 1, 2, then the end
+    a_calls = [per_turn[i + 2]["a"] - per_turn[i]["a"] for i in (0, 2, 4)]
+    assert a_calls[0] >= 5 + 2  # the first turn: at least 5 warm-up calls (and 0.5 s), then 2 timed
+    assert a_calls[1:] == [1 + 2, 1 + 2]  # later turns: one warm-up call, then 2 timed
