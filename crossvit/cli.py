@@ -17,7 +17,7 @@ from crossvit import __version__
 from crossvit.arguments import Parser, non_negative_number, positive_int, positive_number, printable, seed
 from crossvit.contract import MAX_BATCH, PRECISION_NAMES, VARIANT_NAMES
 from crossvit.runtime.session import BACKEND_NAMES
-from crossvit.errors import ConfigError, CrossViTError
+from crossvit.errors import ConfigError, CrossViTError, UsageError
 
 
 def _say(msg: str) -> None:
@@ -349,13 +349,46 @@ def _precision_list(text: str) -> list[str]:
     return names
 
 
+def retune_model(folder: Path) -> tuple[str, dict | None]:
+    """The registered model whose deploy `folder` holds, for `deploy --retune -o DIR` given no model,
+    and that file's model metadata: the name in the metadata of its one `*.fp32.onnx` (deploy's own
+    retune hint names no model), or the default model and None where the folder holds no such file
+    (retune then says what is missing). The PyTorch baseline is built from it: only its speed is
+    used, never its answers."""
+    from crossvit.model import DEFAULT_MODEL, list_models
+    from crossvit.runtime.artifact import read_artifact
+
+    fp32s = sorted(folder.glob("*.fp32.onnx")) if folder.is_dir() else []
+    if not fp32s:
+        return DEFAULT_MODEL, None
+    if len(fp32s) > 1:
+        raise UsageError(f"--retune: {printable(str(folder))} holds the deploys of several models "
+                         f"({', '.join(printable(p.name) for p in fp32s)}): say which with --model NAME or its checkpoint")
+    try:
+        model = read_artifact(fp32s[0]).model or {}
+    except CrossViTError as e:
+        raise UsageError(f"--retune: {e}") from None
+    name = model.get("name")
+    if name not in list_models():
+        raise UsageError(f"--retune: {printable(fp32s[0].name)} was not made from a registered model: give the "
+                         "checkpoint it was deployed from (and its --config, if foreign)")
+    return name, model
+
+
 def cmd_deploy(args) -> int:
     from crossvit.export.onnx import BatchRange
     from crossvit.files import check_output_dir
     from crossvit.pipeline import deploy, retune
 
     if args.retune:
-        result = retune(_load(args), args.output, progress=_say)
+        found = None
+        if getattr(args, "checkpoint", None) is None and args.model is None and args.config is None:
+            args.model, found = retune_model(args.output)
+        loaded = _load(args)
+        if found is not None and loaded.info.config != found.get("config"):
+            raise UsageError(f"--retune: {args.model} as registered is not the model its deploy in "
+                             f"{printable(str(args.output))} was made from: give that checkpoint")
+        result = retune(loaded, args.output, progress=_say)
         print(result.table())
         if result.cpu_path:
             print(f"{result.cpu_path}; predict/serve run it on this CPU (--exact runs the fp32 file in ONNX Runtime)")

@@ -205,7 +205,7 @@ def choice_path(fp32: Path) -> Path:
 # batch 1); without AMX, static int8 on VNNI is fastest (2-core EPYC, crossvit_15_240, batch 1:
 # OpenVINO int8 3.3x PyTorch eager, bf16 2.3x, ONNX Runtime int8-cpu 1.9x); without VNNI (AVX2
 # only) OpenVINO's int8 is no faster than PyTorch eager and ONNX Runtime's int8-cpu is fastest
-# (2-core AVX2 EPYC, crossvit_15_240, five deploy runs: int8-cpu 1.6-1.8x at batch 1, OpenVINO fp32
+# (2-core AVX2 EPYC, crossvit_15_240, six deploy runs: int8-cpu 1.6-1.8x at batch 1, OpenVINO fp32
 # 1.2x, OpenVINO int8 p50 98-147 ms against eager's 101-134; benchmarks/results/cpu_epyc_avx2_2core/
 # cpu_choice/), so there it is not tried without a measurement: it was slower than the fp32 file.
 RULES = (

@@ -275,6 +275,50 @@ def test_retune_measures_the_choice_again_from_the_gates_beside_the_files(deploy
     one_line_error(cli("deploy", "--retune", "-o", tmp_path / "empty"), "run `crossvit deploy -o")
 
 
+def _with_model_metadata(src, dst, **changes):
+    """A copy of the ONNX file `src` at `dst` whose crossvit metadata's `model` has `changes`."""
+    import onnx
+
+    m = onnx.load(str(src))
+    prop = next(p for p in m.metadata_props if p.key == "crossvit")
+    meta = json.loads(prop.value)
+    meta["model"] = {**meta["model"], **changes}
+    prop.value = json.dumps(meta)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_retune_without_a_model_takes_the_one_its_folder_holds(deployed, small_artifacts, tmp_path, cli, one_line_error):
+    """Deploy's own hint, `crossvit deploy --retune -o DIR`, names no model: after a crossvit_15_240
+    deploy it built the default model's baseline and stopped at 'crossvit_digits.fp32.onnx is
+    missing'. Given no model, retune takes the registered one named in the folder's fp32 file."""
+    from crossvit.cli import retune_model
+    from crossvit.model import DEFAULT_MODEL
+
+    _, fp32, _ = deployed
+    one = tmp_path / "one"
+    one.mkdir()
+    _with_model_metadata(fp32, one / "crossvit_15_240.fp32.onnx", name="crossvit_15_240")
+    name, model = retune_model(one)
+    assert name == "crossvit_15_240" and model["name"] == name
+    assert retune_model(tmp_path / "nothing here") == (DEFAULT_MODEL, None)  # retune then says what is missing
+
+    shutil.copy(fp32, one / fp32.name)
+    line = one_line_error(cli("deploy", "--retune", "-o", one), "holds the deploys of several models", code=2)
+    assert "crossvit_15_240.fp32.onnx" in line and fp32.name in line and "--model NAME" in line
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(small_artifacts[1], foreign / "small.fp32.onnx")
+    one_line_error(cli("deploy", "--retune", "-o", foreign), "was not made from a registered model", code=2)
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    config = json.loads(json.dumps(model["config"]))
+    _with_model_metadata(fp32, changed / fp32.name, config={**config, "num_classes": 7})
+    one_line_error(cli("deploy", "--retune", "-o", changed), "is not the model its deploy", code=2)
+
+
 def test_deploy_names_the_files_in_its_folder_it_did_not_write(deployed):
     """Issue 24: deploying into a folder that holds other files (an earlier run's variants) left
     them without a word."""
