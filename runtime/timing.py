@@ -167,7 +167,6 @@ def measure_interleaved(fns: dict, *, batch: int, runs: int = 30, rounds: int = 
         for i, (name, fn) in enumerate(fns.items()):
             if progress is not None:
                 progress(r * len(fns) + i, total, name)
-            start = time.perf_counter()
             times = _timed(fn, runs=per_round, warmup=5 if r == 0 else rewarm_calls,
                            warmup_seconds=0.5 if r == 0 else rewarm_seconds,
                            min_seconds=min_seconds / rounds, max_seconds=budget, clock=clocks.get(name, wall))
