@@ -314,6 +314,81 @@ def fuse_attention_for_ort(model, say: Progress):
     return ir.to_proto(graph), fused
 
 
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def fold_key_transposes(model):
+    """Each attention's transposed key as one 4-D Transpose. Returns (model, number folded).
+
+    The exporter writes q @ k^T of scaled-dot-product attention as Mul(q, c) @ Mul(K, c), with
+    K = Reshape(Transpose(Reshape(k, [-1, N, D]), [0, 2, 1]), [B, H, D, N]) and c a one-element
+    scale; here K becomes Transpose(Mul(k, c), [0, 1, 3, 2]), or, where k is itself
+    Transpose(x, [0, 2, 1, 3]) (the cross-attention's heads), Transpose(Mul(x, c), [0, 2, 3, 1]):
+    the same numbers (the scale is one number, so it commutes), two or three fewer layout copies
+    per attention. The model is changed in place; nodes left without a consumer are dropped.
+
+    For OpenVINO (int8-ov): on crossvit_15_240 at batch 1 (2-core AMD EPYC, AVX-512 VNNI/BF16)
+    OpenVINO ran 50 Transposes for 1.99 ms a call, 26 for 0.83 ms after this, and the int8-ov file
+    was 3 % faster (median of 12 interleaved turns' ratios, 0.96-1.16). Rewriting the self-attention's
+    5-D head split into a Split and per-head transposes as well removed no further transpose."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = Counter(name for node in graph.node for name in node.input)
+    consumers.update(out.name for out in graph.output)
+    one_number = {i.name for i in graph.initializer if numpy_helper.to_array(i).size == 1}
+    one_number |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].HasField("t") and np.prod(n.attribute[0].t.dims) == 1}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # without ranks nothing can be proven 4-D: leave the graph as it is
+        return model, 0
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+             if v.type.tensor_type.HasField("shape")}
+
+    def made_by(name: str, op_type: str):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    replaced = {}
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        scores = made_by(softmax.input[0], "MatMul")
+        scaled = scores and made_by(scores.input[1], "Mul")
+        if not scaled or consumers[scaled.output[0]] != 1 or scaled.input[1] not in one_number:
+            continue
+        heads = made_by(scaled.input[0], "Reshape")
+        flipped = heads and made_by(heads.input[0], "Transpose")
+        rows = flipped and _perm(flipped) == [0, 2, 1] and made_by(flipped.input[0], "Reshape")
+        if not rows or ranks.get(rows.input[0]) != 4 or ranks.get(heads.output[0]) != 4:
+            continue
+        key, perm = rows.input[0], [0, 1, 3, 2]
+        split = made_by(key, "Transpose")
+        if split is not None and _perm(split) == [0, 2, 1, 3]:
+            key, perm = split.input[0], [0, 2, 3, 1]
+        mid = f"{scaled.output[0]}_before_transpose"
+        replaced[id(scaled)] = [
+            onnx.helper.make_node("Mul", [key, scaled.input[1]], [mid], name=f"{scaled.name}_folded"),
+            onnx.helper.make_node("Transpose", [mid], [scaled.output[0]], perm=perm, name=f"{scaled.name}_key_T")]
+    if not replaced:
+        return model, 0
+    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    needed, kept = {out.name for out in graph.output}, []
+    for node in reversed(nodes):  # topological order: a node's consumers come after it
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [i for i in graph.initializer if i.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    del graph.value_info[:]  # stale for the rewritten tensors; only a hint
+    return model, len(replaced)
+
+
 def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: str, say: Progress):
     """int8-cpu: attention fused into ONNX Runtime's MultiHeadAttention (fp32), then the weights
     of every MatMul/Gemm int8 with a 7-bit range, one scale per output channel, with activations
@@ -402,7 +477,8 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     Measured on crossvit_15_240, 2-core AMD EPYC: quantizing the ONNX or OpenVINO's own model
     gave the same speed (29.7 ms at batch 1) and accuracy (rel L2 0.075), so the artifact stays
     an ONNX file with our metadata. A model with random weights is calibrated on images and as
-    many random draws, with min-max activation ranges (see above)."""
+    many random draws, with min-max activation ranges (see above). Each attention's key transpose
+    is folded into one first (`fold_key_transposes`): an OpenVINO-only graph, like int8-cpu's."""
     nncf, AdvancedQuantizationParameters, RangeEstimatorParametersSet = _import_nncf(spec.name)
     from nncf.quantization.advanced_parameters import OverflowFix
 
@@ -419,10 +495,12 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
                 "activation_ranges": "min-max", "why": "random weights: gated on random inputs too"}
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
     options = {"advanced_parameters": AdvancedQuantizationParameters(**advanced)}
+    model, folded = fold_key_transposes(model)
     n = int(calibration.shape[0])
     what = f"{n_images} calibration images" + (f" and {n - n_images} random draws (random weights)"
                                                if random_weights else "")
-    say(f"{spec.name}: NNCF post-training quantization (transformer mode, {what})")
+    say(f"{spec.name}: NNCF post-training quantization (transformer mode, {what}; "
+        f"{folded} attention key transposes folded)")
     buf = io.StringIO()
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
@@ -437,7 +515,8 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     finally:
         nncf_log.setLevel(level)
     tool = {"name": "nncf.quantize", "nncf_version": nncf.__version__, "target": "openvino-cpu",
-            "model_type": "transformer", "calibration": used, "scales": "static", "overflow_fix": "all layers"}
+            "model_type": "transformer", "calibration": used, "scales": "static", "overflow_fix": "all layers",
+            "attention": f"key transposes folded x{folded}" if folded else "as exported"}
     return converted, tool
 
 

@@ -270,7 +270,11 @@ def test_static_int8_of_a_random_weights_model_is_calibrated_on_what_its_gate_ju
     fp32 = export_onnx(loaded, tmp_path / "r.fp32.onnx", batch=BatchRange(1, 8)).path
     images = calibration_batch({"model": loaded.info.to_dict()}, None)[:32]
     int8 = convert_precision(fp32, tmp_path / "r.int8-ov.onnx", "int8-ov", images)
-    used = read_artifact(int8).raw["precision_tool"]["calibration"]
+    tool = read_artifact(int8).raw["precision_tool"]
+    used = tool["calibration"]
+    # each attention's key transpose was folded before quantizing (fold_key_transposes)
+    softmaxes = sum(n.op_type == "Softmax" for n in onnx.load(str(fp32)).graph.node)
+    assert softmaxes > 0 and tool["attention"] == f"key transposes folded x{softmaxes}"
     assert used["images"] == 32 and used["random_draws"] == 32 and used["seed"] == RANDOM_DRAWS_SEED
     report = check_parity(int8, loaded, batch_sizes=[1, 8])
     assert report.gate == RANDOM_WEIGHTS_GATE and report.verdict == "pass", report.table()

@@ -180,6 +180,33 @@ def test_quantized_variant_has_qdq_and_passes_the_gate_on_real_images(variants, 
     assert acc_ref - acc_got <= t.accuracy_drop
 
 
+def test_folded_key_transposes_compute_the_same_function_with_fewer_transposes(fp32_onnx, probe, tmp_path):
+    """int8-ov's graph rewrite (fold_key_transposes): every attention's key becomes one 4-D Transpose,
+    the logits stay those of the exported graph to float noise, on real images and random inputs,
+    and a graph it already rewrote, or one without the pattern, is left as it is."""
+    import onnx
+
+    from crossvit.export.precision import fold_key_transposes
+
+    original = onnx.load(str(fp32_onnx))
+    ops = [n.op_type for n in original.graph.node]
+    model, folded = fold_key_transposes(onnx.load(str(fp32_onnx)))
+    assert folded == ops.count("Softmax") > 0
+    after = [n.op_type for n in model.graph.node]
+    assert after.count("Transpose") < ops.count("Transpose") and after.count("Reshape") < ops.count("Reshape")
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "folded.onnx"
+    onnx.save(model, str(path))
+    x, ref, _ = probe
+    noise = np.random.default_rng(7).standard_normal((8, *x.shape[1:]), dtype=np.float32)
+    for inputs, expected in ((x, ref), (noise, _run_ort(fp32_onnx, noise))):
+        got = _run_ort(path, inputs)
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+        assert (got.argmax(1) == expected.argmax(1)).all()
+    assert fold_key_transposes(model)[1] == 0
+    assert fold_key_transposes(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])))[1] == 0
+
+
 @pytest.mark.slow  # builds precision variants
 def test_int8_cpu_variant_uses_integer_matmuls_and_passes_the_gate_without_calibration(fp32_onnx, probe, tmp_path,
                                                                                       monkeypatch):
