@@ -334,14 +334,13 @@ def fold_key_transposes(model):
     5-D head split into a Split and per-head transposes as well removed no further transpose."""
     import onnx
     import onnx_ir as ir
-    from onnx import numpy_helper
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, int] = Counter(name for node in graph.node for name in node.input)
     consumers.update(out.name for out in graph.output)
-    one_number = {i.name for i in graph.initializer if numpy_helper.to_array(i).size == 1}
+    one_number = {i.name for i in graph.initializer if np.prod(i.dims, dtype=np.int64) == 1}
     one_number |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
                    and n.attribute[0].HasField("t") and np.prod(n.attribute[0].t.dims) == 1}
     try:
@@ -376,11 +375,12 @@ def fold_key_transposes(model):
             onnx.helper.make_node("Transpose", [mid], [scaled.output[0]], perm=perm, name=f"{scaled.name}_key_T")]
     if not replaced:
         return model, 0
-    nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]  # stale for the rewritten tensors; only a hint
-    rewritten = ir.from_proto(model)
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)  # the caller's model stays as it was
+    del edited.graph.node[:]
+    edited.graph.node.extend(new for node in graph.node for new in replaced.get(id(node), [node]))
+    del edited.graph.value_info[:]  # stale for the rewritten tensors; only a hint
+    rewritten = ir.from_proto(edited)
     RemoveUnusedNodesPass()(rewritten)  # the old key path's reshapes and their shape arithmetic
     return ir.to_proto(rewritten), len(replaced)
 
