@@ -261,7 +261,7 @@ def test_static_int8_of_a_random_weights_model_is_calibrated_on_what_its_gate_ju
     from crossvit.export.calibration import calibration_batch
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.export.parity import RANDOM_WEIGHTS_GATE, check_parity
-    from crossvit.export.precision import RANDOM_DRAWS_SEED, convert_precision
+    from crossvit.export.precision import RANDOM_DRAWS_SEED, RANDOM_WEIGHTS_MATMUL_ALPHA, convert_precision
     from crossvit.model import load_model
     from crossvit.runtime.artifact import read_artifact
 
@@ -276,6 +276,7 @@ def test_static_int8_of_a_random_weights_model_is_calibrated_on_what_its_gate_ju
     softmaxes = sum(n.op_type == "Softmax" for n in onnx.load(str(fp32)).graph.node)
     assert softmaxes > 0 and tool["attention"] == f"key transposes folded x{softmaxes}"
     assert used["images"] == 32 and used["random_draws"] == 32 and used["seed"] == RANDOM_DRAWS_SEED
+    assert used["smooth_quant_alpha_matmul"] == RANDOM_WEIGHTS_MATMUL_ALPHA
     report = check_parity(int8, loaded, batch_sizes=[1, 8])
     assert report.gate == RANDOM_WEIGHTS_GATE and report.verdict == "pass", report.table()
     assert all(c.rel_l2 <= 0.1 for c in report.cases if c.source == "random"), report.table()
