@@ -443,7 +443,8 @@ def _ort_dynamic(model, spec: Precision, calibration, input_name: str, source: s
 #   images + random draws, SmoothQuant off      random 0.082 images 0.171
 # SmoothQuant's per-channel scales, fitted to images alone, do not hold for random inputs.
 # And SmoothQuant's alpha for MatMuls at 0.5, not NNCF's 0.95: over three draws of crossvit_15_240's
-# random weights (same machine; 360 held-out images / 32 random inputs, rel L2 against the fp32 file)
+# random weights (2-core AMD EPYC, AVX-512 VNNI/BF16; 360 held-out images / 32 random inputs, rel L2
+# against the fp32 file)
 #   alpha 0.95  images 0.114 0.075 0.074   random 0.092 0.094 0.092   (the first fails the 0.1 gate)
 #   alpha 0.5   images 0.083 0.072 0.068   random 0.078 0.083 0.075
 # at the same speed (median of 12 interleaved turns' ratios 1.01). The files behind these figures:
@@ -480,8 +481,9 @@ def _nncf_ptq(model, spec: Precision, calibration: np.ndarray, input_name: str, 
     Measured on crossvit_15_240, 2-core AMD EPYC: quantizing the ONNX or OpenVINO's own model
     gave the same speed (29.7 ms at batch 1) and accuracy (rel L2 0.075), so the artifact stays
     an ONNX file with our metadata. A model with random weights is calibrated on images and as
-    many random draws, with min-max activation ranges and SmoothQuant's alpha at 0.5 (see above). Each attention's key transpose
-    is folded into one first (`fold_key_transposes`): an OpenVINO-only graph, like int8-cpu's."""
+    many random draws, with min-max activation ranges and SmoothQuant's alpha at 0.5 (see above).
+    Each attention's key transpose is folded into one first (`fold_key_transposes`): an
+    OpenVINO-only graph, like int8-cpu's."""
     nncf, AdvancedQuantizationParameters, RangeEstimatorParametersSet = _import_nncf(spec.name)
     from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters, OverflowFix
 
