@@ -40,15 +40,23 @@ def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> No
     p.add_argument("--model", metavar="NAME", help="registered model name (see `crossvit models`)")
     p.add_argument("--config", metavar="FILE.json", type=Path,
                    help="config of a foreign checkpoint: vit-pytorch's or timm's constructor arguments")
+    p.add_argument("--init-seed", type=seed, default=None, metavar="N",
+                   help="seed of the random weights of a registered model that ships none (default 0: the "
+                        "same weights every run, recorded in the files' metadata)")
 
 
 def _load(args):
-    from crossvit.model import DEFAULT_MODEL, RANDOM_WEIGHTS_NOTE, load_model
+    from crossvit.model import DEFAULT_INIT_SEED, DEFAULT_MODEL, RANDOM_WEIGHTS_NOTE, load_model
 
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None and args.model is None:
         args.model = DEFAULT_MODEL
-    loaded = load_model(checkpoint, name=args.model, config=args.config)
+    init_seed = getattr(args, "init_seed", None)
+    loaded = load_model(checkpoint, name=args.model, config=args.config,
+                        init_seed=DEFAULT_INIT_SEED if init_seed is None else init_seed)
+    if init_seed is not None and not loaded.info.random_weights:  # it would be silently ignored
+        raise UsageError(f"--init-seed seeds the random weights of a registered model that ships none; "
+                         f"{printable(str(checkpoint or args.model))} has weights")
     if loaded.info.random_weights:
         print(f"crossvit: warning: {args.model}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr, flush=True)
     return loaded
@@ -181,7 +189,13 @@ def cmd_check(args) -> int:
         list_images(args.images)  # a missing or empty folder: said before the reference is loaded
     info = read_artifact(args.artifact)
     _warn_random(info.random_weights, args.artifact.name)
-    if args.reference is None and args.model is None:
+    reference = None
+    if args.reference is None and args.model is None and info.random_weights:
+        # a random initialization is rebuilt from the seed and digest its metadata records
+        from crossvit.model import rebuild_random_init
+
+        reference = rebuild_random_init(info.model, printable(args.artifact.name))
+    elif args.reference is None and args.model is None:
         # The artifact names its model; only a model whose weights ship with the package can be
         # rebuilt without its checkpoint.
         from crossvit.model import get_spec, list_models
@@ -192,7 +206,8 @@ def cmd_check(args) -> int:
                               f"{(info.raw.get('source') or {}).get('name') or name or 'a checkpoint'}: "
                               "give that checkpoint with --reference CHECKPOINT")
         args.model = name
-    reference = load_model(args.reference, name=args.model, config=args.config)
+    if reference is None:
+        reference = load_model(args.reference, name=args.model, config=args.config)
     origin = source_checkpoint(info.raw.get("source"))  # a variant's or engine's: its fp32 file's checkpoint
     if origin and reference.sha256 and origin["sha256"] != reference.sha256:
         _say(f"note: the reference's sha256 differs from the checkpoint {args.artifact.name} was made from"
@@ -384,6 +399,10 @@ def cmd_deploy(args) -> int:
         found = None
         if getattr(args, "checkpoint", None) is None and args.model is None and args.config is None:
             args.model, found = retune_model(args.output)
+            made_from = (found or {}).get("provenance") or {}
+            seed_used = made_from.get("init_seed") if made_from.get("random_weights") else None
+            if args.init_seed is None and type(seed_used) is int:  # the weights its files were made from
+                args.init_seed = seed_used
         loaded = _load(args)
         if found is not None and loaded.info.config != found.get("config"):
             raise UsageError(f"--retune: {args.model} as registered is not the model its deploy in "

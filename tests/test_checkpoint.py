@@ -192,6 +192,39 @@ def test_registry_lists_the_default_model_and_suggests_close_names():
         create_model("crossvit_digit")
 
 
+def test_a_weightless_model_draws_its_weights_from_a_recorded_seed_without_touching_the_callers():
+    """A registered model that ships no weights is initialized from torch's generator seeded with
+    `init_seed` (default 0), so a deploy's files and gates repeat run to run; the caller's
+    generator is left as it was; the seed and a digest of the weights are in the provenance."""
+    from crossvit.errors import ConfigError
+    from crossvit.model import load_model
+    from crossvit.model.loader import weights_sha256
+
+    for name, kwargs in (("crossvit_tiny_240", {}), ("crossvit_digits", {"pretrained": False})):
+        torch.manual_seed(123)
+        a = load_model(name=name, **kwargs)
+        after = torch.rand(4)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(4)), "load_model moved the caller's generator"
+        b, other = load_model(name=name, **kwargs), load_model(name=name, init_seed=1, **kwargs)
+        sa, sb, so = a.model.state_dict(), b.model.state_dict(), other.model.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not all(torch.equal(sa[k], so[k]) for k in sa)
+        assert a.info.random_weights and a.info.provenance["init_seed"] == 0 and other.info.provenance["init_seed"] == 1
+        assert a.info.provenance["weights_sha256"] == b.info.provenance["weights_sha256"] == weights_sha256(a.model)
+        assert other.info.provenance["weights_sha256"] != a.info.provenance["weights_sha256"]
+        # init_seed=None: the caller's generator as it stands, and no seed recorded
+        torch.manual_seed(5)
+        c = load_model(name=name, init_seed=None, **kwargs)
+        torch.manual_seed(5)
+        d = load_model(name=name, init_seed=None, **kwargs)
+        assert "init_seed" not in c.info.provenance
+        assert c.info.provenance["weights_sha256"] == d.info.provenance["weights_sha256"] != a.info.provenance["weights_sha256"]
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ConfigError, match="outside 0..2"):
+            load_model(name="crossvit_tiny_240", init_seed=bad)
+
+
 def test_create_model_with_overrides_and_checkpoint(tmp_path, x):
     m = create_model("crossvit_digits", num_classes=4)
     assert m.config.num_classes == 4

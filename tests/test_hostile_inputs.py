@@ -639,7 +639,7 @@ def test_wrong_model_name_for_a_foreign_checkpoint_names_the_one_that_fits(tmp_p
 # -- random weights are said to be random -------------------------------------------------------
 
 @pytest.mark.slow
-def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli):
+def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli, one_line_error):
     proc = cli("export", "--model", "crossvit_tiny_240", "--batch", "1:2", "-o", tmp_path / "t.onnx")
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoint: random weights, for speed measurements only" in proc.stderr
@@ -647,6 +647,15 @@ def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli):
 
     info = read_artifact(tmp_path / "t.onnx")
     assert info.random_weights and info.raw["source"]["random_weights"] is True
+    assert info.model["provenance"]["init_seed"] == 0 and len(info.model["provenance"]["weights_sha256"]) == 64
+    # --init-seed draws other weights, recorded; a model with weights refuses it rather than ignore it
+    proc = cli("export", "--model", "crossvit_tiny_240", "--init-seed", "1", "--batch", "1:2", "-o", tmp_path / "s.onnx")
+    assert proc.returncode == 0, proc.stderr
+    seeded = read_artifact(tmp_path / "s.onnx").model["provenance"]
+    assert seeded["init_seed"] == 1 and seeded["weights_sha256"] != info.model["provenance"]["weights_sha256"]
+    one_line_error(cli("export", "--model", "crossvit_digits", "--init-seed", "1", "-o", tmp_path / "d.onnx"),
+                   "crossvit_digits has weights", code=2)
+    assert not (tmp_path / "d.onnx").exists()
     proc = cli("predict", tmp_path / "t.onnx", random_png(tmp_path / "x.png"))
     assert proc.returncode == 0 and "random weights" in proc.stderr and "mean nothing" in proc.stderr
 

@@ -153,6 +153,31 @@ def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpo
     assert ask.returncode == 1 and "give that checkpoint with --reference" in ask.stderr and "small.safetensors" in ask.stderr
 
 
+def test_check_rebuilds_a_random_initialization_from_its_recorded_seed(tmp_path, check, one_line_error):
+    """A file exported from random weights records their init seed and digest, so `check` needs no
+    checkpoint for it: the reference is rebuilt and its digest compared. Before, a random-weights
+    digits file was checked against the trained digits weights (and failed); a file recording no
+    seed, or a digest the rebuild does not give, gets one line asking for the checkpoint."""
+    from conftest import rewrite_onnx_metadata
+
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import load_model
+
+    seeded = export_onnx(load_model(name="crossvit_digits", pretrained=False, init_seed=7), tmp_path / "r.onnx",
+                         batch=BatchRange(1, 4)).path
+    ok = check(seeded, "--batch-sizes", "2")
+    assert ok.returncode == 0 and "verdict: PASS" in ok.stdout and "random weights" in ok.stdout, ok.stdout + ok.stderr
+    unseeded = export_onnx(load_model(name="crossvit_digits", pretrained=False, init_seed=None), tmp_path / "u.onnx",
+                           batch=BatchRange(1, 4)).path
+    one_line_error(check(unseeded), "records no registered model and init seed", code=1)
+
+    def other_digest(meta, proto):
+        meta["model"]["provenance"]["weights_sha256"] = "0" * 64
+
+    lying = rewrite_onnx_metadata(seeded, tmp_path / "l.onnx", other_digest)
+    one_line_error(check(lying), "with init seed 7 does not rebuild the weights it was exported with", code=1)
+
+
 @pytest.mark.slow  # converts a variant and runs check four times
 def test_check_notes_a_reference_other_than_the_chains_checkpoint_for_variants_too(small_artifacts, tmp_path, check):
     """A variant records the fp32 file it came from and that file's checkpoint: `check` with the
@@ -242,7 +267,7 @@ def test_a_model_with_random_weights_is_gated_by_how_close_its_logits_are_not_to
     assert report.gate == RANDOM_WEIGHTS_GATE and RANDOM_WEIGHTS_GATE in report.table()
     assert report.thresholds["top1_agreement"] is None and report.thresholds["cosine"] == 0.995
     assert report.verdict == "pass", report.table()
-    other = load_model(name="crossvit_digits", pretrained=False)  # the same architecture, other weights
+    other = load_model(name="crossvit_digits", pretrained=False, init_seed=1)  # the same architecture, other weights
     wrong = check_parity(int8, other, batch_sizes=[1])
     assert wrong.verdict == "fail" and any("cosine" in f for c in wrong.cases for f in c.failures), wrong.table()
     digits = load_model(name="crossvit_digits")  # trained: today's gate, top-1 agreement included
