@@ -81,12 +81,13 @@ def rebuild_random_init(model: dict, what: str) -> LoadedModel:
     that `check` needs no checkpoint for it. ConfigError where that cannot be done exactly."""
     from .registry import list_models
 
-    provenance = model.get("provenance") if isinstance(model, dict) else None
-    provenance = provenance if isinstance(provenance, dict) else {}
+    model = model if isinstance(model, dict) else {}
+    provenance = model.get("provenance") if isinstance(model.get("provenance"), dict) else {}
     name, seed, digest = model.get("name"), provenance.get("init_seed"), provenance.get("weights_sha256")
-    if not isinstance(name, str) or name not in list_models() or type(seed) is not int or not isinstance(digest, str):
-        raise ConfigError(f"{what} was exported with random weights it records no registered model and init seed "
-                          "for: give its checkpoint with --reference CHECKPOINT")
+    if (not isinstance(name, str) or name not in list_models() or type(seed) is not int or not 0 <= seed < 2 ** 64
+            or not isinstance(digest, str)):
+        raise ConfigError(f"{what} holds random weights, and its metadata does not say how to draw them again (a "
+                          "registered model and an init seed): give its checkpoint with --reference CHECKPOINT")
     loaded = load_model(name=name, pretrained=False, init_seed=seed)
     if loaded.info.config != model.get("config") or loaded.info.provenance["weights_sha256"] != digest:
         raise ConfigError(f"{what}: {name} with init seed {seed} does not rebuild the weights it was exported with "
