@@ -45,20 +45,23 @@ def _add_model_source(p: argparse.ArgumentParser, positional: bool = True) -> No
                         "same weights every run, recorded in the files' metadata)")
 
 
-def _load(args):
+def _load(args, init_seed: int | None = None):
+    """The model the arguments name; a weightless one drawn from --init-seed, else `init_seed` (the
+    seed a deploy folder's files record, for --retune), else the default seed."""
     from crossvit.model import DEFAULT_INIT_SEED, DEFAULT_MODEL, RANDOM_WEIGHTS_NOTE, load_model
 
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None and args.model is None:
         args.model = DEFAULT_MODEL
-    init_seed = getattr(args, "init_seed", None)
-    loaded = load_model(checkpoint, name=args.model, config=args.config,
-                        init_seed=DEFAULT_INIT_SEED if init_seed is None else init_seed)
-    if init_seed is not None and not loaded.info.random_weights:  # it would be silently ignored
+    given = getattr(args, "init_seed", None)
+    seed = next(s for s in (given, init_seed, DEFAULT_INIT_SEED) if s is not None)
+    loaded = load_model(checkpoint, name=args.model, config=args.config, init_seed=seed)
+    if given is not None and not loaded.info.random_weights:  # it would be silently ignored
         raise UsageError(f"--init-seed seeds the random weights of a registered model that ships none; "
                          f"{printable(str(checkpoint or args.model))} has weights")
     if loaded.info.random_weights:
-        print(f"crossvit: warning: {args.model}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr, flush=True)
+        print(f"crossvit: warning: {args.model}: {RANDOM_WEIGHTS_NOTE} (init seed {seed})", file=sys.stderr,
+              flush=True)
     return loaded
 
 
@@ -396,14 +399,13 @@ def cmd_deploy(args) -> int:
     from crossvit.pipeline import deploy, retune
 
     if args.retune:
-        found = None
+        found, seed_used = None, None
         if getattr(args, "checkpoint", None) is None and args.model is None and args.config is None:
             args.model, found = retune_model(args.output)
-            made_from = (found or {}).get("provenance") or {}
-            seed_used = made_from.get("init_seed") if made_from.get("random_weights") else None
-            if args.init_seed is None and type(seed_used) is int:  # the weights its files were made from
-                args.init_seed = seed_used
-        loaded = _load(args)
+            made_from = (found or {}).get("provenance")
+            seed_used = made_from.get("init_seed") if isinstance(made_from, dict) else None
+        # the baseline's weights are those its files were made from (only its speed is used)
+        loaded = _load(args, init_seed=seed_used if type(seed_used) is int and seed_used >= 0 else None)
         if found is not None and loaded.info.config != found.get("config"):
             raise UsageError(f"--retune: {args.model} as registered is not the model its deploy in "
                              f"{printable(str(args.output))} was made from: give that checkpoint")

@@ -315,8 +315,11 @@ def test_retune_without_a_model_takes_the_one_its_folder_holds(deployed, small_a
     changed = tmp_path / "changed"
     changed.mkdir()
     config = json.loads(json.dumps(model["config"]))
-    _with_model_metadata(fp32, changed / fp32.name, config={**config, "num_classes": 7})
-    one_line_error(cli("deploy", "--retune", "-o", changed), "is not the model its deploy", code=2)
+    _with_model_metadata(fp32, changed / fp32.name, name="crossvit_15_240", config={**config, "num_classes": 7},
+                         provenance={"random_weights": True, "init_seed": 3})
+    proc = cli("deploy", "--retune", "-o", changed)
+    one_line_error(proc, "is not the model its deploy", code=2)
+    assert "random weights, for speed measurements only (init seed 3)" in proc.stderr  # the seed its files record
 
 
 def test_deploy_names_the_files_in_its_folder_it_did_not_write(deployed):
