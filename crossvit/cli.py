@@ -116,6 +116,7 @@ def cmd_info(args) -> int:
              "input": [info.input_name, list(info.input_shape)], "output": info.output_name,
              "classes": info.num_classes, "architecture": info.model.get("architecture"),
              "name": info.model.get("name"), "random_weights": info.random_weights,
+             **({"init_seed": (info.model.get("provenance") or {}).get("init_seed")} if info.random_weights else {}),
              "preprocessing": info.preprocessing, "source": info.raw.get("source"),
              "exporter": info.raw.get("exporter")}
     else:

@@ -653,6 +653,8 @@ def test_random_weights_are_announced_recorded_and_warned_about(tmp_path, cli, o
     assert proc.returncode == 0, proc.stderr
     seeded = read_artifact(tmp_path / "s.onnx").model["provenance"]
     assert seeded["init_seed"] == 1 and seeded["weights_sha256"] != info.model["provenance"]["weights_sha256"]
+    shown = cli("info", tmp_path / "s.onnx")
+    assert shown.returncode == 0 and '"init_seed": 1' in shown.stdout, shown.stdout
     one_line_error(cli("export", "--model", "crossvit_digits", "--init-seed", "1", "-o", tmp_path / "d.onnx"),
                    "crossvit_digits has weights", code=2)
     assert not (tmp_path / "d.onnx").exists()
