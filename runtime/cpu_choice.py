@@ -265,6 +265,16 @@ def _unavailable(candidate: Candidate, flags: set[str]) -> str | None:
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # int8 products summed in int32, not int16
 
 
+def sums_int8_in_int32(flags: set[str] | None = None) -> bool:
+    """Whether this x86 CPU (`flags`: this machine's) sums u8 x s8 products in int32 (VNNI or AMX), so
+    8-bit weights cannot saturate on it. False elsewhere, Arm included: only what was measured."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(VNNI_FLAGS & flags)
+
+
+VNNI_ONLY = "none: 8-bit weights, for CPUs with VNNI or AMX"  # int8-ov's precision_tool.overflow_fix
+
+
 def _saturates_here(folder: Path, candidate: Candidate, flags: set[str]) -> str | None:
     """Why an int8 file cannot be trusted on this CPU although its gate passed elsewhere: x86 without
     VNNI sums u8 x s8 pairs in int16 (VPMADDUBSW), which saturates with 8-bit weights. Files made
@@ -281,6 +291,9 @@ def _saturates_here(folder: Path, candidate: Candidate, flags: set[str]) -> str 
         return None  # gate_problem says what is wrong with the file
     if isinstance(tool, dict) and (tool.get("reduce_range") is True or tool.get("overflow_fix") == "all layers"):
         return None
+    if isinstance(tool, dict) and tool.get("overflow_fix") == VNNI_ONLY:
+        return ("its 8-bit weights saturate on a CPU without VNNI (it was made on one with VNNI, for it): "
+                "export it again on this machine")
     return ("its 8-bit weights saturate on a CPU without VNNI (it was made before crossvit used 7-bit ones; "
             "export it again)")
 

@@ -388,3 +388,40 @@ def test_an_int8_file_with_8_bit_weights_is_left_out_on_a_cpu_without_vnni(small
     assert "saturate on a CPU without VNNI" in _saturates_here(tmp_path, old_int8, {"avx2", "fma"})
     assert _saturates_here(tmp_path, old_int8, {"avx2", "avx512_vnni"}) is None
     assert _saturates_here(tmp_path, Candidate(onnx_path.name, "onnxruntime", "fp32"), {"avx2"}) is None
+
+
+def test_int8_ov_takes_8_bit_weights_only_where_this_cpu_has_vnni(small_artifacts, tmp_path, monkeypatch):
+    """int8-ov is made for the machine that runs it: where int8 products sum in int32 (VNNI, AMX),
+    8-bit weights and symmetric activations (crossvit_15_240: the same accuracy, 3.5-4.5 % faster
+    at batch 1); elsewhere 7-bit weights, which no x86 CPU saturates. The file says which, and a CPU
+    without VNNI leaves a VNNI-made file out, with the reason."""
+    import platform
+
+    import onnx
+    from onnx import numpy_helper
+
+    from crossvit.export.precision import convert_precision
+    from crossvit.runtime import cpu_choice
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the saturation is x86's (VPMADDUBSW)")
+    _, onnx_path = small_artifacts
+    images = np.random.default_rng(0).standard_normal((32, 3, 32, 32), dtype=np.float32)
+    made = {}
+    for label, flags in (("vnni", {"avx2", "avx512f", "avx512_vnni"}), ("avx2", {"avx2", "fma"})):
+        monkeypatch.setattr(cpu_choice, "cpu_flags", lambda flags=flags: set(flags))
+        made[label] = convert_precision(onnx_path, tmp_path / f"{label}.int8-ov.onnx", "int8-ov", images)
+    vnni, avx2 = (read_artifact(made[k]).raw["precision_tool"] for k in ("vnni", "avx2"))
+    assert vnni["overflow_fix"] == cpu_choice.VNNI_ONLY and vnni["activations"] == "symmetric"
+    assert avx2["overflow_fix"] == "all layers" and avx2["activations"].startswith("asymmetric")
+    def zero_points(path):
+        m = onnx.load(str(path))
+        init = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        return [init[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in init]
+
+    assert zero_points(made["vnni"]) and not any(np.any(z != 0) for z in zero_points(made["vnni"]))
+    assert any(np.any(z != 0) for z in zero_points(made["avx2"]))  # NNCF's mixed preset: some asymmetric
+    on_vnni = Candidate(made["vnni"].name, "openvino", "int8-ov")
+    assert "made on one with VNNI" in cpu_choice._saturates_here(tmp_path, on_vnni, {"avx2", "fma"})
+    assert cpu_choice._saturates_here(tmp_path, on_vnni, {"avx2", "amx_int8"}) is None
+    assert cpu_choice._saturates_here(tmp_path, Candidate(made["avx2"].name, "openvino", "int8-ov"), {"avx2"}) is None
