@@ -414,6 +414,7 @@ def test_int8_ov_takes_8_bit_weights_only_where_this_cpu_has_vnni(small_artifact
     vnni, avx2 = (read_artifact(made[k]).raw["precision_tool"] for k in ("vnni", "avx2"))
     assert vnni["overflow_fix"] == cpu_choice.VNNI_ONLY and vnni["activations"] == "symmetric"
     assert avx2["overflow_fix"] == "all layers" and avx2["activations"].startswith("asymmetric")
+
     def zero_points(path):
         m = onnx.load(str(path))
         init = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
