@@ -266,8 +266,9 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # int8 products
 
 
 def sums_int8_in_int32(flags: set[str] | None = None) -> bool:
-    """Whether this x86 CPU (`flags`: this machine's) sums u8 x s8 products in int32 (VNNI or AMX), so
-    8-bit weights cannot saturate on it. False elsewhere, Arm included: only what was measured."""
+    """Whether the CPU with `flags` (default: this machine's) sums u8 x s8 products in int32 (VNNI
+    or AMX), so 8-bit weights cannot saturate on it. False for any other flags, Arm's included:
+    int8-ov then keeps 7-bit weights, the choice measured everywhere."""
     flags = cpu_flags() if flags is None else flags
     return bool(VNNI_FLAGS & flags)
 
@@ -282,7 +283,7 @@ def _saturates_here(folder: Path, candidate: Candidate, flags: set[str]) -> str 
     layer) say so in their metadata; older ones are left out here, with the reason."""
     import platform
 
-    if candidate.precision not in ("int8-cpu", "int8-ov") or VNNI_FLAGS & flags or \
+    if candidate.precision not in ("int8-cpu", "int8-ov") or sums_int8_in_int32(flags) or \
             platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return None
     try:
