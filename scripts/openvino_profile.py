@@ -1,8 +1,9 @@
 """Where OpenVINO spends a call of one of our ONNX files on this CPU (its per-node counters).
 
-    python scripts/openvino_profile.py MODEL.onnx [--batch 1] [--hint f32|bf16] [--calls 20] [--top 20]
+    python scripts/openvino_profile.py MODEL.onnx [--batch 1] [--hint f32|bf16] [--dynamic] [--calls 20] [--top 20]
 
-Compiles the file as `crossvit deploy` runs it (LATENCY hint, this process's threads) with
+Compiles the file as `crossvit deploy` runs it (LATENCY hint, this process's threads, a model
+compiled for the batch size; `--dynamic`: one dynamic-batch model, as sessions did before) with
 `PERF_COUNT` on, runs `--calls` calls on one random batch after ten warm-up calls, and prints the
 mean time per call of each (node type, kernel) pair, largest first, with its share and count;
 then, for the fully connected layers, the GFLOP/s their matrix products ran at (from the shapes
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("onnx")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hint", choices=("f32", "bf16"), default="f32")
+    p.add_argument("--dynamic", action="store_true", help="compile a dynamic-batch model, not one for --batch")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--top", type=int, default=20)
     args = p.parse_args(argv)
@@ -42,8 +44,10 @@ def main(argv=None) -> int:
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": args.hint, "PERF_COUNT": True}
     if intra_op_threads():
         config["INFERENCE_NUM_THREADS"] = intra_op_threads()
-    compiled = core.compile_model(model, "CPU", config)
     shape = [args.batch, *[d.get_length() for d in model.input(0).get_partial_shape()[1:]]]
+    static = model.clone()
+    static.reshape({0: shape})
+    compiled = core.compile_model(model if args.dynamic else static, "CPU", config)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     request = compiled.create_infer_request()
     for _ in range(10):
@@ -59,14 +63,13 @@ def main(argv=None) -> int:
             count[(n.node_type, n.exec_type)] += 1 / args.calls
             per_node[(n.node_name, n.node_type)] += us
     total = sum(per_kind.values())
-    print(f"{args.onnx}, batch {args.batch}, {args.hint} hint, {compiled.get_property('INFERENCE_NUM_THREADS')} threads: "
+    print(f"{args.onnx}, batch {args.batch} ({'dynamic batch' if args.dynamic else 'static shapes'}), {args.hint} hint, "
+          f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads: "
           f"{total / 1000:.2f} ms per call (sum of the node counters, mean of {args.calls} calls)")
     for (kind, kernel), us in per_kind.most_common(args.top):
         print(f"{us / 1000:8.2f} ms {100 * us / total:5.1f}%  {round(count[(kind, kernel)]):4d} x {kind} ({kernel})")
     # the linear layers: MatMuls by a 2-D weight, 2 * rows * in * out FLOP a call, counted on the
-    # model reshaped to this batch (the compiled one has a dynamic batch)
-    static = model.clone()
-    static.reshape({0: shape})
+    # model reshaped to this batch
     flops = 0.0
     for op in static.get_ops():
         if op.get_type_name() == "MatMul" and len(op.input(1).get_partial_shape()) == 2:

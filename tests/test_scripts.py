@@ -35,7 +35,7 @@ def test_openvino_profile_adds_up_the_calls_and_the_linear_layers(digits_onnx):
                            "--batch", "2", "--calls", "3", "--top", "5"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "batch 2, f32 hint" in lines[0] and "ms per call" in lines[0]
+    assert "batch 2 (static shapes), f32 hint" in lines[0] and "ms per call" in lines[0]
     assert len([l for l in lines if "% " in l and " x " in l]) == 5
     assert lines[-1].startswith("fully connected layers: ") and "GFLOP/s" in lines[-1]
     total = float(lines[0].split(": ")[-1].split(" ms")[0])
