@@ -103,6 +103,12 @@ class Session:
         spec = PRECISION_TABLE.get(self.info.precision)
         return spec is None or spec.batch_invariant
 
+    def prepare(self, max_batch: int) -> str | None:
+        """Do now what the first batches of up to `max_batch` rows would otherwise wait for (a
+        server calls it before it listens); what was done, in a few words, or None. Most backends
+        are ready when opened."""
+        return None
+
     # -- inference ----------------------------------------------------------------------
     def validate(self, batch) -> np.ndarray:
         """Check type, dtype, rank and C x H x W; say exactly what was received."""

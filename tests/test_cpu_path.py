@@ -232,13 +232,25 @@ def test_openvino_runs_static_shapes_and_splits_other_batch_sizes_into_them(depl
         rel, top_together, top_alone = _rows_alone_and_together(static, x)
         assert static.compiled_batch_sizes == (1, 4, 8)
         assert rel.max() <= 1e-4 and (top_together == top_alone).all()
-        assert dynamic.compiled_batch_sizes == (None,)
+        assert dynamic.compiled_batch_sizes == (None,) and dynamic.prepare(16) is None
+        assert static.prepare(4).startswith("OpenVINO models compiled for batch sizes 1, 2, 4 (")
+        assert static.compiled_batch_sizes == (1, 2, 4, 8)
         images, _, _ = load_image_set(list_images(heldout_images()), static.preprocessor)
         ours, theirs = static.infer(images[:13]), dynamic.infer(images[:13])
         # the same int8 function: kernels that round in another order, far inside int8's own error
         # (0.0012 on all 360 held-out images, against 0.0138 from fp32)
         assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 0.01
         assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+    from crossvit.runtime.serving.server import ServeOptions, Server
+
+    said = []  # a server compiles every size it may need before it listens: no request waits for one
+    server = Server(out / f"{DIGITS}.int8-ov.onnx", ServeOptions(max_batch=4), say=said.append)
+    try:
+        assert server.session.compiled_batch_sizes == (1, 2, 4)
+        assert [line for line in said if line.startswith("OpenVINO models compiled for batch sizes 1, 2, 4 (")]
+    finally:
+        server.session.close()
 
 
 def test_predict_says_which_path_ran_and_exact_runs_the_file_given(deployed, cli):
@@ -390,6 +402,7 @@ def test_predict_and_serve_say_why_they_run_the_fp32_file_when_the_other_paths_a
     server = Server(fp32, ServeOptions(), say=said.append)
     server.session.close()
     assert f"running {fp32.name} as given: {why}" in said
+    assert not any("compiled" in line for line in said)  # ONNX Runtime: nothing to prepare
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(fp32, lone / fp32.name)

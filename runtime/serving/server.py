@@ -115,6 +115,13 @@ class Server:
             raise ConfigError(f"--max-batch {options.max_batch} is outside the {what} "
                               f"{info.batch_min}..{info.batch_max}")
         max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
+        try:
+            prepared = self.session.prepare(min(max_batch, info.batch_max))
+        except BaseException:
+            self.session.close()
+            raise
+        if prepared:
+            self.say(prepared)
         name = options.model_name or info.model_name
         self.service = ModelService(self.session, name=name, max_batch=max_batch,
                                     max_delay_ms=options.max_delay_ms, max_queue=options.max_queue)
