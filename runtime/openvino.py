@@ -73,8 +73,8 @@ class OpenVinoSession(Session):
     """An ONNX file compiled by OpenVINO for this CPU.
 
     - `hint`: "fp32" (default) or "bf16" (the fp32 file computed in bf16 where the CPU has it);
-    - the LATENCY performance hint (one stream, all the threads this process may use: the
-      same `intra_op_threads` rule as ONNX Runtime);
+    - the LATENCY performance hint and one stream (below), with all the threads this process may
+      use: the same `intra_op_threads` rule as ONNX Runtime;
     - static shapes: a model compiled for each batch size in `static_batch_sizes` (the file's
       minimum, doubled up to its maximum, and the maximum), each on first use, and a batch of
       another size run as chunks of those sizes (7 = 4 + 2 + 1). Static shapes let OpenVINO fuse
@@ -109,7 +109,11 @@ class OpenVinoSession(Session):
             raise BackendUnavailable("this CPU has no bf16 arithmetic (OpenVINO lists "
                                      f"{', '.join(cpu_capabilities()) or 'nothing'}): the bf16 hint needs "
                                      "AVX512-BF16 or AMX")
-        config = {"INFERENCE_PRECISION_HINT": _OV_HINT[hint], "PERFORMANCE_HINT": "LATENCY"}
+        # One stream, said outright rather than left to the LATENCY hint: OpenVINO 2026.4.1 compiles
+        # crossvit_15_240's int8-ov with two streams into a model that answers wrongly in about a
+        # third of compiles (relative L2 0.25-0.88 from the one-stream answer; 2-core AVX-512 EPYC,
+        # benchmarks/results/cpu_epyc_2core/cpu_path/streams/), where one stream never did.
+        config = {"INFERENCE_PRECISION_HINT": _OV_HINT[hint], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         threads = threads or intra_op_threads()
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
