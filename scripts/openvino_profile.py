@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     except Exception as e:
         print(f"openvino_profile: error: {args.onnx}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": args.hint, "PERF_COUNT": True}
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": args.hint, "PERF_COUNT": True}
     if intra_op_threads():
         config["INFERENCE_NUM_THREADS"] = intra_op_threads()
     shape = [args.batch, *[d.get_length() for d in model.input(0).get_partial_shape()[1:]]]
