@@ -27,6 +27,7 @@ from crossvit.contract import (INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT,
 from crossvit.errors import ExportError, OutputError, UsageError
 from crossvit.files import FILE_MODE, check_output_path, first_line, temp_dir
 from crossvit.model.checkpoint import LoadedModel
+from crossvit.model.official import folded_cross_attention
 
 DEFAULT_OPSET = 20
 # The dynamo exporter writes opset 18 and newer (older opsets are converted, less reliably).
@@ -136,11 +137,16 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = Bat
     say(f"exporting {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params, input {c}x{h}x{w}, batch {batch.min}..{batch.max}, opset {opset})")
     try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=True,
-                verbose=False)
+        # the CLS-only cross-attentions without a key/value projection of every token: the same
+        # function (1e-6), fewer multiply-adds (model/official.py, CrossAttention)
+        with folded_cross_attention(model) as folded:
+            if folded:
+                say(f"{folded} CLS cross-attentions folded: no key/value projection of every token")
+            with _quiet_exporter(), torch.no_grad():
+                program = torch.onnx.export(
+                    model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=True,
+                    verbose=False)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first_line(e)}") from None
     # The exporter annotates every node with its Python stack/module path (about 2 kB a

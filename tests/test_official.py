@@ -130,6 +130,46 @@ def test_onnx_export_has_no_resize_and_matches_torch(tmp_path):
     assert abs(torch.from_numpy(got) - expected).max().item() <= 1e-4
 
 
+def test_export_folds_the_cls_cross_attention_into_the_same_function(tmp_path):
+    """The ONNX export computes each CLS-only cross-attention without projecting every token to
+    keys and values (the key bias cancels in the softmax, the value bias passes through weights
+    that sum to 1); eager keeps timm's form, and both give the same logits, in torch and from the file."""
+    import onnx
+    import onnxruntime as ort
+
+    from crossvit.export.onnx import BatchRange, export_onnx
+    from crossvit.model import save_checkpoint
+    from crossvit.model.official import CrossAttention, folded_cross_attention
+
+    torch.manual_seed(0)
+    model = OfficialCrossViT.from_config(OfficialConfig(**SMALL)).eval()
+    with torch.no_grad():  # timm starts biases at 0: give them values, so that dropping one would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    x = torch.randn(3, *model.input_shape)
+    with torch.no_grad():
+        plain = model(x)
+        with folded_cross_attention(model) as n:
+            folded = model(x)
+    assert n == 4 and not any(m.folded for m in model.modules() if isinstance(m, CrossAttention))
+    assert ((folded - plain).norm() / plain.norm()).item() <= 1e-5
+    assert (folded.argmax(1) == plain.argmax(1)).all()
+
+    ckpt = save_checkpoint(model, tmp_path / "small.safetensors", labels=[str(i) for i in range(5)])
+    said = []
+    path = export_onnx(load_checkpoint(ckpt), tmp_path / "small.onnx", batch=BatchRange(1, 4),
+                       progress=said.append).path
+    assert "4 CLS cross-attentions folded: no key/value projection of every token" in said
+    graph = onnx.load(str(path)).graph
+    names = {i.name for i in graph.initializer}
+    assert sum(n.endswith(".attn.wk.weight") for n in names) == 4
+    assert not any(n.endswith(".attn.wk.bias") for n in names)  # it cancels: not in the graph
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert abs(torch.from_numpy(got) - plain).max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(img_size=50), "not divisible by patch_size[0]=8"),
     (dict(img_scale=(1.0, 0.7)), "branch 1 image size 33x33"),
