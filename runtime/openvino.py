@@ -111,7 +111,7 @@ class OpenVinoSession(Session):
                                      "AVX512-BF16 or AMX")
         # One stream, said outright rather than left to the LATENCY hint: OpenVINO 2026.4.1 compiles
         # crossvit_15_240's int8-ov with two streams into a model that answers wrongly in about a
-        # third of compiles (relative L2 0.25-0.88 from the one-stream answer; 2-core AVX-512 EPYC,
+        # third of compiles (relative L2 0.21-0.88 from the one-stream answer; 2-core AVX-512 EPYC,
         # benchmarks/results/cpu_epyc_2core/cpu_path/streams/), where one stream never did.
         config = {"INFERENCE_PRECISION_HINT": _OV_HINT[hint], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         threads = threads or intra_op_threads()
