@@ -82,8 +82,9 @@ class OpenVinoSession(Session):
       (its "Subgraph" nodes), which it does not do for a dynamic batch: on crossvit_15_240's
       int8-ov (2-core AVX-512 VNNI EPYC) 206 fused subgraphs and no free-standing FakeQuantize
       against 25 and 52, 4.6-4.9 % faster at batch 1 (median per-turn ratios over 16 and 30 turns)
-      and no different at batch 8; 5.7-7.5 % at batch 1 with the bf16 hint. Every size computes a row to the same bits (checked on 1, 2, 4, 8 and 16), so a
-      row's answer does not depend on its batch-mates or on how a batch was split;
+      and no different at batch 8; 5.7-7.5 % at batch 1 with the bf16 hint. Every size computes a
+      row to the same bits (checked on 1, 2, 4, 8 and 16), so a row's answer does not depend on its
+      batch-mates or on how a batch was split;
       `static_shapes=False` compiles one dynamic-batch model instead;
     - one infer request per compiled model, used under a lock (a request is not thread-safe; the
       server calls from one batching thread anyway).

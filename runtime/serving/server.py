@@ -116,7 +116,7 @@ class Server:
                               f"{info.batch_min}..{info.batch_max}")
         max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
         try:
-            prepared = self.session.prepare(min(max_batch, info.batch_max))
+            prepared = self.session.prepare(max_batch)  # within the file's range (checked above)
         except BaseException:
             self.session.close()
             raise
