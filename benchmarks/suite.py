@@ -10,8 +10,9 @@ machine in the same process. When the per-turn medians of a backend disagree by 
 Backends on a CPU (`--device cpu`): PyTorch eager fp32 (the baseline), PyTorch bf16 autocast
 (on CPUs with bf16 instructions), `torch.compile` (opt-in: compiling takes minutes; fp32, and the
 bf16 model with inductor's freezing on CPUs with bf16), ONNX Runtime for each `.onnx` given or
-built, and OpenVINO (where installed) for each fp32 `.onnx` (fp32 and its bf16 hint) and int8-ov one. On a GPU (`--device cuda`): PyTorch eager fp32 with
-TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CUDA graph,
+built, and OpenVINO (where installed) for each fp32 `.onnx` (fp32 and its bf16 hint) and int8-ov
+one (as it is, and with its bf16 hint where the CPU has bf16). On a GPU (`--device cuda`): PyTorch
+eager fp32 with TF32 off (the baseline), fp16 and bf16 autocast, the fp16 model replayed as a CUDA graph,
 `torch.compile` of the fp16 model (opt-in), TensorRT for each `.plan`, ONNX Runtime for each
 `.onnx` where onnxruntime-gpu is installed. With `--served`, the first `.onnx` also through
 `crossvit serve` (its own process, loopback) and the real tritonclient, over HTTP (binary
@@ -339,7 +340,10 @@ def _one_batch(result: Result, step: str, b: int, model: torch.nn.Module, on_dev
                               else f"padded to {info.batch_min}"))
             elif not s.batch_invariant and b > 1:
                 fn.note = "one row at a time (dynamic int8: a row's answer would depend on its batch-mates)"
-            fns[(f"{s.backend} ({path.stem})", getattr(s, "precision", info.precision))] = fn
+            precision = getattr(s, "precision", info.precision)
+            hint = options.get("hint")  # int8-ov's bf16 hint: a row of its own beside the file as it is
+            fns[(f"{s.backend} ({path.stem}{', ' + hint + ' hint' if hint and hint != precision else ''})",
+                 precision)] = fn
         for key, fn in served_fns.items():
             fns[key] = (lambda fn: lambda: fn(x))(fn)
         # PyTorch's rows on a GPU are timed by CUDA events; the others by the host's clock (see CudaEvents)
@@ -380,7 +384,8 @@ def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> l
     """(file, backend, session options) for each row the artifacts give: a .plan in TensorRT, an
     .onnx in the backend its precision is made for (int8-ov: OpenVINO; the rest ONNX Runtime) and,
     on a CPU with OpenVINO installed (`openvino`), each fp32 .onnx also in OpenVINO, fp32 and
-    with its bf16 hint (on CPUs with bf16 arithmetic)."""
+    with its bf16 hint (on CPUs with bf16 arithmetic), and there each int8-ov .onnx also with its
+    float layers in bf16 (the bf16 hint: OpenVINO's own default on such a CPU)."""
     from crossvit.contract import PRECISION_TABLE
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.cpu_choice import cpu_flags
@@ -398,10 +403,13 @@ def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> l
         if runtime == "openvino" and not openvino:
             continue
         rows.append((path, runtime, {}))
+        bf16 = openvino and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
         if info.precision == "fp32" and openvino:
             rows.append((path, "openvino", {"hint": "fp32"}))
-            if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+            if bf16:
                 rows.append((path, "openvino", {"hint": "bf16"}))
+        elif info.precision == "int8-ov" and bf16:  # OpenVINO's own default on such a CPU
+            rows.append((path, "openvino", {"hint": "bf16"}))
     return rows
 
 
@@ -595,7 +603,9 @@ def main(args, say: Callable[[str], None]) -> int:
                 report = check_parity(path, loaded, batch_sizes=[min(batch_sizes)], backend=kind, **options)
                 ref, art = report.accuracy
                 images = next((c for c in report.cases if c.source == "images"), None)
-                key = path.name if not options else f"{path.name} in openvino ({report.precision})"
+                hint = options.get("hint")
+                key = path.name if not options else f"{path.name} in openvino ({report.precision}" + \
+                    (f", {hint} hint)" if hint != report.precision else ")")
                 result.accuracy[key] = {"verdict": report.verdict, **({"gate": report.gate} if report.gate else {}),
                                               "top1_agreement_images": images and images.top1_agreement,
                                               "rel_l2_images": images and images.rel_l2,

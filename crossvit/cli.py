@@ -433,21 +433,22 @@ def cmd_deploy(args) -> int:
     else:
         _say_cpu_path(result.out_dir)
     failed, left_out = gate_failures(result.rows)
+    from crossvit.runtime.cpu_choice import gate_report_path
+
     for r in left_out:
-        print(f"note: {r.artifact} in OpenVINO ({r.precision}) failed its gate "
-              f"({r.artifact.rsplit('.', 1)[0]}.openvino-{r.precision}.parity.json): left out of the CPU choice")
+        print(f"note: {r.candidate.label} failed its gate "
+              f"({gate_report_path(result.out_dir, r.candidate).name}): left out of the CPU choice")
     return 2 if failed else 0
 
 
 def gate_failures(rows: list) -> tuple[list, list]:
     """(rows that fail the deploy, rows only left out of the CPU choice). A file deploy wrote that
-    fails its gate fails the deploy (exit 2). The fp32 file run another way (OpenVINO, fp32 or
-    its bf16 hint) is only a candidate for the CPU path: failing its gate leaves it out of the
-    choice, as designed (OpenVINO bf16 on the embedded model sits near its 1e-2 limit: relative
-    L2 0.006-0.011 on fresh random inputs, so it fails some runs)."""
-    written = {r.artifact for r in rows if r.backend == "onnxruntime"}
-    hint = [r for r in rows if r.parity == "fail" and r.backend == "openvino" and r.artifact in written
-            and r.precision in ("fp32", "bf16")]
+    fails its gate fails the deploy (exit 2). A file run another way (OpenVINO with a hint: the fp32
+    file in fp32 or bf16, int8-ov's float layers in bf16) is only a candidate for the CPU path:
+    failing its gate leaves it out of the choice, as designed (OpenVINO bf16 on the embedded model
+    sits near its 1e-2 limit: relative L2 0.006-0.011 on fresh random inputs, so it fails some runs)."""
+    hint = [r for r in rows if r.parity == "fail" and getattr(r, "candidate", None) is not None
+            and r.candidate.hint is not None]
     return [r for r in rows if r.parity == "fail" and r not in hint], hint
 
 

@@ -135,9 +135,10 @@ def parity_stage(artifacts: list[Path], loaded, images, batch, out: Path, result
 
 
 def cpu_gates_stage(fp32: Path, loaded, images, batch, out: Path, result: DeployResult, say: Progress) -> dict:
-    """The fp32 file as OpenVINO runs it (fp32, and the bf16 hint gated as bf16), each gated like a
-    file, its report beside it (`cpu_choice.gate_report_path`). None without OpenVINO: then the
-    candidates that exist are the ones measured."""
+    """The files as OpenVINO runs them with a hint (the fp32 file in fp32, and in bf16 gated as bf16;
+    int8-ov with its float layers in bf16, gated as int8-ov), each gated like a file, its report
+    beside it (`cpu_choice.gate_report_path`). None without OpenVINO: then the candidates that
+    exist are the ones measured."""
     from crossvit.export.parity import check_parity
     from crossvit.install import pip_install
     from crossvit.runtime.cpu_choice import candidates_for, gate_report_path
@@ -152,15 +153,15 @@ def cpu_gates_stage(fp32: Path, loaded, images, batch, out: Path, result: Deploy
         return {}
     gates = {}
     for c in candidates_for(fp32):
-        if c.file != fp32.name or c.hint is None:
+        if c.hint is None:
             continue
-        report = check_parity(fp32, loaded, images=images, batch_sizes=[1, 7, batch.max], backend=c.backend,
-                              hint=c.hint)
+        report = check_parity(fp32.parent / c.file, loaded, images=images, batch_sizes=[1, 7, batch.max],
+                              backend=c.backend, hint=c.hint)
         path = report.save(gate_report_path(out, c))
         result.reports[path.name[:-len(".parity.json")]] = report.to_dict()
         gates[c] = report
-        say(f"{fp32.name} in OpenVINO ({c.precision}): {report.verdict}"
-            + (f" ({report.not_run})" if report.not_run else ""))
+        said = c.precision if c.hint == c.precision else f"{c.precision}, {c.hint} hint"
+        say(f"{c.file} in OpenVINO ({said}): {report.verdict}" + (f" ({report.not_run})" if report.not_run else ""))
     return gates
 
 
@@ -229,11 +230,13 @@ def _candidate_rows(fp32: Path, reports: dict, cpu_gates: dict) -> list[tuple]:
     return out
 
 
-CPU_NOTES = {("onnxruntime", "fp32"): "the reference file in ONNX Runtime",
-             ("openvino", "fp32"): "the reference file in OpenVINO",
-             ("openvino", "bf16"): "the fp32 file computed in bf16 (OpenVINO's hint)",
-             ("onnxruntime", "int8-cpu"): "dynamic int8, one row at a time (its scales depend on batch-mates)",
-             ("openvino", "int8-ov"): "static int8 (NNCF) in OpenVINO"}
+CPU_NOTES = {("onnxruntime", "fp32", None): "the reference file in ONNX Runtime",
+             ("openvino", "fp32", "fp32"): "the reference file in OpenVINO",
+             ("openvino", "bf16", "bf16"): "the fp32 file computed in bf16 (OpenVINO's hint)",
+             ("onnxruntime", "int8-cpu", None): "dynamic int8, one row at a time (its scales depend on batch-mates)",
+             ("openvino", "int8-ov", None): "static int8 (NNCF) in OpenVINO",
+             ("openvino", "int8-ov", "bf16"): "static int8 (NNCF) in OpenVINO, the layers it left in float computed "
+                                              "in bf16 (OpenVINO's default on this CPU)"}
 
 
 def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int | None,
@@ -253,13 +256,13 @@ def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int
     for c, report in _candidate_rows(fp32, reports, cpu_gates or {}) if fp32 else ():
         path = fp32.parent / c.file
         row = Row(artifact=c.file, backend=c.backend, precision=c.precision, size_mb=path.stat().st_size / 1e6,
-                  parity=report.verdict, accuracy=report.accuracy[1], note=CPU_NOTES.get((c.backend, c.precision), ""))
+                  parity=report.verdict, accuracy=report.accuracy[1], note=CPU_NOTES.get(c.key, ""))
         row.candidate = c
         rows.append(row)
         if report.not_run:
             row.note = report.not_run
             continue
-        key = f"{c.backend} {c.precision} {c.file}"
+        key = f"{c.backend} {c.precision} {c.hint} {c.file}"
         keys[id(row)] = key
         timed[key] = timed_b1[key] = (path, c.backend, c.options)
     for path, report in reports.items():

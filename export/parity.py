@@ -24,6 +24,7 @@ from crossvit.files import atomic_write, first_line, sha256_file
 from crossvit.model.checkpoint import LoadedModel
 from crossvit.runtime.artifact import read_artifact
 from crossvit.runtime.images import ImageSet, iter_image_set, list_images
+from crossvit.runtime.openvino import effective_precision
 from crossvit.runtime.session import AUTO_BACKEND, artifact_kind, open_session
 
 
@@ -227,7 +228,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     The artifact runs through the session that would serve it: ONNX Runtime on the CPU for an
     .onnx (OpenVINO for an int8-ov file), TensorRT for a .plan (never a fallback: the gate judges
     the file it was given), or `backend` when given. `hint` is OpenVINO's inference precision
-    ("bf16" computes an fp32 file in bf16: it is gated as bf16). A model with random weights
+    ("bf16" computes an fp32 file in bf16: it is gated as bf16; int8-ov's float layers: still int8-ov). A model with random weights
     (its metadata says so) is gated by `gate_thresholds(precision, random_weights=True)`.
     """
     say = progress or (lambda m: None)
@@ -239,7 +240,7 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     if info.input_shape != expected or len(info.labels) != len(reference.info.labels):
         raise ConfigError(f"{Path(artifact).name} takes {info.input_shape} and has {len(info.labels)} classes; "
                           f"the reference takes {expected} with {len(reference.info.labels)}: not the same model")
-    precision = "bf16" if hint == "bf16" else info.precision
+    precision = effective_precision(info.precision, hint)
     random_weights = info.random_weights or reference.info.random_weights
     t = thresholds or gate_thresholds(precision, random_weights)
     kind = artifact_kind(Path(artifact))

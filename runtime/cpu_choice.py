@@ -8,7 +8,9 @@ backend that runs it and, for OpenVINO, an inference-precision hint:
     fp32      openvino (bf16)      computed in bf16 (CPUs with AVX512-BF16 or AMX): gated as bf16
     int8-cpu  onnxruntime          dynamic int8 (ONNX Runtime); run one row at a time, because its
                                    per-call scales make a row's answer depend on its batch-mates
-    int8-ov   openvino             static int8 (NNCF post-training quantization)
+    int8-ov   openvino (fp32)      static int8 (NNCF post-training quantization), float layers in fp32
+    int8-ov   openvino (bf16)      the same file with its float layers in bf16 (OpenVINO's own default
+                                   on CPUs with bf16 arithmetic): gated as int8-ov, in a report of its own
 
 A candidate may run for users only after its parity gate passed on these very bytes: its report
 beside the file (`gate_report_path`) says "pass" about the file's sha256, for the precision the
@@ -85,12 +87,18 @@ class Candidate:
     file: str  # a file name beside the fp32 reference
     backend: str  # "onnxruntime" or "openvino"
     precision: str  # what it computes in, and is gated as
-    hint: str | None = None  # OpenVINO's inference precision for an fp32 file
+    hint: str | None = None  # OpenVINO's inference precision: for an fp32 file, or int8-ov's float layers
 
     @property
     def label(self) -> str:
         engine = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[self.backend]
-        return f"{engine} {self.precision} ({self.file})"
+        hint = f" with the {self.hint} hint" if self.hint and self.hint != self.precision else ""
+        return f"{engine} {self.precision}{hint} ({self.file})"
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        """(backend, precision, hint): what RULES name."""
+        return self.backend, self.precision, self.hint
 
     @property
     def options(self) -> dict:
@@ -114,17 +122,19 @@ def candidates_for(fp32: Path) -> list[Candidate]:
     for name, spec in PRECISION_TABLE.items():
         if spec.target == "cpu" and (fp32.parent / f"{stem}.{name}.onnx").is_file():
             out.append(Candidate(f"{stem}.{name}.onnx", spec.runtime, name))
+            if name == "int8-ov":
+                out.append(Candidate(f"{stem}.{name}.onnx", spec.runtime, name, "bf16"))
     return out
 
 
 def gate_report_path(folder: Path, candidate: Candidate) -> Path:
-    """`NAME.int8-ov.parity.json` for a file run by its own backend; `NAME.fp32.openvino-bf16.parity.json`
-    for the fp32 file run another way."""
+    """`NAME.int8-ov.parity.json` for a file run by its own backend as it is; otherwise the backend
+    and hint in the name: `NAME.fp32.openvino-bf16.parity.json`, `NAME.int8-ov.openvino-bf16.parity.json`."""
     stem = Path(candidate.file).stem
     spec = PRECISION_TABLE.get(file_precision(candidate.file) or "", None)
     if candidate.hint is None and spec is not None and spec.runtime == candidate.backend:
         return folder / f"{stem}.parity.json"
-    return folder / f"{stem}.{candidate.backend}-{candidate.precision}.parity.json"
+    return folder / f"{stem}.{candidate.backend}-{candidate.hint or candidate.precision}.parity.json"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -208,23 +218,25 @@ def choice_path(fp32: Path) -> Path:
 # (2-core AVX2 EPYC, crossvit_15_240, six deploy runs: int8-cpu 1.6-1.8x at batch 1, OpenVINO fp32
 # 1.2x, OpenVINO int8 p50 98-147 ms against eager's 101-134; benchmarks/results/cpu_epyc_avx2_2core/
 # cpu_choice/), so there it is not tried without a measurement: it was slower than the fp32 file.
+# int8-ov with the bf16 hint comes after int8-ov: on the AVX-512 EPYC it was 5-11 % slower (three
+# runs, README's tried table); on AMX it was never measured (the Xeon's 15.9 ms was the fp32 hint).
+OV_INT8, OV_INT8_BF16 = ("openvino", "int8-ov", None), ("openvino", "int8-ov", "bf16")
+OV_FP32, OV_BF16 = ("openvino", "fp32", "fp32"), ("openvino", "bf16", "bf16")
+ORT_INT8, ORT_FP32 = ("onnxruntime", "int8-cpu", None), ("onnxruntime", "fp32", None)
 RULES = (
-    ("amx_bf16", [("openvino", "bf16"), ("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"),
-                  ("openvino", "fp32"), ("onnxruntime", "fp32")]),
-    ("avx512_vnni", [("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"), ("openvino", "bf16"),
-                     ("openvino", "fp32"), ("onnxruntime", "fp32")]),
-    ("avx_vnni", [("openvino", "int8-ov"), ("onnxruntime", "int8-cpu"), ("openvino", "fp32"),
-                  ("onnxruntime", "fp32")]),
-    ("", [("onnxruntime", "int8-cpu"), ("openvino", "fp32"), ("onnxruntime", "fp32")]),
+    ("amx_bf16", [OV_BF16, OV_INT8, OV_INT8_BF16, ORT_INT8, OV_FP32, ORT_FP32]),
+    ("avx512_vnni", [OV_INT8, OV_INT8_BF16, ORT_INT8, OV_BF16, OV_FP32, ORT_FP32]),
+    ("avx_vnni", [OV_INT8, ORT_INT8, OV_FP32, ORT_FP32]),
+    ("", [ORT_INT8, OV_FP32, ORT_FP32]),
 )
 
 
 def rule_for_flags(flags: set[str], candidates: list[Candidate]) -> Candidate | None:
     """The first of `candidates` in the order RULES gives for a CPU with `flags`."""
     order = next(order for flag, order in RULES if not flag or flag in flags)
-    for backend, precision in order:
+    for key in order:
         for c in candidates:
-            if (c.backend, c.precision) == (backend, precision):
+            if c.key == key:
                 return c
     return None
 
@@ -347,9 +359,9 @@ def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
                 for c in candidates}
     rule = rule_for_flags(flags, [c for c in candidates if problems[c] is None])
     if rule is None or (rule.file == fp32.name and rule.backend == "onnxruntime" and rule.precision == "fp32"):
-        # say why each other path beside it is out: a variant file always, another way to run
-        # the fp32 file only where it was gated (a report exists)
+        # say why each other path beside it is out: a variant file as it is always, another way to
+        # run a file (an OpenVINO hint) only where it was gated (a report exists)
         out = [f"{c.label}: {problems[c]}" for c in candidates[1:] if problems[c] is not None
-               and (c.file != fp32.name or gate_report_path(fp32.parent, c).exists())]
+               and (c.hint is None or gate_report_path(fp32.parent, c).exists())]
         return None, "; ".join(out) or why
     return rule, f"the rule for this CPU's flags ({' '.join(sorted(flags & set(SPEED_FLAGS))) or 'none'}): {why}"

@@ -5,7 +5,10 @@ Two kinds of file run here:
   CPU with bf16 arithmetic: AVX512-BF16 or AMX). The bf16 hint is a different computation from
   the file's, so a session opened with it reports precision "bf16" and is gated as bf16;
 - the int8-ov variant: NNCF post-training quantization of the fp32 file (static scales,
-  calibrated on real images), which OpenVINO runs with its int8 kernels (VNNI / AMX).
+  calibrated on real images), which OpenVINO runs with its int8 kernels (VNNI / AMX), with the
+  `fp32` hint for the layers NNCF left in float, or the `bf16` hint (OpenVINO's own default on a
+  CPU with bf16 arithmetic): int8 where NNCF quantized, bf16 elsewhere. That one is still an
+  int8-ov computation and gated as int8-ov, from a report of its own.
 
 `openvino` is optional and imported here only; nothing else in `runtime/` imports it.
 """
@@ -24,7 +27,7 @@ from .artifact import ArtifactInfo
 from .base import Session, intra_op_threads
 
 # file precision -> the inference-precision hints that may run it
-HINTS = {"fp32": ("fp32", "bf16"), "int8-ov": ("fp32",)}
+HINTS = {"fp32": ("fp32", "bf16"), "int8-ov": ("fp32", "bf16")}
 _OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -65,14 +68,17 @@ def cpu_capabilities() -> tuple[str, ...]:
 
 
 def effective_precision(file_precision: str, hint: str | None) -> str:
-    """What a session computes in: the bf16 hint on an fp32 file is bf16; otherwise the file's."""
-    return "bf16" if hint == "bf16" else file_precision
+    """What a session computes in, and is gated as: the bf16 hint on an fp32 file is bf16; on an
+    int8-ov file it only moves the layers NNCF left in float to bf16, so that stays int8-ov (whose
+    thresholds are the looser ones); otherwise the file's."""
+    return "bf16" if hint == "bf16" and file_precision == "fp32" else file_precision
 
 
 class OpenVinoSession(Session):
     """An ONNX file compiled by OpenVINO for this CPU.
 
-    - `hint`: "fp32" (default) or "bf16" (the fp32 file computed in bf16 where the CPU has it);
+    - `hint`: "fp32" (default) or "bf16" (where the CPU has it: the fp32 file computed in bf16, or
+      int8-ov's float layers);
     - the LATENCY performance hint and one stream (below), with all the threads this process may
       use: the same `intra_op_threads` rule as ONNX Runtime;
     - static shapes: a model compiled for each batch size in `static_batch_sizes` (the file's
@@ -133,7 +139,7 @@ class OpenVinoSession(Session):
         self.precision = effective_precision(info.precision, hint)
 
     def describe(self) -> str:
-        hint = f", {self.hint} hint" if self.info.precision == "fp32" else ""
+        hint = f", {self.hint} hint" if self.info.precision == "fp32" or self.hint != "fp32" else ""
         shapes = "static shapes" if self._sizes else "dynamic batch"
         return f"openvino (cpu, {self.info.precision} file{hint}, {shapes})"
 

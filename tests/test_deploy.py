@@ -156,22 +156,27 @@ def test_deploy_names_a_missing_extra_once(tmp_path, monkeypatch):
         assert sum(hint in reason for reason in result.skipped) == 1, (extra, result.skipped)
 
 
-def test_a_failed_openvino_hint_of_the_fp32_file_leaves_the_choice_but_a_failed_variant_fails_the_deploy():
+def test_a_failed_openvino_hint_leaves_the_choice_but_a_failed_variant_fails_the_deploy():
     """OpenVINO bf16 on the embedded model sits near its 1e-2 limit (0.006-0.011 on fresh random
-    inputs): when it fails, it is left out of the CPU choice and `deploy` still exits 0; a variant
-    deploy wrote (int8-ov here) that fails its gate makes it exit 2."""
+    inputs): when it fails, it is left out of the CPU choice and `deploy` still exits 0, as is
+    int8-ov with its float layers in bf16; a variant deploy wrote (int8-ov here) that fails its
+    gate as it is makes it exit 2."""
     from crossvit.cli import gate_failures
     from crossvit.pipeline import Row
+    from crossvit.runtime.cpu_choice import Candidate
 
     rows = [Row("m.safetensors", "torch (cpu)", "fp32", parity="ref"),
             Row("m.fp32.onnx", "onnxruntime", "fp32", parity="pass"),
             Row("m.fp32.onnx", "openvino", "fp32", parity="pass"),
             Row("m.fp32.onnx", "openvino", "bf16", parity="fail"),
-            Row("m.int8-ov.onnx", "openvino", "int8-ov", parity="pass")]
+            Row("m.int8-ov.onnx", "openvino", "int8-ov", parity="pass"),
+            Row("m.int8-ov.onnx", "openvino", "int8-ov", parity="fail")]
+    for row, hint in zip(rows[1:], (None, "fp32", "bf16", None, "bf16")):
+        row.candidate = Candidate(row.artifact, row.backend, row.precision, hint)
     failed, left_out = gate_failures(rows)
-    assert failed == [] and left_out == [rows[3]]
+    assert failed == [] and left_out == [rows[3], rows[5]]
     rows[4].parity = "fail"
     failed, left_out = gate_failures(rows)
-    assert failed == [rows[4]] and left_out == [rows[3]]
+    assert failed == [rows[4]] and left_out == [rows[3], rows[5]]
     rows[1].parity = "fail"  # the fp32 file itself: fails the deploy
     assert gate_failures(rows)[0] == [rows[1], rows[4]]
