@@ -235,8 +235,8 @@ CPU_NOTES = {("onnxruntime", "fp32", None): "the reference file in ONNX Runtime"
              ("openvino", "bf16", "bf16"): "the fp32 file computed in bf16 (OpenVINO's hint)",
              ("onnxruntime", "int8-cpu", None): "dynamic int8, one row at a time (its scales depend on batch-mates)",
              ("openvino", "int8-ov", None): "static int8 (NNCF) in OpenVINO",
-             ("openvino", "int8-ov", "bf16"): "static int8 (NNCF) in OpenVINO, the layers it left in float computed "
-                                              "in bf16 (OpenVINO's default on this CPU)"}
+             ("openvino", "int8-ov", "bf16"): "static int8 (NNCF) in OpenVINO with the bf16 hint: the layers NNCF "
+                                              "left in float in bf16 (OpenVINO's default on this CPU)"}
 
 
 def latency_stage(loaded, reports: dict, engines: dict, name: str, *, batch: int, runs: int | None,

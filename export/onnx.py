@@ -27,7 +27,7 @@ from crossvit.contract import (INPUT_NAME, MAX_BATCH, METADATA_KEY, ONNX_FORMAT,
 from crossvit.errors import ExportError, OutputError, UsageError
 from crossvit.files import FILE_MODE, check_output_path, first_line, temp_dir
 from crossvit.model.checkpoint import LoadedModel
-from crossvit.model.official import folded_cross_attention
+from crossvit.model.fold import folded_cross_attention
 
 DEFAULT_OPSET = 20
 # The dynamo exporter writes opset 18 and newer (older opsets are converted, less reliably).
@@ -138,7 +138,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, batch: BatchRange = Bat
         f"params, input {c}x{h}x{w}, batch {batch.min}..{batch.max}, opset {opset})")
     try:
         # the CLS-only cross-attentions without a key/value projection of every token: the same
-        # function (1e-6), fewer multiply-adds (model/official.py, CrossAttention)
+        # function (1e-6), fewer multiply-adds (model/fold.py)
         with folded_cross_attention(model) as folded:
             if folded:
                 say(f"{folded} CLS cross-attentions folded: no key/value projection of every token")

@@ -19,13 +19,12 @@ Deployment changes (same function, different code): attention goes through
 `F.scaled_dot_product_attention`; the second branch's bicubic resize is two matrix products
 (`BicubicResize`); the number of branches is fixed at two (as timm's forward hard-codes), so
 `forward` has no shape-dependent Python branches and torch.export sees one graph for every
-batch size. The ONNX export (and only it: `folded_cross_attention`) computes the CLS-only
+batch size. The ONNX export (and only it: `model.fold.folded_cross_attention`) computes the CLS-only
 cross-attention without projecting every token to keys and values (`CrossAttention`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -353,7 +352,7 @@ class Block(nn.Module):
 class CrossAttention(nn.Module):
     """Cross-attention whose only query is the CLS token (token 0); keys/values are all tokens.
 
-    `folded` (set by `folded_cross_attention`, which the ONNX export uses; eager keeps timm's
+    `folded` (set by `model.fold.folded_cross_attention`, which the ONNX export uses; eager keeps timm's
     form): the same function without projecting all N tokens to keys and values. With one query
     per head, `q_h . (Wk_h x_n + bk_h)` is `(q_h Wk_h) . x_n` plus a constant over n, which the
     softmax drops, and because a head's weights sum to 1, `sum_n a_n (Wv_h x_n + bv_h)` is
@@ -395,20 +394,6 @@ class CrossAttention(nn.Module):
         mixed = scores.softmax(-1) @ x  # B, H, C: each head's attention-weighted tokens
         out = (self.wv(mixed) * mask).sum(1, keepdim=True)  # B, 1, C: head h's channels from row h
         return self.proj_drop(self.proj(out))
-
-
-@contextlib.contextmanager
-def folded_cross_attention(model: nn.Module):
-    """Within it, every `CrossAttention` of `model` runs its folded form (eval mode only).
-    Yields how many there are."""
-    blocks = [m for m in model.modules() if isinstance(m, CrossAttention)]
-    for block in blocks:
-        block.folded = True
-    try:
-        yield len(blocks)
-    finally:
-        for block in blocks:
-            block.folded = False
 
 
 class CrossAttentionBlock(nn.Module):
@@ -549,6 +534,11 @@ class OfficialCrossViT(nn.Module):
         """(C, H, W) of one input image: timm's img_size (its pretrained cfg's input_size)."""
         c = self.config
         return (c.in_chans, c.img_size[0], c.img_size[1])
+
+    def cls_cross_attentions(self) -> list[nn.Module]:
+        """Every cross-attention: its folded form (`CrossAttention._folded`) has fewer multiply-adds
+        for any of the family's token counts (197 and more). `model.fold.folded_cross_attention` sets them."""
+        return [m for m in self.modules() if isinstance(m, CrossAttention)]
 
     def _embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         xs = []

@@ -139,7 +139,8 @@ def test_export_folds_the_cls_cross_attention_into_the_same_function(tmp_path):
 
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.model import save_checkpoint
-    from crossvit.model.official import CrossAttention, folded_cross_attention
+    from crossvit.model.fold import folded_cross_attention
+    from crossvit.model.official import CrossAttention
 
     torch.manual_seed(0)
     model = OfficialCrossViT.from_config(OfficialConfig(**SMALL)).eval()
