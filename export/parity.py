@@ -228,8 +228,9 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     The artifact runs through the session that would serve it: ONNX Runtime on the CPU for an
     .onnx (OpenVINO for an int8-ov file), TensorRT for a .plan (never a fallback: the gate judges
     the file it was given), or `backend` when given. `hint` is OpenVINO's inference precision
-    ("bf16" computes an fp32 file in bf16: it is gated as bf16; int8-ov's float layers: still int8-ov). A model with random weights
-    (its metadata says so) is gated by `gate_thresholds(precision, random_weights=True)`.
+    ("bf16" computes an fp32 file in bf16: it is gated as bf16; on an int8-ov file only the layers
+    NNCF left in float: still int8-ov). A model with random weights (its metadata says so) is gated
+    by `gate_thresholds(precision, random_weights=True)`.
     """
     say = progress or (lambda m: None)
     start = time.perf_counter()
