@@ -562,15 +562,25 @@ def test_rtx_builds_through_the_cli_with_auto_library_and_chosen_targets(gpu_var
     assert manifest["tensorrt"]["target_compute_capabilities"] == [[8, 6], [8, 9]]
 
 
-def test_two_rtx_builds_of_one_file_are_byte_identical(gpu_variants, tmp_path):
+def test_two_rtx_builds_of_one_file_describe_the_same_engine(gpu_variants, tmp_path):
+    """Two builds of one file: the same manifest but for the plan's hash and build time, and each plan
+    the bytes its own manifest names. Not the same bytes: TensorRT-RTX 1.7's Myelin compiler names
+    its internal tensors and symbolic shapes differently from build to build (seen on the digits
+    model's fp32 and, since the fold's Einsum form, int8 files; same size, about 1,000 bytes apart), and
+    NVIDIA does not promise identical plans."""
+    import hashlib
+
     from crossvit.export.engine import build_engine
 
     a, b = tmp_path / "a.plan", tmp_path / "b.plan"
     build_engine(gpu_variants["int8"], a, BuildOptions(library="tensorrt-rtx", batch="1:8:32"))
     build_engine(gpu_variants["int8"], b, BuildOptions(library="tensorrt-rtx", batch="1:8:32"))
-    assert a.read_bytes() == b.read_bytes()
     ma, mb = (json.loads(manifest_path(p).read_text()) for p in (a, b))
-    assert ma["plan_sha256"] == mb["plan_sha256"]
+    for m, plan in ((ma, a), (mb, b)):
+        assert m["plan_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+        del m["plan_sha256"], m["builder"]["seconds"]
+    assert ma == mb and ma["source"]["sha256"] == hashlib.sha256(gpu_variants["int8"].read_bytes()).hexdigest()
+    assert a.stat().st_size == b.stat().st_size
 
 
 @pytest.mark.slow
