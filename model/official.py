@@ -357,11 +357,11 @@ class CrossAttention(nn.Module):
     per head, `q_h . (Wk_h x_n + bk_h)` is `(q_h Wk_h) . x_n` plus a constant over n, which the
     softmax drops, and because a head's weights sum to 1, `sum_n a_n (Wv_h x_n + bv_h)` is
     `Wv_h (sum_n a_n x_n) + bv_h`. So 2 N C^2 multiply-adds become 2 C^2 + 2 H N C (on
-    crossvit_15_240 the six cross-attentions' 0.53 of 10.2 GFLOP in matrix products become 0.03):
+    crossvit_15_240 the six cross-attentions' 0.53 of 10.2 GFLOP in matrix products become under 0.03):
     1e-6 from timm's form in float32, and int8-ov 4.4 % faster at batch 1 (median per-turn ratio
     over 30 turns, 2-core AVX-512 EPYC; benchmarks/results/cpu_epyc_2core/cpu_path/cross_attention_fold/).
 
-    Each head's query and value weights are applied by themselves (an Einsum over the heads). The first
+    Each head's key and value weights are applied by themselves (an Einsum over the heads). The first
     form put every head through all the weights and kept its own channels with a head mask (H times those
     multiply-adds); OpenVINO 2026.4.1 compiled that form's int8-ov file, as one dynamic-batch model,
     into wrong answers (relative L2 0.26 against fp32 on crossvit_15_240 where its static shapes gave

@@ -175,7 +175,7 @@ class Attention(nn.Module):
         Each head's weights by themselves (an Einsum over the heads), not all heads' weights through a
         head mask and a MatMul: OpenVINO 2026.4.1 compiled the int8-ov file of that masked form, as one
         dynamic-batch model, into wrong answers (crossvit_digits: relative L2 0.42 against fp32, 0.014
-        with static shapes), and it had H times the multiply-adds of the query and value weights."""
+        with static shapes), and it had H times the multiply-adds of the key and value weights."""
         w = self.to_kv.weight.unflatten(0, (2 * self.heads, self.dim_head))  # 2H,D,dim (slices fold into constants)
         w_k, w_v = w[:self.heads], w[self.heads:]  # H,D,dim each
         q = self.to_q(x).unflatten(-1, (self.heads, self.dim_head))[:, 0]  # B,1,H*D -> B,H,D
