@@ -356,16 +356,17 @@ class CrossAttention(nn.Module):
     form): the same function without projecting all N tokens to keys and values. With one query
     per head, `q_h . (Wk_h x_n + bk_h)` is `(q_h Wk_h) . x_n` plus a constant over n, which the
     softmax drops, and because a head's weights sum to 1, `sum_n a_n (Wv_h x_n + bv_h)` is
-    `Wv_h (sum_n a_n x_n) + bv_h`. So 2 N C^2 multiply-adds become 2 C^2 + 2 H N C (on
-    crossvit_15_240 the six cross-attentions' 0.53 of 10.2 GFLOP in matrix products become under 0.03):
+    `Wv_h (sum_n a_n x_n) + bv_h`. So 2 N C^2 multiply-adds become 2 H C^2 + 2 H N C (on
+    crossvit_15_240 the six cross-attentions' 0.53 of 10.2 GFLOP in matrix products become 0.03):
     1e-6 from timm's form in float32, and int8-ov 4.4 % faster at batch 1 (median per-turn ratio
     over 30 turns, 2-core AVX-512 EPYC; benchmarks/results/cpu_epyc_2core/cpu_path/cross_attention_fold/).
 
-    Each head's key and value weights are applied by themselves (an Einsum over the heads). The first
-    form put every head through all the weights and kept its own channels with a head mask (H times those
-    multiply-adds); OpenVINO 2026.4.1 compiled that form's int8-ov file, as one dynamic-batch model,
-    into wrong answers (relative L2 0.26 against fp32 on crossvit_15_240 where its static shapes gave
-    0.046; 0.42 against 0.014 on the seed family's crossvit_digits), and compiles this one right.
+    Known defect: OpenVINO 2026.4.1 compiles this form's int8-ov file, as one dynamic-batch model
+    (`OpenVinoSession(static_shapes=False)`, Python API only), into wrong answers (relative L2 0.26
+    against fp32 on crossvit_15_240; static shapes, what every command runs: 0.046). Each head's
+    weights by themselves as Einsums compiled right there but made static int8-ov answers depend on
+    batch-mates (3 rows of 1300 over 1e-4 on crossvit_digits' seed-form fold; this form: none), so
+    it was not kept (benchmarks/results/cpu_epyc_2core/cpu_path/einsum_fold/).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
@@ -390,16 +391,16 @@ class CrossAttention(nn.Module):
 
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[-1]
-        heads, d = self.num_heads, c // self.num_heads
-        q = self.wq(x[:, 0]).unflatten(-1, (heads, d))  # B, H, C/H
-        # each head's weights by themselves (H, C/H, C): see the class docstring for why not a head mask
-        qk = torch.einsum("bhd,hdc->bhc", q, self.wk.weight.unflatten(0, (heads, d)))  # B, H, C
-        scores = (qk @ x.transpose(1, 2)) * d ** -0.5  # B, H, N (the key bias cancels)
+        heads = self.num_heads
+        # head h's channels: (H, C), 1 where channel c belongs to head h
+        mask = (torch.arange(c, device=x.device) // (c // heads)
+                == torch.arange(heads, device=x.device)[:, None]).to(x.dtype)
+        q = self.wq(x[:, 0:1])  # B, 1, C
+        qk = (q * mask) @ self.wk.weight  # B, H, C: each head's query through its key weights
+        scores = (qk @ x.transpose(1, 2)) * (c // heads) ** -0.5  # B, H, N (the key bias cancels)
         mixed = scores.softmax(-1) @ x  # B, H, C: each head's attention-weighted tokens
-        out = torch.einsum("bhc,hdc->bhd", mixed, self.wv.weight.unflatten(0, (heads, d))).flatten(1)  # B, C
-        if self.wv.bias is not None:
-            out = out + self.wv.bias
-        return self.proj_drop(self.proj(out.unsqueeze(1)))  # B, 1, C
+        out = (self.wv(mixed) * mask).sum(1, keepdim=True)  # B, 1, C: head h's channels from row h
+        return self.proj_drop(self.proj(out))
 
 
 class CrossAttentionBlock(nn.Module):

@@ -142,7 +142,6 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
-        self.folded = False  # run `_folded` as a CLS cross-attention (set by model.fold, for the ONNX export)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # B,N,H*D -> B,H,N,D
@@ -155,8 +154,6 @@ class Attention(nn.Module):
             context = x
         elif kv_include_self:
             context = torch.cat((x, context), dim=1)  # the CLS query also attends to itself
-            if self.folded and not self.training:
-                return self.to_out(self._folded(x, context))
         k, v = self.to_kv(context).chunk(2, dim=-1)
         q, k, v = map(self._split_heads, (self.to_q(x), k, v))
         # default scale of SDPA is dim_head ** -0.5, vit-pytorch's `self.scale`
@@ -165,31 +162,6 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).flatten(2)  # B,H,N,D -> B,N,H*D
         return self.to_out(out)
-
-    def _folded(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The same attention for one query token (the CLS, B,1,dim) over `context` (B,N,dim), without
-        projecting the N tokens to keys and values: `q_h . (Wk_h c_n)` is `(q_h Wk_h) . c_n`, and a
-        head's weights applied before its value weights are `Wv_h (sum_n a_n c_n)` (no biases here).
-        2 N dim inner multiply-adds become 2 inner dim + 2 H N dim (`fold_pays`). Returns B,1,inner.
-
-        Each head's weights by themselves (an Einsum over the heads), not all heads' weights through a
-        head mask and a MatMul: OpenVINO 2026.4.1 compiled the int8-ov file of that masked form, as one
-        dynamic-batch model, into wrong answers (crossvit_digits: relative L2 0.42 against fp32, 0.014
-        with static shapes), and it had H times the multiply-adds of the key and value weights."""
-        w = self.to_kv.weight.unflatten(0, (2 * self.heads, self.dim_head))  # 2H,D,dim (slices fold into constants)
-        w_k, w_v = w[:self.heads], w[self.heads:]  # H,D,dim each
-        q = self.to_q(x).unflatten(-1, (self.heads, self.dim_head))[:, 0]  # B,1,H*D -> B,H,D
-        qk = torch.einsum("bhd,hdc->bhc", q, w_k)  # B,H,dim: each head's query through its key weights
-        scores = (qk @ context.transpose(1, 2)) * self.dim_head ** -0.5  # B,H,N
-        mixed = scores.softmax(-1) @ context  # B,H,dim: each head's attention-weighted tokens
-        return torch.einsum("bhc,hdc->bhd", mixed, w_v).flatten(1).unsqueeze(1)  # B,H,D -> B,1,H*D
-
-    def fold_pays(self, tokens: int) -> bool:
-        """Whether the folded form has fewer multiply-adds for a context of `tokens` (the CLS
-        included): 2 inner dim + 2 H N dim against the key/value projection and the attention's
-        own 2 N dim inner + 2 N inner. It does from 2 tokens on (a CLS and one patch: every cross-attention)."""
-        inner, dim = self.heads * self.dim_head, self.to_q.in_features
-        return dim * (inner + self.heads * tokens) < tokens * inner * (dim + 1)
 
 
 class Transformer(nn.Module):
@@ -321,19 +293,6 @@ class CrossViT(nn.Module):
         )
         self.sm_mlp_head = nn.Sequential(nn.LayerNorm(sm_dim), nn.Linear(sm_dim, num_classes))
         self.lg_mlp_head = nn.Sequential(nn.LayerNorm(lg_dim), nn.Linear(lg_dim, num_classes))
-
-    def cls_cross_attentions(self) -> list[nn.Module]:
-        """The cross-attentions (one CLS query over the other branch's patches and itself) whose
-        folded form (`Attention._folded`) has fewer multiply-adds: `folded_cross_attention` sets them."""
-        c = self.config
-        lg_tokens = 1 + (c.image_size // c.lg_patch_size) ** 2  # the small CLS over the large patches and itself
-        sm_tokens = 1 + (c.image_size // c.sm_patch_size) ** 2
-        out = []
-        for cross in (m for m in self.modules() if isinstance(m, CrossTransformer)):
-            for sm_attend_lg, lg_attend_sm in cross.layers:
-                out += [block for block, n in ((sm_attend_lg.fn, lg_tokens), (lg_attend_sm.fn, sm_tokens))
-                        if block.fold_pays(n)]
-        return out
 
     @classmethod
     def from_config(cls, config: SeedConfig) -> "CrossViT":

@@ -163,13 +163,9 @@ def test_export_folds_the_cls_cross_attention_into_the_same_function(tmp_path):
                        progress=said.append).path
     assert "4 CLS cross-attentions folded: no key/value projection of every token" in said
     graph = onnx.load(str(path)).graph
-    shapes = {i.name: list(i.dims) for i in graph.initializer}
-    # each head's key and value weights (H, C/H, C) in two Einsums a cross-attention, no key projection
-    # of every token (its weight is not in the graph as it is) and no key bias (it cancels)
-    einsums = [n for n in graph.node if n.op_type == "Einsum"]
-    assert len(einsums) == 2 * n and all(len(shapes[e.input[1]]) == 3 for e in einsums)
-    assert sorted(shapes[e.input[1]][0] * shapes[e.input[1]][1] for e in einsums) == [16] * 4 + [32] * 4
-    assert not any(name.endswith((".attn.wk.weight", ".attn.wk.bias")) for name in shapes)
+    names = {i.name for i in graph.initializer}
+    assert sum(n.endswith(".attn.wk.weight") for n in names) == 4
+    assert not any(n.endswith(".attn.wk.bias") for n in names)  # it cancels: not in the graph
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert abs(torch.from_numpy(got) - plain).max().item() <= 1e-4

@@ -56,48 +56,6 @@ def test_vit_pytorch_state_dict_loads_strictly_and_gives_same_logits(vit_pytorch
         assert diff <= 1e-5, f"{name}, batch {batch}: max abs diff {diff}"
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_the_folded_cls_cross_attention_gives_vit_pytorchs_logits(vit_pytorch_cross_vit, name):
-    """The export's form of each CLS cross-attention (no key/value projection of every token,
-    `Attention._folded`), where it has fewer multiply-adds, against the real vit-pytorch."""
-    from crossvit.model.fold import folded_cross_attention
-
-    kwargs = CONFIGS[name]
-    torch.manual_seed(hash(name) % 1000)
-    ref = vit_pytorch_cross_vit.CrossViT(**kwargs).eval()
-    ours = CrossViT(**kwargs).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    chosen = ours.cls_cross_attentions()
-    crosses = [a.fn for m in ours.modules() if type(m).__name__ == "CrossTransformer"
-               for pair in m.layers for a in pair]
-    assert len(crosses) == 2 * kwargs.get("cross_attn_depth", 2) * kwargs.get("depth", 3)
-    assert set(chosen) <= set(crosses)
-    x = torch.randn(3, kwargs.get("channels", 3), kwargs["image_size"], kwargs["image_size"])
-    with torch.no_grad():
-        with folded_cross_attention(ours) as n:
-            assert all(m.folded for m in chosen)
-            got = ours(x)
-        expected = ref(x)
-    assert n == len(chosen) and not any(m.folded for m in crosses)
-    assert (got - expected).abs().max().item() <= 1e-5, name
-    if name == "unequal_widths_heads_depths":  # 17 and 65 tokens against 2 heads: folded everywhere
-        assert n == len(crosses) == 8
-
-
-def test_the_fold_is_used_only_where_it_saves_multiply_adds():
-    """2 inner dim + 2 H N dim against 2 N dim inner + 2 N inner: one token (no patch) would not pay,
-    two do, so every cross-attention of a model (a CLS and at least one patch) folds."""
-    from crossvit.model.seed import Attention
-
-    a = Attention(dim=384, heads=8, dim_head=64)  # vit-pytorch's README: 2*512*384 + 2*8*N*384 vs 2*N*384*513
-    assert not a.fold_pays(1) and a.fold_pays(2) and a.fold_pays(257)
-    assert Attention(dim=32, heads=2, dim_head=64).fold_pays(1)  # narrower than a head: pays even then
-    ours = CrossViT(image_size=256, num_classes=10, sm_dim=192, lg_dim=384, sm_patch_size=16, lg_patch_size=128,
-                    depth=1, cross_attn_depth=1)  # 257 small tokens, 5 large: both fold
-    assert ours.cls_cross_attentions() == [ours.multi_scale_encoder.layers[0][2].layers[0][0].fn,
-                                           ours.multi_scale_encoder.layers[0][2].layers[0][1].fn]
-
-
 def test_training_mode_uses_dropout_and_eval_mode_is_deterministic(tiny_seed_kwargs):
     model = CrossViT(**tiny_seed_kwargs, dropout=0.5, emb_dropout=0.5)
     x = torch.randn(2, 3, 32, 32)
