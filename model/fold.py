@@ -2,8 +2,9 @@
 
 A CrossViT cross-attention has one query per head (the CLS token), so the key projection of every
 token can be moved onto that query and the value projection after the attention's weighted sum:
-the same function, fewer multiply-adds (each family's attention module says how, in `_folded`).
-Only the ONNX export uses it; eager keeps the reference form (timm's, vit-pytorch's)."""
+the same function, fewer multiply-adds (the attention module says how, in `_folded`). The official
+family folds; the seed family's fold was measured and not kept (README: OpenVINO's dynamic-batch int8
+miscompiled it). Only the ONNX export uses it; eager keeps timm's form."""
 
 from __future__ import annotations
 

@@ -566,7 +566,7 @@ def test_two_rtx_builds_of_one_file_describe_the_same_engine(gpu_variants, tmp_p
     """Two builds of one file: the same manifest but for the plan's hash and build time, and each plan
     the bytes its own manifest names. Not the same bytes: TensorRT-RTX 1.7's Myelin compiler names
     its internal tensors and symbolic shapes differently from build to build (seen on the digits
-    model's fp32 file and on an int8 file with Einsums; same size, about 1,000 bytes apart), and
+    model's fp32 file and on an int8 file with Einsums; the same size there, about 1,000 bytes apart), and
     NVIDIA does not promise identical plans."""
     import hashlib
 
@@ -580,7 +580,6 @@ def test_two_rtx_builds_of_one_file_describe_the_same_engine(gpu_variants, tmp_p
         assert m["plan_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
         del m["plan_sha256"], m["builder"]["seconds"]
     assert ma == mb and ma["source"]["sha256"] == hashlib.sha256(gpu_variants["int8"].read_bytes()).hexdigest()
-    assert a.stat().st_size == b.stat().st_size
 
 
 @pytest.mark.slow
