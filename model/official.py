@@ -361,9 +361,9 @@ class CrossAttention(nn.Module):
     1e-6 from timm's form in float32, and int8-ov 4.4 % faster at batch 1 (median per-turn ratio
     over 30 turns, 2-core AVX-512 EPYC; benchmarks/results/cpu_epyc_2core/cpu_path/cross_attention_fold/).
 
-    Known defect: OpenVINO 2026.4.1 compiles this form's int8-ov file, as one dynamic-batch model
-    (`OpenVinoSession(static_shapes=False)`, Python API only), into wrong answers (relative L2 0.26
-    against fp32 on crossvit_15_240; static shapes, what every command runs: 0.046). Each head's
+    OpenVINO 2026.4.1 compiles this form's int8-ov file, as one dynamic-batch model, into wrong
+    answers (relative L2 0.26 against fp32 on crossvit_15_240; static shapes, what every command runs:
+    0.046), so `OpenVinoSession` refuses a dynamic batch for int8-ov files (runtime/openvino.py). Each head's
     weights by themselves as Einsums compiled right there but made static int8-ov answers depend on
     batch-mates (3 rows of 1300 over 1e-4 on crossvit_digits' seed-form fold; this form: none), so
     it was not kept (benchmarks/results/cpu_epyc_2core/cpu_path/einsum_fold/).
