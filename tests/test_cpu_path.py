@@ -281,7 +281,7 @@ def test_openvino_runs_static_shapes_and_splits_other_batch_sizes_into_them(depl
     pytest.importorskip("openvino")
     from crossvit.assets import heldout_images
     from crossvit.runtime.images import list_images, load_image_set
-    from crossvit.runtime.openvino import split_batch, static_batch_sizes
+    from crossvit.runtime.openvino import cpu_capabilities, split_batch, static_batch_sizes
 
     assert static_batch_sizes(1, 16) == (1, 2, 4, 8, 16) and static_batch_sizes(1, 12) == (1, 2, 4, 8, 12)
     assert static_batch_sizes(4, 4) == (4,) and static_batch_sizes(3, 16) == (3, 6, 12, 16)
@@ -292,6 +292,9 @@ def test_openvino_runs_static_shapes_and_splits_other_batch_sizes_into_them(depl
     x = np.random.default_rng().standard_normal((13, 3, 32, 32), dtype=np.float32)
     with pytest.raises(ArtifactError, match=r"int8-ov file runs with static shapes only \(OpenVINO compiles"):
         open_session(out / f"{DIGITS}.int8-ov.onnx", backend="openvino", static_shapes=False)
+    if "BF16" in cpu_capabilities():
+        with pytest.raises(ArtifactError, match="the bf16 hint runs with static shapes only"):
+            open_session(fp32, backend="openvino", hint="bf16", static_shapes=False)
     with open_session(out / f"{DIGITS}.int8-ov.onnx", backend="openvino") as static, \
             open_session(fp32, backend="openvino", static_shapes=False) as dynamic:
         assert "static shapes" in static.describe() and "dynamic batch" in dynamic.describe()
