@@ -36,6 +36,11 @@ class ArtifactError(CrossViTError):
     """An ONNX file or engine that is missing, corrupt or lacks the metadata we need."""
 
 
+class BatchSizeRefused(ArtifactError):
+    """A model compiled for one batch size answers a row differently from the session's first
+    (a row's answer would depend on its batch-mates): refused, never run."""
+
+
 class BackendUnavailable(CrossViTError):
     """An optional backend (TensorRT, CUDA, ModelOpt, torch) is not installed or has no device."""
 

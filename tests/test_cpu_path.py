@@ -326,6 +326,53 @@ def test_openvino_runs_static_shapes_and_splits_other_batch_sizes_into_them(depl
         server.session.close()
 
 
+def _batch_mixing_copy(fp32, dst):
+    """A copy of the fp32 file whose rows depend on their batch-mates: the spread of each logit over
+    the batch (its maximum less its minimum: 0 for a row alone) is added to every row."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from conftest import rewrite_onnx_metadata
+
+    def mix(meta, proto):
+        g = proto.graph
+        name = g.output[0].name
+        next(n for n in g.node if name in n.output).output[:] = ["own_logits"]
+        g.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "batch_axis"))
+        g.node.extend([helper.make_node("ReduceMax", ["own_logits", "batch_axis"], ["batch_max"], keepdims=1),
+                       helper.make_node("ReduceMin", ["own_logits", "batch_axis"], ["batch_min"], keepdims=1),
+                       helper.make_node("Sub", ["batch_max", "batch_min"], ["batch_spread"]),
+                       helper.make_node("Add", ["own_logits", "batch_spread"], [name])])
+        onnx.checker.check_model(proto)
+
+    return rewrite_onnx_metadata(fp32, dst, mix)
+
+
+def test_openvino_refuses_a_batch_size_whose_model_answers_a_row_differently(deployed, tmp_path):
+    """Every static model a session compiles after its first must answer two probe rows as the first
+    did, in every position of its batch: a file whose rows depend on their batch-mates runs alone and
+    is refused at batch 2 with one line (after a second compile), and its gate does not pass, so no
+    choice can take it. The file's own rows are the same function alone."""
+    pytest.importorskip("openvino")
+    from crossvit.errors import BatchSizeRefused
+    from crossvit.export.parity import check_parity
+    from crossvit.model import load_model
+
+    _, fp32, _ = deployed
+    mixed = _batch_mixing_copy(fp32, tmp_path / f"{DIGITS}.fp32.onnx")
+    x = np.random.default_rng().standard_normal((2, 3, 32, 32), dtype=np.float32)
+    with open_session(fp32, backend="openvino") as plain, open_session(mixed, backend="openvino") as s:
+        assert np.array_equal(s.infer(x[:1]), plain.infer(x[:1]))  # a row alone: no spread
+        with pytest.raises(BatchSizeRefused, match=r"^crossvit_digits.fp32.onnx: OpenVINO compiled it for batch 2 "
+                                                   r"into a model that answers a row differently from batch 1's "
+                                                   r"\(relative L2 [0-9.e-]+, over 0.0001\), 2 times: refused$"):
+            s.infer(x)
+        assert s.compiled_batch_sizes == (1,)
+        assert plain.prepare(16).startswith("OpenVINO models compiled for batch sizes 1, 2, 4, 8, 16 (")
+    report = check_parity(mixed, load_model(name=DIGITS), backend="openvino")
+    assert report.verdict == "not run" and not report and "answers a row differently" in report.not_run
+
+
 def test_predict_says_which_path_ran_and_exact_runs_the_file_given(deployed, cli):
     from crossvit.assets import heldout_images
 
