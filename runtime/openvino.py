@@ -96,16 +96,17 @@ class OpenVinoSession(Session):
       (its "Subgraph" nodes), which it does not do for a dynamic batch: on crossvit_15_240's
       int8-ov (2-core AVX-512 VNNI EPYC) 206 fused subgraphs and no free-standing FakeQuantize
       against 25 and 52, 4.6-4.9 % faster at batch 1 (median per-turn ratios over 16 and 30 turns)
-      and no different at batch 8; 5.7-7.5 % at batch 1 with the bf16 hint. Every size computes a
-      row to the same bits (checked on 1, 2, 4, 8 and 16), so a row's answer does not depend on its
-      batch-mates or on how a batch was split;
-      `static_shapes=False` compiles one dynamic-batch model instead, for fp32 arithmetic only (an fp32
-      file, fp32 hint: the static function to 2.5e-7; with the bf16 hint 1.8e-2 apart, each 1.5e-2
-      from fp32, so refused as ungated too). OpenVINO
-      2026.4.1 compiles an int8-ov file as one dynamic-batch model into another int8 function than
-      the static shapes the gate measured (crossvit_tiny_240: relative L2 0.064 from the static
-      answer unfolded, 0.19 with the official family's folded cross-attention, where static is 0.055
-      from fp32; crossvit_15_240 folded: 0.26), so an int8-ov file with it is refused;
+      and no different at batch 8; 5.7-7.5 % at batch 1 with the bf16 hint. Every size computed a
+      row to the same bits on crossvit_15_240 and crossvit_digits (1, 2, 4, 8 and 16), so a row's
+      answer did not depend on its batch-mates or on how a batch was split; not on crossvit_tiny_240
+      with the bf16 hint (batch 1 against 2-16: 0.014 fp32 file, 0.052 int8-ov), hence the check below;
+    - `static_shapes=False` compiles one dynamic-batch model instead, for fp32 arithmetic only (an
+      fp32 file with the fp32 hint: the static function to 2.5e-7; with the bf16 hint 1.8e-2 apart,
+      each 1.5e-2 from fp32, so refused as ungated too). OpenVINO 2026.4.1 compiles an int8-ov file
+      as one dynamic-batch model into another int8 function than the static shapes the gate
+      measured (crossvit_tiny_240: relative L2 0.064 from the static answer unfolded, 0.19 with the
+      official family's folded cross-attention, where static is 0.055 from fp32; crossvit_15_240
+      folded: 0.26), so an int8-ov file with it is refused (cpu_path/dynamic_int8/);
     - every static model compiled after the first is checked before use: two probe rows must get the
       first model's answers (relative L2 1e-4 a row) in every position of its batch, or it is
       compiled again, and after COMPILE_TRIES the session refuses the batch size (BatchSizeRefused).
@@ -113,7 +114,8 @@ class OpenVinoSession(Session):
       compiles, relative L2 0.2-0.9; one stream, what runs here: 0 of 34; cpu_path/streams/), and
       the gate ran in another process, so what a session serves is checked where it is compiled.
       The first model is the yardstick: a wrong first compile makes every later size fail this
-      check (refused, never served), but a session that only ever compiles one size is unchecked;
+      check (refused, never served), but a session that only ever compiles one size is unchecked
+      (cpu_path/batch_probe/);
     - one infer request per compiled model, used under a lock (a request is not thread-safe; the
       server calls from one batching thread anyway).
     """
@@ -205,7 +207,7 @@ class OpenVinoSession(Session):
             if size is not None:
                 model = model.clone()
                 model.reshape({0: [size, *self.info.input_shape]})
-            for attempt in range(1, COMPILE_TRIES + 1):
+            for _ in range(COMPILE_TRIES):
                 try:
                     request = core().compile_model(model, "CPU", self._config).create_infer_request()
                 except Exception as e:
@@ -221,9 +223,9 @@ class OpenVinoSession(Session):
             else:
                 first = [n for n in self._requests if n is not None]
                 than = f"batch {first[0]}'s" if first else "its other rows'"
-                raise BatchSizeRefused(f"{self.info.path.name}: OpenVINO compiled it for batch {size} into a model "
-                                    f"that answers a row differently from {than} (relative L2 {worst:.2g}, "
-                                    f"over {ROW_TOLERANCE:g}), {COMPILE_TRIES} times: refused")
+                raise BatchSizeRefused(f"{self.info.path.name}: OpenVINO compiled it for batch {size} into a "
+                                       f"model that answers a row differently from {than} (relative L2 "
+                                       f"{worst:.2g}, over {ROW_TOLERANCE:g}), {COMPILE_TRIES} times: refused")
             self._requests[size] = request
         return request
 
