@@ -373,6 +373,37 @@ def test_openvino_refuses_a_batch_size_whose_model_answers_a_row_differently(dep
     assert report.verdict == "not run" and not report and "answers a row differently" in report.not_run
 
 
+def test_serve_refuses_a_batch_size_a_model_answers_differently_and_says_exact_serves_the_file(
+        deployed, tmp_path, monkeypatch):
+    """A server compiles every size its batches may need before it listens: a refused one stops it
+    with one line, and when the refused model is the CPU path chosen for this machine, the line says
+    that `--exact` serves the file given. (OpenVINO's wrong compiles come at random, so the chosen
+    path's is simulated here by a probe check that fails above batch 1; the batch-mixing file's is real.)"""
+    pytest.importorskip("openvino")
+    from crossvit.errors import BatchSizeRefused
+    from crossvit.runtime.openvino import OpenVinoSession
+    from crossvit.runtime.serving.server import ServeOptions, Server
+
+    out, fp32, _ = deployed
+    mixed = _batch_mixing_copy(fp32, tmp_path / "mixed.fp32.onnx")
+    with pytest.raises(BatchSizeRefused, match=r"^mixed.fp32.onnx: OpenVINO compiled it for batch 2 .*: refused$"):
+        Server(mixed, ServeOptions(backend="openvino", max_batch=4))
+    chosen = json.loads(choice_path(fp32).read_text())["chosen"]
+    if chosen["backend"] != "openvino":
+        pytest.skip(f"the CPU path chosen here is {chosen['backend']}'s, not OpenVINO's")
+    real = OpenVinoSession._probe_check
+
+    def wrong_above_one(self, request, size):
+        worst, answer = real(self, request, size)
+        return (0.5 if size > 1 else worst), answer
+
+    monkeypatch.setattr(OpenVinoSession, "_probe_check", wrong_above_one)
+    with pytest.raises(BatchSizeRefused, match=rf"^{chosen['file']}: OpenVINO compiled it for batch 2 into a model "
+                                               rf"that answers a row differently from batch 1's \(relative L2 0.5, "
+                                               rf"over 0.0001\), 2 times: refused; `--exact` serves {fp32.name} as it is$"):
+        Server(fp32, ServeOptions(max_batch=4))
+
+
 def test_predict_says_which_path_ran_and_exact_runs_the_file_given(deployed, cli):
     from crossvit.assets import heldout_images
 

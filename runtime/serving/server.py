@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from crossvit.errors import ArtifactError, BackendUnavailable, ConfigError
+from crossvit.errors import ArtifactError, BackendUnavailable, BatchSizeRefused, ConfigError
 from crossvit.install import pip_install
 
 log = logging.getLogger("crossvit.serve")
@@ -117,6 +117,11 @@ class Server:
         max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
         try:
             prepared = self.session.prepare(max_batch)  # within the file's range (checked above)
+        except BatchSizeRefused as e:  # the CPU path chosen for this machine: the file given still serves
+            self.session.close()
+            if not self.session.chosen:
+                raise
+            raise BatchSizeRefused(f"{e}; `--exact` serves {Path(artifact).name} as it is") from None
         except BaseException:
             self.session.close()
             raise
