@@ -354,9 +354,9 @@ def choice_line(fp32: Path, best: Row, batch: int, cpu: str, record: str) -> str
 
 
 def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, say: Progress):
-    """The fastest gated CPU path: the lowest product of its median latencies at batch 1 and
-    `batch`, measured here side by side (the best geometric mean of its two ratios to PyTorch
-    eager, without leaning on the baseline's figures), recorded beside the files with this CPU's
+    """The fastest gated CPU path (`pick_cpu_path`: the highest product of its two ratios to PyTorch
+    eager where every gated path has them turn by turn, else the lowest product of its median
+    latencies at batch 1 and `batch`), measured here side by side, recorded beside the files with this CPU's
     fingerprint (`NAME.cpu.json`) for `open_session` to run. Where a gated candidate's turns
     disagreed (noisy), the choice still stands on what was measured but says so: in its line, a
     warning, and the record's `noisy`. Returns the record, or None."""
@@ -373,15 +373,18 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         path.unlink(missing_ok=True)  # an old choice is about other measurements
         return None
     best, noisy = pick_cpu_path(gated)
+    by_ratios = all(r.speedup and r.speedup_b1 for r in gated)  # pick_cpu_path's rule: say which it used
     best.note = "; ".join(n for n in ("CHOSEN for this CPU", best.note) if n)
     fingerprint = cpu_fingerprint()
     record = {
         "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},
         "fingerprint": fingerprint, "chosen": best.candidate.to_dict(),
         "speedup": {"1": best.speedup_b1, str(batch): best.speedup},
-        "how": f"the gated CPU path with the lowest product of its median latencies at batch 1 and {batch} (the "
-               "best geometric mean of its ratios to PyTorch eager), all timed side by side in interleaved turns "
-               "in one process",
+        "how": (f"the gated CPU path with the highest product of its ratios to PyTorch eager at batch 1 and {batch}, "
+                "turn by turn (every gated path had both)" if by_ratios else
+                f"the gated CPU path with the lowest product of its median latencies at batch 1 and {batch} (not "
+                "every gated path had both ratios to PyTorch eager turn by turn)")
+               + ", all timed side by side in interleaved turns in one process",
         **({"noisy": noisy} if noisy else {}),
         "candidates": [{**r.candidate.to_dict(), "gate": r.parity,
                         "latency": {"1": r.latency_b1, str(batch): r.latency},

@@ -63,8 +63,14 @@ def test_deploy_gates_every_candidate_and_records_its_choice_with_this_cpu(deplo
     chosen = record["chosen"]
     assert by[(chosen["backend"], chosen["precision"], chosen["hint"])]["gate"] == "pass"
     timed = [c for c in record["candidates"] if c["gate"] == "pass" and c["latency"]["1"]]
-    # by the medians (the ratios to eager are left out where turns disagree: issue 24)
-    best = min(timed, key=lambda c: c["latency"]["1"]["p50_ms"] * c["latency"]["8"]["p50_ms"])
+    # pick_cpu_path: by the ratios to eager where every gated path has both turn by turn, else by the
+    # medians (a ratio is left out where turns disagree: issue 24)
+    if all(c["speedup"]["1"] and c["speedup"]["8"] for c in timed):
+        best = max(timed, key=lambda c: c["speedup"]["1"] * c["speedup"]["8"])
+        assert record["how"].startswith("the gated CPU path with the highest product of its ratios")
+    else:
+        best = min(timed, key=lambda c: c["latency"]["1"]["p50_ms"] * c["latency"]["8"]["p50_ms"])
+        assert record["how"].startswith("the gated CPU path with the lowest product of its median latencies")
     key = ("backend", "precision", "hint")
     assert [best[k] for k in key] == [chosen[k] for k in key]
     assert chosen["file"] in result.cpu_path and "PyTorch eager at batch 1" in result.cpu_path
