@@ -410,7 +410,7 @@ def cmd_deploy(args) -> int:
         if found is not None and loaded.info.config != found.get("config"):
             raise UsageError(f"--retune: {args.model} as registered is not the model its deploy in "
                              f"{printable(str(args.output))} was made from: give that checkpoint")
-        result = retune(loaded, args.output, progress=_say)
+        result = retune(loaded, args.output, images=args.images, progress=_say)
         print(result.table())
         if result.cpu_path:
             print(f"{result.cpu_path}; predict/serve run it on this CPU (--exact runs the fp32 file in ONNX Runtime)")

@@ -404,10 +404,13 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
 
 
 def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int | None = None, bench_seconds: float = 10.0,
-           progress: Progress | None = None) -> DeployResult:
+           images=None, progress: Progress | None = None) -> DeployResult:
     """`crossvit deploy --retune`: the CPU paths of an earlier deploy in `out_dir`, timed again on
-    this machine, and the choice recorded for this CPU. Nothing is exported or gated again: the
-    reports beside the files are read (and the choice still checks each one against its file)."""
+    this machine, and the choice recorded for this CPU. Nothing is exported again and the reports
+    beside the files are read (the choice still checks each one against its file), except an
+    OpenVINO path's whose gate ran with another OpenVINO, on another CPU, or before gates recorded
+    their probe answer (`regate_stage`): OpenVINO's kernels, and with them the function it computes,
+    depend on both, so that path is gated again here first."""
     import json
 
     from crossvit.errors import InputError
@@ -439,6 +442,13 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     if fp32 not in reports:
         raise InputError(f"--retune: {gate_report_path(out, candidates_for(fp32)[0]).name} is missing or unreadable: "
                          f"run `crossvit deploy -o {out}` again")
+    for c, report in regate_stage(fp32, loaded, images, {**{c: reports.get(out / c.file) for c in candidates_for(fp32)
+                                                             if not c.hint and out / c.file in reports},
+                                                          **cpu_gates}, result, say).items():
+        if c.hint:
+            cpu_gates[c] = report
+        else:
+            reports[out / c.file] = report
     say(f"[1/2] latency of {len(reports) + len(cpu_gates)} CPU paths at batch 1 and {bench_batch}")
     result.rows = latency_stage(loaded, reports, {}, name, batch=bench_batch, runs=bench_runs,
                                 max_seconds=bench_seconds, cpu_gates=cpu_gates)
@@ -447,6 +457,55 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     _warn_noisy(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, say: Progress) -> dict:
+    """The OpenVINO candidates among `gates` (candidate -> its report) whose gate does not hold for
+    this machine (gated with another OpenVINO or on another CPU, or before reports kept a probe
+    answer: `openvino.probe_problem`), gated again here, each new report saved over the old one; a
+    candidate that cannot run here keeps its report (the choice leaves it out anyway). Returns the
+    new reports. Nothing is gated when `loaded` is not the model the fp32 file was exported from."""
+    from crossvit.export.parity import check_parity, environment, reference_problem
+    from crossvit.runtime.artifact import read_artifact
+    from crossvit.runtime.cpu_choice import _unavailable, cpu_flags, describe_fingerprint, gate_report_path
+
+    here = environment()
+    flags = cpu_flags()
+    stale = {}
+    for c, report in gates.items():
+        if c.backend != "openvino" or _unavailable(c, flags):
+            continue
+        there = report.environment if isinstance(report.environment, dict) else {}
+        if "cpu" not in there:
+            stale[c] = "gated before reports named their CPU and OpenVINO"
+        elif there.get("openvino") != here["openvino"]:
+            stale[c] = f"gated with OpenVINO {there.get('openvino')}, this is {here['openvino']}"
+        elif there.get("cpu") != here["cpu"]:
+            cpu = there["cpu"] if isinstance(there["cpu"], dict) else {}
+            stale[c] = f"gated on another CPU: {describe_fingerprint(cpu)}"
+        elif report.verdict == "pass" and not isinstance(report.probe, dict):
+            stale[c] = "its report kept no probe answer"
+    if not stale:
+        return {}
+    wrong = reference_problem(fp32, loaded)
+    if wrong:
+        for c, why in stale.items():
+            line = (f"{c.label}: its gate does not hold here ({why}) and is not run again: the model given is not "
+                    f"the one {fp32.name} was exported from ({wrong}); give its checkpoint")
+            result.warnings.append(line)
+            say(line)
+        return {}
+    batch_max = read_artifact(fp32).batch_max
+    out = {}
+    for c, why in stale.items():
+        say(f"{c.label}: gated again on this machine ({why})")
+        report = check_parity(fp32.parent / c.file, loaded, images=images, batch_sizes=[1, 7, batch_max],
+                              backend=c.backend, hint=c.hint)
+        path = report.save(gate_report_path(fp32.parent, c))
+        result.reports[path.name[:-len(".parity.json")]] = report.to_dict()
+        out[c] = report
+        say(f"{c.label}: {report.verdict}" + (f" ({report.not_run})" if report.not_run else ""))
+    return out
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

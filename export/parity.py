@@ -62,6 +62,7 @@ class ParityReport:
     artifact_sha256: str = ""  # the file judged: a report is about these bytes only
     gate: str = ""  # which gate judged it, when not the precision's usual one
     environment: dict = field(default_factory=lambda: environment())  # what computed both sides
+    probe: dict | None = None  # OpenVINO: its first model's answer to the probe rows (a later session's yardstick)
 
     @property
     def verdict(self) -> str:
@@ -175,10 +176,12 @@ def environment() -> dict:
     import onnxruntime
 
     from crossvit import __version__
+    from crossvit.runtime.cpu_choice import cpu_fingerprint
+    from crossvit.runtime.openvino import openvino_version
 
-    return {"crossvit": __version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "machine": platform.processor() or platform.machine()}
+    return {"crossvit": __version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_fingerprint()}
 
 
 def real_image_case(model: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray], preprocessor,
@@ -260,6 +263,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
     model = reference.model.eval()
     try:
         options = {"hint": hint} if hint else {}
+        if backend == "openvino":
+            options["yardstick"] = None  # the gate measures what it compiles now, not against an earlier report
         session = open_session(artifact, backend=backend, device="cpu" if kind == "onnx" else "auto", **options)
     except CrossViTError as e:
         report.not_run = str(e)
@@ -274,6 +279,8 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
             report.not_run = str(e)
             report.seconds = time.perf_counter() - start
             return report
+        probe_record = getattr(session, "probe_record", None)
+        report.probe = probe_record() if probe_record else None
         try:
             for b in sizes:
                 say(f"random inputs, batch {b}")
@@ -293,6 +300,22 @@ def check_parity(artifact: str | Path, reference: LoadedModel, *, images: str | 
             report.not_run = f"{report.backend} cannot run this {info.precision} artifact: {first_line(e)}"
     report.seconds = time.perf_counter() - start
     return report
+
+
+def reference_problem(fp32: str | Path, reference: LoadedModel, rows: int = 2, seed: int = 0) -> str | None:
+    """None when `reference` computes what the fp32 ONNX computes (a few seeded random rows through
+    both, judged by the fp32 gate's thresholds), else how far apart they are: a gate against another
+    model would judge nothing."""
+    info = read_artifact(fp32)
+    x = np.random.default_rng(seed).standard_normal((rows, *info.input_shape), dtype=np.float32)
+    with open_session(fp32, backend="onnxruntime", device="cpu") as session:
+        out = session.infer(x)
+    ref = _reference_logits(reference.model.eval(), x, rows)
+    if ref.shape != out.shape:
+        return f"it has {ref.shape[1]} classes, {Path(fp32).name} {out.shape[1]}"
+    case = CaseResult(source="random", batch_size=rows, n=rows, **compare(ref, out))
+    _gate(case, gate_thresholds("fp32", info.random_weights or reference.info.random_weights))
+    return "; ".join(case.failures) or None
 
 
 def require_pass(report: ParityReport) -> None:

@@ -197,6 +197,27 @@ def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
     return gate_problem(fp32, candidate, sha) is None
 
 
+def gate_yardstick(path: Path, precision: str, hint: str | None) -> dict | None:
+    """The probe answer (`OpenVinoSession.probe_record`) of the passing gate report beside `path` (a
+    `precision` file) for OpenVINO with `hint`, when the report is about these very bytes; else None.
+    A session holds its first model to it (where it was computed the same way: the session decides)."""
+    from .openvino import effective_precision
+
+    hint = hint or "fp32"
+    candidate = Candidate(path.name, "openvino", effective_precision(precision, hint),
+                          None if precision == "int8-ov" and hint == "fp32" else hint)
+    report = _read_json(gate_report_path(path.parent, candidate))
+    if report is None or report.get("verdict") != "pass" or not isinstance(report.get("probe"), dict) or \
+            report.get("precision") != candidate.precision or not str(report.get("backend", "")).startswith("openvino"):
+        return None
+    try:
+        if report.get("artifact_sha256") != sha256_file(path):
+            return None
+    except OSError:
+        return None
+    return report["probe"]
+
+
 def gated_candidates(fp32: Path) -> list[Candidate]:
     sha = _Hashes()
     return [c for c in candidates_for(fp32) if gate_passed(fp32, c, sha)]
@@ -327,6 +348,8 @@ def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
     """`choose_cpu_path`, and when it runs the file itself although other CPU paths lie beside it
     (variant files, gate reports, a choice record), why none of them: (None, why). (None, None)
     for a lone fp32 file."""
+    if file_precision(fp32.name) not in (None, "fp32"):
+        return None, None  # a variant file (NAME.int8-ov.onnx) runs as it is: the choice is the fp32 file's
     candidates = candidates_for(fp32)
     if not choice_path(fp32).exists() and len(candidates) == 3 and \
             not any(gate_report_path(fp32.parent, c).exists() for c in candidates[1:]):

@@ -15,6 +15,7 @@ Two kinds of file run here:
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import numpy as np
@@ -33,10 +34,13 @@ _OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 # Every static model a session compiles after its first answers two probe rows (seeded normal
 # draws, alternating through the batch) as the first one did, to ROW_TOLERANCE (issue 22's batch
 # invariance: relative L2 1e-4 a row); one that does not is compiled again, COMPILE_TRIES times in all.
+# The first model is held to the answer the gate's own first model gave (`probe_record`, kept in its
+# report) where that was computed the same way: same OpenVINO, CPU fingerprint, hint, threads, batch.
 PROBE_SEED = 22
 PROBE_ROWS = 2
 ROW_TOLERANCE = 1e-4
 COMPILE_TRIES = 2
+PROBE_FORMAT = 1
 
 
 def import_openvino():
@@ -113,8 +117,11 @@ class OpenVinoSession(Session):
       OpenVINO 2026.4.1 has compiled int8-ov into wrong answers at random (two streams: 16 of 48
       compiles, relative L2 0.2-0.9; one stream, what runs here: 0 of 34; cpu_path/streams/), and
       the gate ran in another process, so what a session serves is checked where it is compiled.
-      The first model is the yardstick: a wrong first compile makes every later size fail this
-      check (refused, never served), but a session that only ever compiles one size is unchecked
+      The first model is held to `yardstick`, the gate's own first model's answer (`probe_record`,
+      kept in its report; `session.open_session` finds it beside the file), where that was computed
+      the same way (OpenVINO version, CPU fingerprint, hint, threads, batch size: a fresh process
+      gave the gate's bits in every case tried, other threads another function); otherwise to itself,
+      and `self.yardstick` says why. So a session that only ever compiles one size is checked too
       (cpu_path/batch_probe/);
     - one infer request per compiled model, used under a lock (a request is not thread-safe; the
       server calls from one batching thread anyway).
@@ -123,7 +130,8 @@ class OpenVinoSession(Session):
     backend = "openvino"
 
     def __init__(self, info: ArtifactInfo, device: str = "auto", *, hint: str | None = None,
-                 threads: int | None = None, spin: bool = True, static_shapes: bool = True):
+                 threads: int | None = None, spin: bool = True, static_shapes: bool = True,
+                 yardstick: dict | None = None):
         super().__init__(info)
         if device not in ("auto", "cpu"):
             raise BackendUnavailable(f"the openvino backend runs on the CPU here, not on {device!r}")
@@ -159,6 +167,10 @@ class OpenVinoSession(Session):
         self._sizes = static_batch_sizes(info.batch_min, info.batch_max) if static_shapes else ()
         self._requests: dict | None = {}  # batch size (None: dynamic) -> its infer request
         self._probe_answer: np.ndarray | None = None  # the first static model's answer to the probe rows
+        self._probe_key: dict | None = None  # how that answer was computed (probe_record)
+        self._yardstick = yardstick if static_shapes else None  # the gate's probe_record, checked at the first compile
+        self.yardstick: str | None = None  # what the first model was held to: the gate's answer, or why not
+        self.hint = hint
         self._lock = threading.Lock()
         try:
             self._model = core().read_model(str(info.path))
@@ -167,7 +179,6 @@ class OpenVinoSession(Session):
         except Exception as e:
             raise ArtifactError(f"{info.path}: OpenVINO cannot read it ({first_line(e)})") from None
         self._request_for(self._sizes[0] if self._sizes else None)  # a file that cannot compile fails here
-        self.hint = hint
         self.precision = effective_precision(info.precision, hint)
 
     def describe(self) -> str:
@@ -216,18 +227,55 @@ class OpenVinoSession(Session):
                                         f"({first_line(e)})") from None
                 if size is None:
                     break
+                if self._probe_answer is None and self._yardstick is not None:
+                    self._hold_to_gate(request, size)
                 worst, answer = self._probe_check(request, size)
                 if worst <= ROW_TOLERANCE:
+                    if self._probe_answer is None:
+                        self._probe_key = self._key(request, size)
                     self._probe_answer = answer
                     break
             else:
                 first = [n for n in self._requests if n is not None]
-                than = f"batch {first[0]}'s" if first else "its other rows'"
+                than = (f"batch {first[0]}'s" if first else
+                        "the answer its gate recorded" if self.yardstick == GATE_ANSWER else "its other rows'")
                 raise BatchSizeRefused(f"{self.info.path.name}: OpenVINO compiled it for batch {size} into a "
                                        f"model that answers a row differently from {than} (relative L2 "
                                        f"{worst:.2g}, over {ROW_TOLERANCE:g}), {COMPILE_TRIES} times: refused")
             self._requests[size] = request
         return request
+
+    def _key(self, request, size: int) -> dict:
+        """How a probe answer of the `size`-row model is computed: what must match for two to agree."""
+        from .cpu_choice import cpu_fingerprint
+
+        threads = int(request.get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+        return {"format": PROBE_FORMAT, "seed": PROBE_SEED, "rows": PROBE_ROWS, "batch": size, "hint": self.hint,
+                "threads": threads, "openvino": openvino_version(), "cpu": cpu_fingerprint()}
+
+    def _hold_to_gate(self, request, size: int) -> None:
+        """Take the gate's probe answer as the yardstick of the first model when it was computed the
+        same way as this one; otherwise say why not in `self.yardstick` (the first model is then its own)."""
+        key = self._key(request, size)
+        why = probe_problem(self._yardstick, key)
+        if why is None and decode_answer(self._yardstick).shape != (PROBE_ROWS, len(self.info.labels)):
+            why = f"its probe answer is not {PROBE_ROWS} rows of {len(self.info.labels)} logits"
+        if why is None:
+            self._probe_answer = decode_answer(self._yardstick)
+            self.yardstick = GATE_ANSWER
+        else:
+            self.yardstick = f"the gate's answer was not used: {why}"
+
+    def probe_record(self) -> dict | None:
+        """The first static model's answer to the probe rows and how it was computed, for the gate's
+        report (None for a dynamic batch): a later session on this machine holds its first model to it."""
+        with self._lock:
+            sizes = [n for n in (self._requests or {}) if n is not None]
+            if not sizes or self._probe_answer is None:
+                return None
+            key = self._probe_key or self._key(self._requests[sizes[0]], sizes[0])
+            answer = np.ascontiguousarray(self._probe_answer, dtype="<f4")
+            return {**key, "shape": list(answer.shape), "answer": base64.b64encode(answer.tobytes()).decode("ascii")}
 
     def _probe_check(self, request, size: int) -> tuple[float, np.ndarray]:
         """The worst relative L2 of a probe row, in any position of the `size`-row model's batch, from
@@ -266,6 +314,45 @@ class OpenVinoSession(Session):
         with getattr(self, "_lock", threading.Lock()):
             self._requests = self._model = None
         super().close()
+
+
+GATE_ANSWER = "the answer its gate recorded"
+
+
+def probe_problem(record, key: dict) -> str | None:
+    """None when a gate's `probe_record` was computed as a session's first model computes (`key`);
+    otherwise how they differ, in a few words."""
+    if not isinstance(record, dict) or record.get("format") != PROBE_FORMAT:
+        return "its gate report has no probe answer (gated before crossvit recorded one)"
+    said = {"openvino": "OpenVINO", "cpu": "CPU", "threads": "threads", "hint": "hint", "batch": "first batch size",
+            "seed": "probe seed", "rows": "probe rows"}
+    differ = [f"{said[k]} {_short(record.get(k))} there, {_short(v)} here" for k, v in key.items()
+              if k in said and record.get(k) != v]
+    if differ:
+        return "computed another way (" + "; ".join(differ) + ")"
+    try:
+        decode_answer(record)
+    except ValueError as e:
+        return f"its probe answer cannot be read ({e})"
+    return None
+
+
+def _short(v) -> str:
+    if isinstance(v, dict):  # a CPU fingerprint
+        from .cpu_choice import describe_fingerprint
+
+        return describe_fingerprint(v)
+    return str(v)[:80]
+
+
+def decode_answer(record: dict) -> np.ndarray:
+    """A `probe_record`'s answer as float32 rows; ValueError when it is not one."""
+    try:
+        shape = tuple(int(n) for n in record["shape"])
+        answer = np.frombuffer(base64.b64decode(record["answer"], validate=True), dtype="<f4")
+        return answer.reshape(shape).astype(np.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a probe answer: {type(e).__name__}") from None
 
 
 def static_batch_sizes(lo: int, hi: int) -> tuple[int, ...]:

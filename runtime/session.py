@@ -176,8 +176,11 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
 
         return TensorRTSession(info, device, **options)
     if backend == "openvino":
+        from .cpu_choice import gate_yardstick
         from .openvino import OpenVinoSession
 
+        if "yardstick" not in options:  # the first model is held to its gate's answer (None: the gate itself)
+            options = {**options, "yardstick": gate_yardstick(path, info.precision, options.get("hint"))}
         return OpenVinoSession(info, device, **options)
     if options.get("hint"):
         raise BackendUnavailable(f"an inference-precision hint ({options['hint']}) is OpenVINO's; "

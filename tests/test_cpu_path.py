@@ -379,6 +379,62 @@ def test_openvino_refuses_a_batch_size_whose_model_answers_a_row_differently(dep
     assert report.verdict == "not run" and not report and "answers a row differently" in report.not_run
 
 
+def _scaled_probe(report_path, factor):
+    """The gate report with its probe answer scaled by `factor`: an answer the file does not give."""
+    import base64
+
+    report = json.loads(report_path.read_text())
+    answer = np.frombuffer(base64.b64decode(report["probe"]["answer"]), dtype="<f4") * np.float32(factor)
+    report["probe"]["answer"] = base64.b64encode(answer.astype("<f4").tobytes()).decode("ascii")
+    report_path.write_text(json.dumps(report))
+    return report
+
+
+def test_a_session_holds_its_first_openvino_model_to_the_answer_its_gate_recorded(deployed, tmp_path):
+    """Each OpenVINO gate records its first model's answer to the probe rows with how it was computed
+    (OpenVINO, CPU, hint, threads, batch size); a later session computing the same way holds its own
+    first model to it (in another process too: OpenVINO's one-stream compile is deterministic there).
+    One that answers otherwise is compiled again and then refused, so the CPU choice falls back to the
+    fp32 file, saying why; a record computed another way is not used, and the session says why not."""
+    pytest.importorskip("openvino")
+    from crossvit.errors import BatchSizeRefused
+    from crossvit.runtime.openvino import GATE_ANSWER, PROBE_ROWS, decode_answer, openvino_version
+
+    out, fp32, _ = deployed
+    int8_ov = Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    gate = json.loads(gate_report_path(out, int8_ov).read_text())
+    assert gate["verdict"] == "pass" and gate["probe"]["openvino"] == openvino_version()
+    assert gate["probe"]["cpu"] == cpu_fingerprint() == gate["environment"]["cpu"]
+    assert decode_answer(gate["probe"]).shape == (PROBE_ROWS, 10) and gate["probe"]["batch"] == 1
+    for c in candidates_for(fp32):  # every OpenVINO gate keeps one
+        report = json.loads(gate_report_path(out, c).read_text())
+        assert (isinstance(report.get("probe"), dict)) == (c.backend == "openvino" and report["verdict"] == "pass")
+    with open_session(out / int8_ov.file) as s:
+        assert s.yardstick == GATE_ANSWER
+    code = ("import sys; from crossvit.runtime.session import open_session; "
+            "print(open_session(sys.argv[1]).yardstick)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out / int8_ov.file)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == GATE_ANSWER, proc.stderr[-2000:]
+
+    fp32 = _copy(deployed, tmp_path)
+    _write_choice(fp32, chosen=int8_ov.to_dict())
+    report = _scaled_probe(gate_report_path(tmp_path, int8_ov), 1.01)
+    with pytest.raises(BatchSizeRefused, match=r"^crossvit_digits.int8-ov.onnx: OpenVINO compiled it for batch 1 "
+                                               r"into a model that answers a row differently from the answer its "
+                                               r"gate recorded \(relative L2 0.0099, over 0.0001\), 2 times: refused$"):
+        open_session(tmp_path / int8_ov.file)
+    with open_session(fp32) as s:
+        assert s.backend == "onnxruntime" and s.info.precision == "fp32" and s.chosen is None
+        assert "cannot run here" in s.passed_over and "from the answer its gate recorded" in s.passed_over
+    report["probe"]["openvino"] = "2020.1"
+    gate_report_path(tmp_path, int8_ov).write_text(json.dumps(report))
+    with open_session(tmp_path / int8_ov.file) as s:
+        assert s.yardstick == (f"the gate's answer was not used: computed another way (OpenVINO 2020.1 there, "
+                               f"{openvino_version()} here)")
+    with open_session(tmp_path / int8_ov.file, backend="openvino", yardstick=None) as s:
+        assert s.yardstick is None  # the gate's own session: held to nothing earlier
+
+
 def test_serve_refuses_a_batch_size_a_model_answers_differently_and_says_exact_serves_the_file(
         deployed, tmp_path, monkeypatch):
     """A server compiles every size its batches may need before it listens: a refused one stops it
@@ -475,6 +531,64 @@ def test_retune_measures_the_choice_again_from_the_gates_beside_the_files(deploy
     assert f"CPU path for {fp32.name}: " in proc.stdout and "[2/2]" in proc.stderr
     assert _chosen(fp32)[1].startswith("measured fastest")
     one_line_error(cli("deploy", "--retune", "-o", tmp_path / "empty"), "run `crossvit deploy -o")
+
+
+def test_retune_gates_again_an_openvino_path_gated_with_another_cpu_or_openvino(deployed, tmp_path, cli):
+    """OpenVINO's kernels, and so the function a path computes, depend on the CPU and on OpenVINO's
+    version: `deploy --retune` gates such a path again on this machine before timing it (a report
+    from before reports named them is gated again too). Other reports are read as they are."""
+    pytest.importorskip("openvino")
+    fp32 = _copy(deployed, tmp_path)
+    int8_ov = Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    fp32_hint = Candidate(fp32.name, "openvino", "fp32", "fp32")
+    path = gate_report_path(tmp_path, int8_ov)
+    gate = json.loads(path.read_text())
+    elsewhere = {"cpu_model": "Some Xeon", "cores": 2, "flags": ["amx_bf16", "amx_int8"]}
+    path.write_text(json.dumps({**gate, "verdict": "fail", "probe": None,
+                                "environment": {**gate["environment"], "cpu": elsewhere}}))
+    old = gate_report_path(tmp_path, fp32_hint)
+    report = json.loads(old.read_text())
+    del report["environment"]["cpu"]
+    old.write_text(json.dumps(report))
+    ort = gate_report_path(tmp_path, Candidate(f"{DIGITS}.int8-cpu.onnx", "onnxruntime", "int8-cpu"))
+    before = ort.read_text()
+    proc = cli("deploy", "--retune", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"{int8_ov.label}: gated again on this machine (gated on another CPU: Some Xeon, 2 cores, amx_bf16 "
+            f"amx_int8)") in proc.stderr
+    assert (f"{fp32_hint.label}: gated again on this machine (gated before reports named their CPU and "
+            f"OpenVINO)") in proc.stderr
+    for c in (int8_ov, fp32_hint):
+        again = json.loads(gate_report_path(tmp_path, c).read_text())
+        assert again["verdict"] == "pass" and again["environment"]["cpu"] == cpu_fingerprint()
+        assert again["probe"]["cpu"] == cpu_fingerprint()
+    assert ort.read_text() == before and "gated again" not in proc.stderr.split("[1/2]")[1]
+
+
+def test_retune_gates_nothing_against_another_model(deployed, tmp_path):
+    """A gate against a model other than the one the files came from would judge nothing: retune
+    then gates no path again and says why, in a warning."""
+    import torch
+
+    from crossvit.model import load_model
+    from crossvit.pipeline import DeployResult, regate_stage
+    from crossvit.export.parity import ParityReport, reference_problem
+
+    fp32 = _copy(deployed, tmp_path)
+    same = load_model(name=DIGITS)
+    assert reference_problem(fp32, same) is None
+    other = load_model(name=DIGITS)
+    with torch.no_grad():
+        next(other.model.parameters()).mul_(1.5)
+    assert "cosine" in reference_problem(fp32, other) or "max abs" in reference_problem(fp32, other)
+    c = Candidate(fp32.name, "openvino", "fp32", "fp32")
+    report = ParityReport.from_dict(json.loads(gate_report_path(tmp_path, c).read_text()))
+    report.environment = {**report.environment, "cpu": {"cpu_model": "elsewhere"}}
+    result, said = DeployResult(out_dir=tmp_path), []
+    assert regate_stage(fp32, other, None, {c: report}, result, said.append) == {}
+    assert result.warnings == said and len(said) == 1
+    assert said[0].startswith(f"{c.label}: its gate does not hold here (gated on another CPU: elsewhere") and \
+        said[0].endswith("give its checkpoint")
 
 
 def _with_model_metadata(src, dst, **changes):
