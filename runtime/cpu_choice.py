@@ -77,7 +77,12 @@ def cpu_fingerprint() -> dict:
 
 
 def describe_fingerprint(fp: dict) -> str:
-    return f"{fp.get('cpu_model') or 'unknown CPU'}, {fp.get('cores')} cores, {' '.join(fp.get('flags') or []) or 'no speed flags'}"
+    """A fingerprint in words (one read from a file may hold anything: it is said as it is)."""
+    if not isinstance(fp, dict):
+        return str(fp)[:80]
+    flags = fp.get("flags") or []
+    flags = " ".join(map(str, flags)) if isinstance(flags, (list, tuple)) else str(flags)
+    return f"{str(fp.get('cpu_model') or 'unknown CPU')[:80]}, {fp.get('cores')} cores, {flags[:200] or 'no speed flags'}"
 
 
 # -- the candidates ----------------------------------------------------------------------------

@@ -331,9 +331,11 @@ def probe_problem(record, key: dict) -> str | None:
     if differ:
         return "computed another way (" + "; ".join(differ) + ")"
     try:
-        decode_answer(record)
+        answer = decode_answer(record)
     except ValueError as e:
         return f"its probe answer cannot be read ({e})"
+    if not np.isfinite(answer).all():
+        return "its probe answer is not finite"
     return None
 
 

@@ -397,6 +397,8 @@ def test_a_session_holds_its_first_openvino_model_to_the_answer_its_gate_recorde
     One that answers otherwise is compiled again and then refused, so the CPU choice falls back to the
     fp32 file, saying why; a record computed another way is not used, and the session says why not."""
     pytest.importorskip("openvino")
+    import base64
+
     from crossvit.errors import BatchSizeRefused
     from crossvit.runtime.openvino import GATE_ANSWER, PROBE_ROWS, decode_answer, openvino_version
 
@@ -408,7 +410,7 @@ def test_a_session_holds_its_first_openvino_model_to_the_answer_its_gate_recorde
     assert decode_answer(gate["probe"]).shape == (PROBE_ROWS, 10) and gate["probe"]["batch"] == 1
     for c in candidates_for(fp32):  # every OpenVINO gate keeps one
         report = json.loads(gate_report_path(out, c).read_text())
-        assert (isinstance(report.get("probe"), dict)) == (c.backend == "openvino" and report["verdict"] == "pass")
+        assert isinstance(report.get("probe"), dict) == (c.backend == "openvino" and report["verdict"] != "not run")
     with open_session(out / int8_ov.file) as s:
         assert s.yardstick == GATE_ANSWER
     code = ("import sys; from crossvit.runtime.session import open_session; "
@@ -433,6 +435,19 @@ def test_a_session_holds_its_first_openvino_model_to_the_answer_its_gate_recorde
                                f"{openvino_version()} here)")
     with open_session(tmp_path / int8_ov.file, backend="openvino", yardstick=None) as s:
         assert s.yardstick is None  # the gate's own session: held to nothing earlier
+    nan = base64.b64encode(np.full(20, np.nan, dtype="<f4").tobytes()).decode("ascii")
+    for probe, why in (({**gate["probe"], "answer": "not base64!"}, "its probe answer cannot be read"),
+                       ({**gate["probe"], "shape": [3, 10]}, "its probe answer cannot be read"),
+                       ({**gate["probe"], "shape": [1, 20]}, "its probe answer is not 2 rows of 10 logits"),
+                       ({**gate["probe"], "answer": nan}, "its probe answer is not finite"),
+                       ({**gate["probe"], "cpu": {"flags": 5}}, "computed another way (CPU unknown CPU, None "
+                                                                "cores, 5 there"),
+                       ({**gate["probe"], "format": "1"}, "its gate report has no probe answer"),
+                       ([], None)):
+        gate_report_path(tmp_path, int8_ov).write_text(json.dumps({**gate, "probe": probe}))
+        with open_session(tmp_path / int8_ov.file) as s:  # a report that is not one of ours: its answer is not used
+            assert s.yardstick == why if why is None else s.yardstick.startswith(
+                f"the gate's answer was not used: {why}"), s.yardstick
 
 
 def test_serve_refuses_a_batch_size_a_model_answers_differently_and_says_exact_serves_the_file(
