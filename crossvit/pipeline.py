@@ -442,9 +442,8 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     if fp32 not in reports:
         raise InputError(f"--retune: {gate_report_path(out, candidates_for(fp32)[0]).name} is missing or unreadable: "
                          f"run `crossvit deploy -o {out}` again")
-    for c, report in regate_stage(fp32, loaded, images, {**{c: reports.get(out / c.file) for c in candidates_for(fp32)
-                                                             if not c.hint and out / c.file in reports},
-                                                          **cpu_gates}, result, say).items():
+    as_files = {c: reports[out / c.file] for c in candidates_for(fp32) if not c.hint and out / c.file in reports}
+    for c, report in regate_stage(fp32, loaded, images, {**as_files, **cpu_gates}, result, say).items():
         if c.hint:
             cpu_gates[c] = report
         else:
@@ -461,8 +460,9 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
 
 def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, say: Progress) -> dict:
     """The OpenVINO candidates among `gates` (candidate -> its report) whose gate does not hold for
-    this machine (gated with another OpenVINO or on another CPU, or before reports kept a probe
-    answer: `openvino.probe_problem`), gated again here, each new report saved over the old one; a
+    this machine (its report's `environment` names another OpenVINO or CPU, or none: made before
+    reports named them; or it passed without a probe answer), gated again here, each new report
+    saved over the old one; a
     candidate that cannot run here keeps its report (the choice leaves it out anyway). Returns the
     new reports. Nothing is gated when `loaded` is not the model the fp32 file was exported from."""
     from crossvit.export.parity import check_parity, environment, reference_problem
