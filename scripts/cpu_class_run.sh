@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measure the CPU path of crossvit_15_240 on this machine, as issue 22's targets ask, in one go:
 # a deploy (int8-cpu and int8-ov beside fp32; deploy chooses and records the CPU path), two
-# `--retune` runs, and `crossvit bench --compile` at batches 1 and 8 on the deploy's files.
+# `--retune` runs, `crossvit bench --compile` at batches 1 and 8 on the deploy's files, and each
+# OpenVINO path opened in a fresh process (is its first model held to its gate's answer?).
 # Each log starts with the CPU (lscpu model, family/model, cores, speed flags), the load average
 # and the commit. About 30 minutes on a 2-core machine; run it with nothing else running.
 #
@@ -52,5 +53,17 @@ run "$results/bench_${MODEL}.log" "$CROSSVIT" bench --model $MODEL --compile \
     --batch-sizes 1,8 --no-accuracy --json "$results/bench_${MODEL}.json" \
     --csv "$results/bench_${MODEL}.csv" \
     "$work/$MODEL.fp32.onnx" "$work/$MODEL.int8-cpu.onnx" "$work/$MODEL.int8-ov.onnx"
+# each OpenVINO path opened in a fresh process: is its first model held to its gate's recorded answer?
+run "$results/yardstick.log" "$(dirname "$CROSSVIT")/python" -c '
+import sys
+from crossvit.runtime.session import open_session
+stem = sys.argv[1]
+for name, hint in (("int8-ov", "fp32"), ("int8-ov", "bf16"), ("fp32", "fp32"), ("fp32", "bf16")):
+    try:
+        with open_session(f"{stem}.{name}.onnx", backend="openvino", hint=hint) as s:
+            print(f"{name} file, {hint} hint: {s.yardstick}")
+    except Exception as e:
+        print(f"{name} file, {hint} hint: {type(e).__name__}: {e}")
+' "$work/$MODEL"
 echo "cpu_class_run: results in $results; the choices:" >&2
 grep -h '^CPU path for' "$results"/deploy.log "$results"/retune_*.log >&2 || true
