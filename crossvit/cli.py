@@ -668,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1:64", metavar="MIN:MAX", help="batch range of the artifacts")
     p.add_argument("--retune", action="store_true",
                    help="only time the CPU paths of an earlier deploy in -o DIR again, on this machine, and record "
-                        "the fastest gated one for this CPU (NAME.cpu.json): for a folder copied to another machine")
+                        "the fastest gated one for this CPU (NAME.cpu.json): for a folder copied to another machine. "
+                        "An OpenVINO path gated on another CPU or with another OpenVINO is gated again here first "
+                        "(--images as for deploy)")
     _add_library_option(p)
     p.set_defaults(func=cmd_deploy)
     return parser
