@@ -462,9 +462,8 @@ def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, 
     """The OpenVINO candidates among `gates` (candidate -> its report) whose gate does not hold for
     this machine (its report's `environment` names another OpenVINO or CPU, or none: made before
     reports named them; or it passed without a probe answer), gated again here, each new report
-    saved over the old one; a
-    candidate that cannot run here keeps its report (the choice leaves it out anyway). Returns the
-    new reports. Nothing is gated when `loaded` is not the model the fp32 file was exported from."""
+    saved over the old one; a candidate that cannot run here keeps its report (the choice leaves it
+    out anyway). Returns the new reports. Nothing is gated when `loaded` is not the model the fp32 file was exported from."""
     from crossvit.export.parity import check_parity, environment, reference_problem
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.cpu_choice import _unavailable, cpu_flags, describe_fingerprint, gate_report_path

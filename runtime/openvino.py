@@ -256,12 +256,12 @@ class OpenVinoSession(Session):
     def _hold_to_gate(self, request, size: int) -> None:
         """Take the gate's probe answer as the yardstick of the first model when it was computed the
         same way as this one; otherwise say why not in `self.yardstick` (the first model is then its own)."""
-        key = self._key(request, size)
-        why = probe_problem(self._yardstick, key)
-        if why is None and decode_answer(self._yardstick).shape != (PROBE_ROWS, len(self.info.labels)):
+        why = probe_problem(self._yardstick, self._key(request, size))
+        answer = decode_answer(self._yardstick) if why is None else None
+        if answer is not None and answer.shape != (PROBE_ROWS, len(self.info.labels)):
             why = f"its probe answer is not {PROBE_ROWS} rows of {len(self.info.labels)} logits"
         if why is None:
-            self._probe_answer = decode_answer(self._yardstick)
+            self._probe_answer = answer
             self.yardstick = GATE_ANSWER
         else:
             self.yardstick = f"the gate's answer was not used: {why}"
