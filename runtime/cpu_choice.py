@@ -153,7 +153,7 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-class _Hashes:
+class FileHashes:
     """sha256 of each file, computed once per lookup."""
 
     def __init__(self):
@@ -169,7 +169,7 @@ def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
     """None when the candidate's report beside it passed for these bytes and this precision, and a
     variant was made from this very fp32 file (its metadata names it, with the same sha256);
     otherwise what is wrong, in a few words."""
-    sha = sha or _Hashes()
+    sha = sha or FileHashes()
     path = fp32.parent / candidate.file
     report_path = gate_report_path(fp32.parent, candidate)
     if not report_path.exists():
@@ -202,12 +202,14 @@ def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
     return gate_problem(fp32, candidate, sha) is None
 
 
-def gate_yardstick(path: Path, precision: str, hint: str | None) -> dict | None:
+def gate_yardstick(path: Path, precision: str, hint: str | None, sha=None) -> dict | None:
     """The probe answer (`OpenVinoSession.probe_record`) of the passing gate report beside `path` (a
     `precision` file) for OpenVINO with `hint`, when the report is about these very bytes; else None.
-    A session holds its first model to it (where it was computed the same way: the session decides)."""
+    A session holds its first model to it (where it was computed the same way: the session decides).
+    `sha`: the `FileHashes` of the choice that picked `path`, so its file is not read twice."""
     from .openvino import effective_precision
 
+    sha = sha or FileHashes()
     hint = hint or "fp32"
     candidate = Candidate(path.name, "openvino", effective_precision(precision, hint),
                           None if precision == "int8-ov" and hint == "fp32" else hint)
@@ -216,7 +218,7 @@ def gate_yardstick(path: Path, precision: str, hint: str | None) -> dict | None:
             report.get("precision") != candidate.precision or not str(report.get("backend", "")).startswith("openvino"):
         return None
     try:
-        if report.get("artifact_sha256") != sha256_file(path):
+        if report.get("artifact_sha256") != sha(path):
             return None
     except OSError:
         return None
@@ -224,7 +226,7 @@ def gate_yardstick(path: Path, precision: str, hint: str | None) -> dict | None:
 
 
 def gated_candidates(fp32: Path) -> list[Candidate]:
-    sha = _Hashes()
+    sha = FileHashes()
     return [c for c in candidates_for(fp32) if gate_passed(fp32, c, sha)]
 
 
@@ -349,10 +351,11 @@ def choose_cpu_path(fp32: Path) -> tuple[Candidate, str] | None:
     return (candidate, why) if candidate is not None else None
 
 
-def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
+def decide_cpu_path(fp32: Path, sha=None) -> tuple[Candidate | None, str | None]:
     """`choose_cpu_path`, and when it runs the file itself although other CPU paths lie beside it
     (variant files, gate reports, a choice record), why none of them: (None, why). (None, None)
-    for a lone fp32 file."""
+    for a lone fp32 file. `sha` (a `FileHashes`) keeps the files' sha256 for the session that opens
+    the choice."""
     if file_precision(fp32.name) not in (None, "fp32"):
         return None, None  # a variant file (NAME.int8-ov.onnx) runs as it is: the choice is the fp32 file's
     candidates = candidates_for(fp32)
@@ -361,7 +364,7 @@ def decide_cpu_path(fp32: Path) -> tuple[Candidate | None, str | None]:
         return None, None  # the common case (a lone fp32 file) costs a few stat calls, no parsing or hashing
     here = cpu_fingerprint()
     flags = set(here["flags"])
-    sha = _Hashes()
+    sha = sha or FileHashes()
     record = read_choice(fp32)
     if record is not None:
         chosen = record["chosen"]

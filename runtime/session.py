@@ -164,7 +164,7 @@ def artifact_kind(path: Path) -> str:
     raise ArtifactError(f"{path}: unknown artifact type {path.suffix!r} (expected .onnx, .plan or a checkpoint)")
 
 
-def _open(backend: str, path: Path, device: str, options: dict) -> Session:
+def _open(backend: str, path: Path, device: str, options: dict, sha=None) -> Session:
     if backend == "torch":
         return TorchSession(path, device, **options)
     info = read_artifact(path)
@@ -180,7 +180,7 @@ def _open(backend: str, path: Path, device: str, options: dict) -> Session:
         from .openvino import OpenVinoSession
 
         if "yardstick" not in options:  # the first model is held to its gate's answer (None: the gate itself)
-            options = {**options, "yardstick": gate_yardstick(path, info.precision, options.get("hint"))}
+            options = {**options, "yardstick": gate_yardstick(path, info.precision, options.get("hint"), sha)}
         return OpenVinoSession(info, device, **options)
     if options.get("hint"):
         raise BackendUnavailable(f"an inference-precision hint ({options['hint']}) is OpenVINO's; "
@@ -270,9 +270,10 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
 
 
 def _open_preferring_cpu_variant(onnx: Path, device: str, options: dict) -> Session:
-    from .cpu_choice import decide_cpu_path
+    from .cpu_choice import FileHashes, decide_cpu_path
 
-    candidate, why = decide_cpu_path(onnx) if _runs_on_cpu(device) and not options.get("hint") else (None, None)
+    sha = FileHashes()  # each file hashed once: by the choice, then for its gate's answer
+    candidate, why = decide_cpu_path(onnx, sha) if _runs_on_cpu(device) and not options.get("hint") else (None, None)
     if candidate is None:
         session = _open("auto", onnx, device, options)
         if why:  # other CPU paths lie beside it: say why none of them runs
@@ -280,7 +281,7 @@ def _open_preferring_cpu_variant(onnx: Path, device: str, options: dict) -> Sess
             session.passed_over = f"{onnx.name} as given: {why}"
         return session
     try:
-        session = _open(candidate.backend, onnx.parent / candidate.file, device, {**options, **candidate.options})
+        session = _open(candidate.backend, onnx.parent / candidate.file, device, {**options, **candidate.options}, sha)
     except (ArtifactError, BackendUnavailable) as e:
         log.warning("%s cannot run here (%s); using %s with ONNX Runtime", candidate.label, e, onnx.name)
         session = _open("auto", onnx, device, options)
