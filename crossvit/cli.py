@@ -476,8 +476,10 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU for a .plan (and for ONNX Runtime with onnxruntime-gpu), else the CPU")
     p.add_argument("--exact", action="store_true",
-                   help="run the file given; without it, an fp32 .onnx on a CPU is replaced by its int8-cpu "
-                        "variant when one beside it was made from this file and passed the parity gate")
+                   help="run the file given as it is; without it, an fp32 .onnx on a CPU runs the CPU "
+                        "path `crossvit deploy` measured fastest on this CPU (NAME.cpu.json beside it: OpenVINO "
+                        "int8-ov or bf16, ONNX Runtime int8-cpu, ...), else the first of them this CPU's flags "
+                        "favour; only a path whose parity gate passed for the very bytes beside it runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -593,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name clients use (default: the artifact's model name)")
     p.add_argument("--max-batch", type=positive_int, default=None,
                    help="rows per session call, within the artifact's batch range; larger requests are split "
-                        "(default 32, or the artifact's batch max where smaller)")
+                        "(default 32, or the artifact's batch max where smaller). An int8-cpu session runs a "
+                        "call's rows one at a time (its int8 scales would depend on batch-mates)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="how long a request waits, from its arrival, for others to join its batch "
                         "(Triton's max_queue_delay; default 2 ms)")

@@ -415,7 +415,8 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
 
     from crossvit.errors import InputError
     from crossvit.export.parity import ParityReport
-    from crossvit.runtime.cpu_choice import MAX_JSON_BYTES, candidates_for, gate_report_path
+    from crossvit.files import check_input_file
+    from crossvit.runtime.cpu_choice import MAX_JSON_BYTES, candidates_for, choice_path, gate_report_path
 
     say = progress or (lambda m: None)
     start = time.perf_counter()
@@ -424,16 +425,20 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     fp32 = out / f"{name}.fp32.onnx"
     if not fp32.is_file():
         raise InputError(f"--retune: {fp32} is missing: run `crossvit deploy -o {out}` for this model first")
+    _check_writable(out, choice_path(fp32).name)  # before minutes of timing, not after
     result = DeployResult(out_dir=out)
     reports, cpu_gates = {}, {}
     for c in candidates_for(fp32):
         path = gate_report_path(out, c)
         try:
+            check_input_file(path, InputError)  # a FIFO would hang the read
             if path.stat().st_size > MAX_JSON_BYTES:
                 raise ValueError("too large")
             report = ParityReport.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, RecursionError) as e:
-            say(f"{c.label}: left out ({path.name}: {'missing' if isinstance(e, FileNotFoundError) else e})")
+        except (CrossViTError, OSError, ValueError, RecursionError) as e:
+            why = "missing" if not path.exists() and not path.is_symlink() else \
+                str(e).replace(f"{path}: ", "").splitlines()[0][:160]
+            say(f"{c.label}: left out ({path.name}: {why})")
             continue
         if c.hint:
             cpu_gates[c] = report
@@ -465,6 +470,7 @@ def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, 
     saved over the old one; a candidate that cannot run here keeps its report (the choice leaves it
     out anyway). Returns the new reports. Nothing is gated when `loaded` is not the model the fp32 file was exported from."""
     from crossvit.export.parity import check_parity, environment, reference_problem
+    from crossvit.files import first_line
     from crossvit.runtime.artifact import read_artifact
     from crossvit.runtime.cpu_choice import _unavailable, cpu_flags, describe_fingerprint, gate_report_path
 
@@ -498,13 +504,34 @@ def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, 
     out = {}
     for c, why in stale.items():
         say(f"{c.label}: gated again on this machine ({why})")
-        report = check_parity(fp32.parent / c.file, loaded, images=images, batch_sizes=[1, 7, batch_max],
-                              backend=c.backend, hint=c.hint)
+        try:
+            report = check_parity(fp32.parent / c.file, loaded, images=images, batch_sizes=[1, 7, batch_max],
+                                  backend=c.backend, hint=c.hint)
+        except CrossViTError as e:  # its file cannot be read or run: its old report stays, the choice leaves it out
+            line = f"{c.label}: not gated again: {first_line(e)}"
+            result.warnings.append(line)
+            say(line)
+            continue
         path = report.save(gate_report_path(fp32.parent, c))
         result.reports[path.name[:-len(".parity.json")]] = report.to_dict()
         out[c] = report
         say(f"{c.label}: {report.verdict}" + (f" ({report.not_run})" if report.not_run else ""))
     return out
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    """One line now when `name` cannot be written into `folder` (read-only, immutable, not ours)."""
+    import os
+    import tempfile
+
+    from crossvit.errors import InputError
+    from crossvit.files import TEMP_TAG
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{TEMP_TAG}-{os.getpid()}-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{folder / name}: cannot write it ({e.strerror or e}), so nothing is measured") from None
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

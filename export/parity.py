@@ -90,14 +90,40 @@ class ParityReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParityReport":
-        """A saved report (`save`), read back; a report that is not one of ours is a ValueError."""
+        """A saved report (`save`), read back; a report that is not one of ours (a field missing, or of
+        another type than `save` writes) is a ValueError."""
         try:
             names = {f.name for f in dataclasses.fields(CaseResult)}
             cases = [CaseResult(**{k: v for k, v in c.items() if k in names}) for c in d.get("cases") or []]
             fields = {f.name for f in dataclasses.fields(cls)} - {"cases"}
-            return cls(**{k: v for k, v in d.items() if k in fields}, cases=cases)
+            report = cls(**{k: v for k, v in d.items() if k in fields}, cases=cases)
         except (TypeError, AttributeError) as e:
             raise ValueError(f"not a parity report: {e}") from None
+        wrong = report._wrong_field()
+        if wrong:
+            raise ValueError(f"not a parity report: {wrong}")
+        return report
+
+    def _wrong_field(self) -> str | None:
+        """The first field whose type is not what `save` writes, in a few words; None when all are."""
+        def kind(value, *types) -> bool:
+            if value is None:
+                return None in types
+            return isinstance(value, tuple(t for t in types if t is not None)) and not isinstance(value, bool)
+
+        checks = [(k, kind(getattr(self, k), str)) for k in ("artifact", "reference", "precision", "backend",
+                                                               "artifact_sha256", "gate")]
+        checks += [("not_run", kind(self.not_run, str, None)), ("thresholds", kind(self.thresholds, dict)),
+                   ("environment", kind(self.environment, dict)), ("probe", kind(self.probe, dict, None)),
+                   ("seconds", kind(self.seconds, int, float)), ("image_errors", kind(self.image_errors, list))]
+        for i, c in enumerate(self.cases):
+            checks += [(f"cases[{i}].source", kind(c.source, str)), (f"cases[{i}].failures", kind(c.failures, list)
+                                                                     and all(isinstance(f, str) for f in c.failures))]
+            checks += [(f"cases[{i}].{k}", kind(getattr(c, k), int)) for k in ("batch_size", "n")]
+            checks += [(f"cases[{i}].{k}", kind(getattr(c, k), int, float, None)) for k in
+                       ("max_abs", "max_rel", "rel_l2", "cosine", "top1_agreement", "top5_agreement",
+                        "accuracy_reference", "accuracy_artifact")]
+        return next((f"{name} is not what crossvit writes" for name, ok in checks if not ok), None)
 
     def save(self, path: str | Path) -> Path:
         text = to_json(self.to_dict(), indent=2)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crossvit.contract import PRECISION_TABLE
-from crossvit.errors import ArtifactError, CrossViTError
+from crossvit.errors import ArtifactError, BackendUnavailable, CrossViTError
 from crossvit.files import check_input_file, sha256_file
 
 from .artifact import read_artifact
@@ -177,11 +178,9 @@ def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
     report = _read_json(report_path)
     if report is None:
         return f"its gate report {report_path.name} is not one of ours"
-    if report.get("verdict") != "pass":
-        return f"its gate said {str(report.get('verdict'))[:40]!r}"
-    if report.get("precision") != candidate.precision or \
-            not str(report.get("backend", "")).startswith(candidate.backend):
-        return f"its gate report {report_path.name} is about another precision or backend"
+    wrong = _report_problem(report, candidate)
+    if wrong:
+        return wrong if wrong.startswith("its gate") else f"its gate report {report_path.name} {wrong}"
     try:
         if path != fp32:
             info = read_artifact(path)
@@ -194,6 +193,38 @@ def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
             return "the file changed after its gate"
     except (CrossViTError, OSError) as e:
         return f"it cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return None
+
+
+_HINT = re.compile(r"\b(fp32|bf16|f16) hint\b")
+
+
+def _report_problem(report: dict, candidate: Candidate) -> str | None:
+    """What keeps a gate report from vouching for `candidate`, apart from its bytes: a verdict other
+    than pass, or cases that do not all pass (the verdict is theirs: `ParityReport.verdict`); another
+    precision, backend or OpenVINO hint than the candidate runs with; another OpenVINO than this one
+    (its kernels, and with them the function, change between versions). None when it vouches."""
+    if report.get("verdict") != "pass":
+        return f"its gate said {str(report.get('verdict'))[:40]!r}"
+    cases = report.get("cases")
+    if report.get("not_run") or not isinstance(cases, list) or not cases or \
+            not all(isinstance(c, dict) and c.get("failures") == [] for c in cases):
+        return "says pass, but its cases do not all pass"
+    backend = str(report.get("backend", ""))
+    if report.get("precision") != candidate.precision or not backend.startswith(candidate.backend):
+        return "is about another precision or backend"
+    if candidate.backend != "openvino":
+        return None
+    said = _HINT.search(backend)
+    if (said.group(1) if said else "fp32") != (candidate.hint or "fp32"):
+        return f"is about the {said.group(1) if said else 'fp32'} hint, not the {candidate.hint or 'fp32'} one"
+    from .openvino import openvino_version
+
+    env = report.get("environment") if isinstance(report.get("environment"), dict) else {}
+    there, here = env.get("openvino"), openvino_version()
+    if there != here and here is not None:
+        return (f"was gated with OpenVINO {str(there)[:40] if there else 'of an unrecorded version'}, this is "
+                f"{here} (`crossvit deploy --retune` gates it again)")
     return None
 
 
@@ -272,34 +303,41 @@ def rule_for_flags(flags: set[str], candidates: list[Candidate]) -> Candidate | 
     return None
 
 
-def read_choice(fp32: Path) -> dict | None:
-    """The recorded choice beside `fp32`, when it is one of ours and about these bytes."""
-    record = _read_json(choice_path(fp32))
+def read_choice(fp32: Path) -> tuple[dict | None, str | None]:
+    """The recorded choice beside `fp32` (its `chosen` a `Candidate`), or (None, why not): no record,
+    or one that is not ours, or names a path that is not one of the candidates beside `fp32`."""
+    path = choice_path(fp32)
+    if not path.exists() and not path.is_symlink():
+        return None, f"no {path.name} beside it (`crossvit deploy` measures one)"
+    record = _read_json(path)
     if record is None or record.get("format") != CHOICE_FORMAT:
-        return None
-    chosen, source = record.get("chosen"), record.get("source")
-    if not isinstance(chosen, dict) or not isinstance(source, dict) or source.get("onnx") != fp32.name:
-        return None
-    try:
-        record["chosen"] = Candidate(**{k: chosen.get(k) for k in ("file", "backend", "precision", "hint")})
-    except TypeError:
-        return None
-    return record
-
-
-def _available(candidate: Candidate, flags: set[str]) -> bool:
-    """Whether this machine can run it at all (OpenVINO installed; bf16 arithmetic for the bf16 hint)."""
-    return _unavailable(candidate, flags) is None
+        return None, f"{path.name} is not a choice record crossvit can read (`crossvit deploy --retune` writes one)"
+    chosen, source, speedup = record.get("chosen"), record.get("source"), record.get("speedup")
+    if not isinstance(source, dict) or source.get("onnx") != fp32.name:
+        return None, f"{path.name} is about another file than {fp32.name}"
+    fields = ("file", "backend", "precision", "hint")
+    if not isinstance(chosen, dict) or not all(isinstance(chosen.get(k), (str, type(None))) for k in fields):
+        return None, f"{path.name} names its choice in a form crossvit does not write"
+    candidate = Candidate(**{k: chosen.get(k) for k in fields})
+    if candidate not in candidates_for(fp32):  # a file elsewhere, or one no CPU path runs (a TensorRT variant)
+        return None, (f"{path.name} names {str(candidate.file)[:80]!r} ({str(candidate.backend)[:20]}, "
+                      f"{str(candidate.precision)[:20]}), not one of the CPU paths beside {fp32.name}")
+    if speedup is not None and not (isinstance(speedup, dict) and all(
+            v is None or (type(v) in (int, float) and 0 < v < 1e4) for v in speedup.values())):
+        return None, f"{path.name} gives its speed-ups in a form crossvit does not write"
+    return {**record, "chosen": candidate}, None
 
 
 def _unavailable(candidate: Candidate, flags: set[str]) -> str | None:
     """Why this machine cannot run it at all, or None."""
     if candidate.backend != "openvino":
         return None
-    from .openvino import openvino_version
+    from .openvino import import_openvino
 
-    if openvino_version() is None:
-        return "OpenVINO is not installed"
+    try:
+        import_openvino()
+    except BackendUnavailable as e:  # not installed, or an install that cannot be imported
+        return str(e)
     if candidate.hint == "bf16" and not {"avx512_bf16", "amx_bf16"} & flags:
         return "this CPU has no bf16 arithmetic"
     return None
@@ -365,20 +403,20 @@ def decide_cpu_path(fp32: Path, sha=None) -> tuple[Candidate | None, str | None]
     here = cpu_fingerprint()
     flags = set(here["flags"])
     sha = sha or FileHashes()
-    record = read_choice(fp32)
+    record, why = read_choice(fp32)
     if record is not None:
         chosen = record["chosen"]
         source = record.get("source") or {}
-        measured = record.get("fingerprint") or {}
+        measured = record.get("fingerprint") if isinstance(record.get("fingerprint"), dict) else {}
         if source.get("sha256") != sha(fp32):
             why = f"{choice_path(fp32).name} is about another {fp32.name}"
         elif measured != here:
             why = (f"{choice_path(fp32).name} was measured on another CPU ({describe_fingerprint(measured)}; "
                    f"this one: {describe_fingerprint(here)})")
-        elif not gate_passed(fp32, chosen, sha):
-            why = f"its choice, {chosen.label}, no longer has a passing gate beside it"
-        elif not _available(chosen, flags):
-            why = f"its choice, {chosen.label}, cannot run here (OpenVINO missing?)"
+        elif gate_problem(fp32, chosen, sha):
+            why = f"its choice, {chosen.label}, no longer has a passing gate beside it ({gate_problem(fp32, chosen, sha)})"
+        elif _unavailable(chosen, flags):
+            why = f"its choice, {chosen.label}, cannot run here ({_unavailable(chosen, flags)})"
         else:
             ratio = record.get("speedup") or {}
             said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items())
@@ -387,8 +425,6 @@ def decide_cpu_path(fp32: Path, sha=None) -> tuple[Candidate | None, str | None]
                      if record.get("noisy") else "")
             return chosen, (f"measured fastest of the gated CPU paths on this CPU{' (' + said + ')' if said else ''}"
                             f"{noisy}")
-    else:
-        why = f"no {choice_path(fp32).name} beside it (`crossvit deploy` measures one)"
     problems = {c: _unavailable(c, flags) or gate_problem(fp32, c, sha) or _saturates_here(fp32.parent, c, flags)
                 for c in candidates}
     rule = rule_for_flags(flags, [c for c in candidates if problems[c] is None])

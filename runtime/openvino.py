@@ -48,10 +48,17 @@ def import_openvino():
         import openvino
     except ImportError:
         raise BackendUnavailable(f"the openvino backend needs OpenVINO: {pip_install('openvino')}") from None
+    except Exception as e:  # an install that breaks on import: OpenVINO is not usable here, not a crash
+        raise BackendUnavailable(f"OpenVINO is installed but cannot be imported ({type(e).__name__}: "
+                                 f"{first_line(e)})") from None
+    if not isinstance(getattr(openvino, "__version__", None), str) or not hasattr(openvino, "Core"):
+        raise BackendUnavailable(f"the openvino module at {getattr(openvino, '__file__', None)} is not OpenVINO "
+                                 f"(no __version__ or Core)")
     return openvino
 
 
 def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None where none can be used."""
     try:
         return import_openvino().__version__
     except BackendUnavailable:
@@ -67,7 +74,11 @@ def core():
     global _CORE
     with _CORE_LOCK:
         if _CORE is None:
-            _CORE = import_openvino().Core()
+            ov = import_openvino()
+            try:
+                _CORE = ov.Core()
+            except Exception as e:
+                raise BackendUnavailable(f"OpenVINO cannot start ({type(e).__name__}: {first_line(e)})") from None
         return _CORE
 
 
@@ -77,6 +88,8 @@ def cpu_capabilities() -> tuple[str, ...]:
         return tuple(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except BackendUnavailable:
         return ()
+    except Exception as e:  # no CPU plugin: OpenVINO runs nothing here
+        raise BackendUnavailable(f"OpenVINO has no usable CPU plugin ({type(e).__name__}: {first_line(e)})") from None
 
 
 def effective_precision(file_precision: str, hint: str | None) -> str:
@@ -353,7 +366,7 @@ def decode_answer(record: dict) -> np.ndarray:
         shape = tuple(int(n) for n in record["shape"])
         answer = np.frombuffer(base64.b64decode(record["answer"], validate=True), dtype="<f4")
         return answer.reshape(shape).astype(np.float32)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"not a probe answer: {type(e).__name__}") from None
 
 

@@ -261,7 +261,8 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
             if why_not:
                 raise type(e)(f"{e}; {why_not}, so it cannot run instead") from e
             raise
-        log.warning("%s cannot run here (%s); using %s with ONNX Runtime instead", path.name, e, onnx.name)
+        log.warning("%s cannot run here (%s); using %s%s instead", path.name, e, onnx.name,
+                    " with ONNX Runtime" if exact else "")
         if exact:
             return _open("onnxruntime", onnx, device, options)
         session = _open_preferring_cpu_variant(onnx, device, options)

@@ -3,6 +3,7 @@ measured per machine (`NAME.cpu.json`) that predict/serve/open_session(auto) run
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -218,8 +219,81 @@ def test_without_openvino_the_candidates_that_exist_are_the_ones_used(deployed, 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "onnxruntime int8-cpu" and "cannot run here (OpenVINO missing?)" in lines[1]
+    assert lines[0] == "onnxruntime int8-cpu" and "cannot run here (the openvino backend needs OpenVINO: pip " in lines[1]
     assert lines[2] == "onnxruntime int8-cpu"
+
+
+@pytest.mark.parametrize("module, why", [
+    ('raise RuntimeError("libtbb missing")', "OpenVINO is installed but cannot be imported (RuntimeError: libtbb missing)"),
+    ('raise OSError("libopenvino.so: cannot open shared object file")', "cannot be imported (OSError: libopenvino.so"),
+    ('__version__ = "9.9"', "is not OpenVINO (no __version__ or Core)"),
+    ('__version__ = OPENVINO_VERSION\nclass Core:\n    def __getattr__(self, name):\n        raise RuntimeError("Device with '
+     '\\"CPU\\" name is not registered")', 'Device with "CPU" name is not registered'),
+])
+def test_a_broken_openvino_install_is_a_path_that_cannot_run_not_a_crash(deployed, tmp_path, module, why):
+    """An OpenVINO that raises on import (a missing shared library), a module named openvino that is
+    not OpenVINO, or one without a CPU plugin: the OpenVINO paths cannot run, the choice takes another
+    gated path and says why; nothing raises past open_session."""
+    (tmp_path / "out").mkdir()
+    fp32 = _copy(deployed, tmp_path / "out")
+    _write_choice(fp32, chosen=Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov").to_dict())
+    (tmp_path / "fake" / "openvino").mkdir(parents=True)
+    version = pytest.importorskip("openvino").__version__  # the gates' own: only the plugin is broken
+    (tmp_path / "fake" / "openvino" / "__init__.py").write_text(module.replace("OPENVINO_VERSION", repr(version)) + "\n")
+    code = ("import sys; from crossvit.runtime.session import open_session\n"
+            f"s = open_session({str(fp32)!r}); print(s.backend, s.info.precision); print(s.chosen or s.passed_over)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backend, said = proc.stdout.splitlines()
+    assert backend.startswith("onnxruntime ") and why in said, said
+
+
+def test_a_choice_record_or_gate_report_that_is_not_ours_gives_way_to_the_rule_with_the_reason(deployed, tmp_path):
+    """A record naming a path that is not one of the CPU candidates beside the file (another backend,
+    a TensorRT variant, a file elsewhere), or holding fields of other types, or unreadable, is not
+    used, and the reason says which; a gate report copied from the other hint, made with another
+    OpenVINO, or saying pass over failed cases vouches for nothing. No case raises."""
+    pytest.importorskip("openvino")
+    fp32 = _copy(deployed, tmp_path)
+    record = json.loads(choice_path(fp32).read_text())
+    name = choice_path(fp32).name
+    int8_ov = Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    hinted = Candidate(int8_ov.file, "openvino", "int8-ov", "bf16")
+    for change, why in (({"chosen": {**int8_ov.to_dict(), "backend": "tensorrt"}}, "not one of the CPU paths beside"),
+                        ({"chosen": {**int8_ov.to_dict(), "file": 5}}, "names its choice in a form crossvit does not"),
+                        ({"chosen": {**int8_ov.to_dict(), "file": f"../{tmp_path.name}/{int8_ov.file}"}},
+                         "not one of the CPU paths beside"),
+                        ({"chosen": Candidate(f"{DIGITS}.fp8.onnx", "onnxruntime", "fp8").to_dict()},
+                         f"names '{DIGITS}.fp8.onnx' (onnxruntime, fp8), not one of the CPU paths"),
+                        ({"chosen": "int8-ov"}, "names its choice in a form crossvit does not write"),
+                        ({"speedup": [1.5]}, "gives its speed-ups in a form crossvit does not write"),
+                        ({"speedup": {"1": 10 ** 400}}, "gives its speed-ups in a form"),
+                        ({"speedup": {"1": float("nan")}}, "gives its speed-ups in a form"),
+                        ({"format": 2}, f"{name} is not a choice record crossvit can read")):
+        choice_path(fp32).write_text(json.dumps({**record, **change}))
+        candidate, said = decide_cpu_path(fp32)
+        assert said.startswith("the rule for this CPU's flags") and why in said, (change, said)
+    choice_path(fp32).write_text(json.dumps(record)[:-5])
+    assert f"{name} is not a choice record crossvit can read" in decide_cpu_path(fp32)[1]
+
+    choice_path(fp32).write_text(json.dumps({**record, "chosen": hinted.to_dict()}))
+    bf16_report, plain_report = gate_report_path(tmp_path, hinted), gate_report_path(tmp_path, int8_ov)
+    original = json.loads(bf16_report.read_text())
+    if original["verdict"] != "pass":
+        pytest.skip("int8-ov with the bf16 hint did not pass its gate here (no bf16 arithmetic?)")
+    plain = json.loads(plain_report.read_text())
+    failed = {**original, "cases": [{**c, "failures": ["rel L2 0.5 > 0.1"]} for c in original["cases"]]}
+    other = {**original, "environment": {**original["environment"], "openvino": "2024.6.0"}}
+    for report, why in ((plain, "is about the fp32 hint, not the bf16 one"),
+                        (failed, "says pass, but its cases do not all pass"),
+                        (other, "was gated with OpenVINO 2024.6.0, this is ")):
+        bf16_report.write_text(json.dumps(report))
+        candidate, said = decide_cpu_path(fp32)
+        assert candidate != hinted and f"no longer has a passing gate beside it (its gate report {bf16_report.name} " \
+            f"{why}" in said, said
+    bf16_report.write_text(json.dumps(original))
+    assert decide_cpu_path(fp32)[0] == hinted
 
 
 def test_with_no_record_the_rule_picks_among_gated_candidates(deployed, tmp_path):
@@ -438,6 +512,7 @@ def test_a_session_holds_its_first_openvino_model_to_the_answer_its_gate_recorde
     nan = base64.b64encode(np.full(20, np.nan, dtype="<f4").tobytes()).decode("ascii")
     for probe, why in (({**gate["probe"], "answer": "not base64!"}, "its probe answer cannot be read"),
                        ({**gate["probe"], "shape": [3, 10]}, "its probe answer cannot be read"),
+                       ({**gate["probe"], "shape": [float("inf"), 10]}, "its probe answer cannot be read"),
                        ({**gate["probe"], "shape": [1, 20]}, "its probe answer is not 2 rows of 10 logits"),
                        ({**gate["probe"], "answer": nan}, "its probe answer is not finite"),
                        ({**gate["probe"], "cpu": {"flags": 5}}, "computed another way (CPU unknown CPU, None "
@@ -597,6 +672,45 @@ def test_retune_gates_again_an_openvino_path_gated_with_another_cpu_or_openvino(
         assert again["verdict"] == "pass" and again["environment"]["cpu"] == cpu_fingerprint()
         assert again["probe"]["cpu"] == cpu_fingerprint()
     assert ort.read_text() == before and "gated again" not in proc.stderr.split("[1/2]")[1]
+
+
+def test_retune_leaves_out_what_it_cannot_read_and_refuses_a_folder_it_cannot_write(deployed, tmp_path, cli,
+                                                                                     one_line_error):
+    """A gate report that is a FIFO (a read would hang), or of another shape than crossvit writes, or a
+    variant that cannot be gated again: that path is left out with its reason, the others are timed
+    and the choice recorded. A folder the record cannot be written into is said before any timing."""
+    pytest.importorskip("openvino")
+    fp32 = _copy(deployed, tmp_path)
+    int8_cpu = Candidate(f"{DIGITS}.int8-cpu.onnx", "onnxruntime", "int8-cpu")
+    int8_ov = Candidate(f"{DIGITS}.int8-ov.onnx", "openvino", "int8-ov")
+    bf16 = Candidate(fp32.name, "openvino", "bf16", "bf16")
+    gate_report_path(tmp_path, int8_cpu).unlink()
+    os.mkfifo(gate_report_path(tmp_path, int8_cpu))
+    report = json.loads(gate_report_path(tmp_path, bf16).read_text())
+    gate_report_path(tmp_path, bf16).write_text(json.dumps({**report, "not_run": 1}))
+    report = json.loads(gate_report_path(tmp_path, int8_ov).read_text())
+    gate_report_path(tmp_path, int8_ov).write_text(json.dumps({**report, "environment": {**report["environment"],
+                                                                                        "openvino": "2024.6.0"}}))
+    (tmp_path / int8_ov.file).write_bytes(b"not an onnx file" * 64)
+    proc = cli("deploy", "--retune", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert f"{int8_cpu.label}: left out ({gate_report_path(tmp_path, int8_cpu).name}: is not a regular file" in err
+    assert f"{bf16.label}: left out ({gate_report_path(tmp_path, bf16).name}: not a parity report: not_run is " \
+           f"not what crossvit writes)" in err
+    assert f"{int8_ov.label}: not gated again: " in err and "not a readable ONNX file" in err
+    chosen = Candidate(**json.loads(choice_path(fp32).read_text())["chosen"])
+    assert chosen.key not in (int8_cpu.key, int8_ov.key, bf16.key) and chosen.file == fp32.name
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _copy(deployed, locked)
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (root writes into a read-only folder)")
+    try:
+        one_line_error(cli("deploy", "--retune", "-o", locked), f"{choice_path(locked / fp32.name)}: cannot write it")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)])
 
 
 def test_retune_gates_nothing_against_another_model(deployed, tmp_path):
