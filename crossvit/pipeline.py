@@ -370,7 +370,10 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
     path = choice_path(fp32)
     if not gated:
         say("no CPU path passed its gate and was timed: predict/serve run the fp32 file in ONNX Runtime")
-        path.unlink(missing_ok=True)  # an old choice is about other measurements
+        if path.is_file() or path.is_symlink():
+            path.unlink()  # an old choice is about other measurements
+        elif path.exists():
+            result.warnings.append(f"{path} is not a file, so no choice was recorded: move it away")
         return None
     best, noisy = pick_cpu_path(gated)
     by_ratios = all(r.speedup and r.speedup_b1 for r in gated)  # pick_cpu_path's rule: say which it used
@@ -527,11 +530,14 @@ def _check_writable(folder: Path, name: str) -> None:
     from crossvit.errors import InputError
     from crossvit.files import TEMP_TAG
 
+    target = folder / name
+    if target.exists() and not target.is_file():
+        raise InputError(f"{target}: cannot write it (it is not a file: move it away), so nothing is measured")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{TEMP_TAG}-{os.getpid()}-"):
             pass
     except OSError as e:
-        raise InputError(f"{folder / name}: cannot write it ({e.strerror or e}), so nothing is measured") from None
+        raise InputError(f"{target}: cannot write it ({e.strerror or e}), so nothing is measured") from None
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

@@ -15,6 +15,7 @@ from crossvit.contract import (CHECKPOINT_SUFFIXES, ENGINE_FORMAT, ENGINE_SUFFIX
 from crossvit.errors import ArtifactError, ConfigError
 from crossvit.files import check_input_file
 
+MANIFEST_MAX_BYTES = 16 << 20  # an engine manifest is a few kB; more is not one of ours (and is not read whole)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # Triton's model names are also folder names
 
 
@@ -157,8 +158,12 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
         return info
     if suffix in ENGINE_SUFFIXES:
         manifest = manifest_path(path)
-        if not manifest.is_file():
+        if not manifest.exists() and not manifest.is_symlink():
             raise ArtifactError(f"{path}: its manifest {manifest.name} is missing (built by crossvit build)")
+        check_input_file(manifest, ArtifactError)  # a folder, a pipe, a link to a device: said, never read
+        if manifest.stat().st_size > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"{manifest}: {manifest.stat().st_size >> 20} MB is not a manifest of ours "
+                                f"(a few kB)")
         try:
             text = manifest.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

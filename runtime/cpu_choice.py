@@ -202,8 +202,9 @@ _HINT = re.compile(r"\b(fp32|bf16|f16) hint\b")
 def _report_problem(report: dict, candidate: Candidate) -> str | None:
     """What keeps a gate report from vouching for `candidate`, apart from its bytes: a verdict other
     than pass, or cases that do not all pass (the verdict is theirs: `ParityReport.verdict`); another
-    precision, backend or OpenVINO hint than the candidate runs with; another OpenVINO than this one
-    (its kernels, and with them the function, change between versions). None when it vouches."""
+    precision, backend or OpenVINO hint than the candidate runs with; another OpenVINO or CPU than
+    this one (OpenVINO's kernels, and with them the function, change with its version, the CPU and
+    the thread count: `cpu_fingerprint` has the cores). None when it vouches."""
     if report.get("verdict") != "pass":
         return f"its gate said {str(report.get('verdict'))[:40]!r}"
     cases = report.get("cases")
@@ -225,7 +226,28 @@ def _report_problem(report: dict, candidate: Candidate) -> str | None:
     if there != here and here is not None:
         return (f"was gated with OpenVINO {str(there)[:40] if there else 'of an unrecorded version'}, this is "
                 f"{here} (`crossvit deploy --retune` gates it again)")
+    if env.get("cpu") != cpu_fingerprint():  # its kernels and thread count, and with them the function, differ
+        return (f"was gated on another CPU ({describe_fingerprint(env['cpu']) if env.get('cpu') else 'unrecorded'}; "
+                f"this one: {describe_fingerprint(cpu_fingerprint())}; `crossvit deploy --retune` gates it again)")
     return None
+
+
+def variant_gate_refuses(path: Path, precision: str, sha=None) -> str | None:
+    """Why the variant `path` (a `precision` file, run in its own backend) must not stand in for an
+    engine built from it: a gate report beside it that does not vouch for these bytes (failed, not
+    run, another file's). None where it vouches, or where there is none (the user's own file)."""
+    candidate = Candidate(path.name, PRECISION_TABLE[precision].runtime if precision in PRECISION_TABLE
+                          else "onnxruntime", precision)
+    report_path = gate_report_path(path.parent, candidate)
+    if not report_path.exists() and not report_path.is_symlink():
+        return None
+    report = _read_json(report_path)
+    wrong = "is not one of ours" if report is None else _report_problem(report, candidate)
+    if wrong is None and report.get("artifact_sha256") != (sha or FileHashes())(path):
+        wrong = "is about other bytes"
+    if wrong is None:
+        return None
+    return wrong if wrong.startswith("its gate") else f"its gate report {report_path.name} {wrong}"
 
 
 def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:

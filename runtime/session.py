@@ -193,7 +193,7 @@ def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
     """The ONNX an engine was built from when it is beside the plan and unchanged since, else
     (None, why it cannot stand in for the plan; None when the plan names no ONNX)."""
     from crossvit.errors import CrossViTError
-    from crossvit.files import sha256_file
+    from crossvit.files import check_input_file, first_line, sha256_file
 
     try:
         source = read_artifact(plan).raw.get("source") or {}
@@ -201,11 +201,28 @@ def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
         return None, None
     if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
         return None, None
-    onnx = plan.parent / source["onnx"]
-    if not onnx.is_file():
-        return None, f"the ONNX it was built from, {onnx.name}, is not beside it"
-    if sha256_file(onnx) != source.get("sha256"):
-        return None, f"the ONNX it was built from, {onnx.name}, has changed since the build"
+    name = source["onnx"]
+    if Path(name).name != name or name in (".", "..") or "\0" in name or len(name) > 255:
+        return None, f"its manifest names the ONNX it was built from as {name[:80]!r}, not a file beside it"
+    onnx = plan.parent / name
+    try:
+        check_input_file(onnx, ArtifactError)
+        changed = sha256_file(onnx) != source.get("sha256")
+    except (ArtifactError, OSError) as e:
+        missing = not onnx.exists() and not onnx.is_symlink()
+        return None, (f"the ONNX it was built from, {name}, is not beside it" if missing else
+                      f"the ONNX it was built from, {name}, {str(e).replace(f'{onnx}: ', '')[:120]}")
+    if changed:
+        return None, f"the ONNX it was built from, {name}, has changed since the build"
+    from .cpu_choice import variant_gate_refuses
+
+    try:
+        precision = read_artifact(onnx).precision
+    except CrossViTError as e:
+        return None, f"the ONNX it was built from, {name}, cannot be read ({first_line(e)})"
+    refused = variant_gate_refuses(onnx, precision) if precision != "fp32" else None
+    if refused:  # the reference file needs no gate; a variant whose gate here did not pass is not run
+        return None, f"the ONNX it was built from, {name}, did not pass its gate on the CPU ({refused})"
     return onnx, None
 
 

@@ -253,7 +253,8 @@ def test_a_choice_record_or_gate_report_that_is_not_ours_gives_way_to_the_rule_w
     """A record naming a path that is not one of the CPU candidates beside the file (another backend,
     a TensorRT variant, a file elsewhere), or holding fields of other types, or unreadable, is not
     used, and the reason says which; a gate report copied from the other hint, made with another
-    OpenVINO, or saying pass over failed cases vouches for nothing. No case raises."""
+    OpenVINO or on another CPU (other cores: other threads, another function), or saying pass over
+    failed cases vouches for nothing. No case raises."""
     pytest.importorskip("openvino")
     fp32 = _copy(deployed, tmp_path)
     record = json.loads(choice_path(fp32).read_text())
@@ -285,9 +286,14 @@ def test_a_choice_record_or_gate_report_that_is_not_ours_gives_way_to_the_rule_w
     plain = json.loads(plain_report.read_text())
     failed = {**original, "cases": [{**c, "failures": ["rel L2 0.5 > 0.1"]} for c in original["cases"]]}
     other = {**original, "environment": {**original["environment"], "openvino": "2024.6.0"}}
+    xeon = {"cpu_model": "Some Xeon", "cores": 2, "flags": ["amx_bf16", "amx_int8"]}
+    elsewhere = {**original, "environment": {**original["environment"], "cpu": xeon}}
+    fewer = {**original, "environment": {**original["environment"], "cpu": {**cpu_fingerprint(), "cores": 64}}}
     for report, why in ((plain, "is about the fp32 hint, not the bf16 one"),
                         (failed, "says pass, but its cases do not all pass"),
-                        (other, "was gated with OpenVINO 2024.6.0, this is ")):
+                        (other, "was gated with OpenVINO 2024.6.0, this is "),
+                        (elsewhere, "was gated on another CPU (Some Xeon, 2 cores, amx_bf16 amx_int8; this one: "),
+                        (fewer, "was gated on another CPU (")):
         bf16_report.write_text(json.dumps(report))
         candidate, said = decide_cpu_path(fp32)
         assert candidate != hinted and f"no longer has a passing gate beside it (its gate report {bf16_report.name} " \
@@ -702,6 +708,11 @@ def test_retune_leaves_out_what_it_cannot_read_and_refuses_a_folder_it_cannot_wr
     chosen = Candidate(**json.loads(choice_path(fp32).read_text())["chosen"])
     assert chosen.key not in (int8_cpu.key, int8_ov.key, bf16.key) and chosen.file == fp32.name
 
+    folder = tmp_path / "record_is_a_folder"
+    folder.mkdir()
+    choice_path(_copy(deployed, folder)).unlink()
+    choice_path(folder / fp32.name).mkdir()
+    one_line_error(cli("deploy", "--retune", "-o", folder), "cannot write it (it is not a file: move it away)")
     locked = tmp_path / "locked"
     locked.mkdir()
     _copy(deployed, locked)

@@ -241,6 +241,26 @@ def test_a_plan_that_cannot_run_here_falls_back_to_its_onnx_with_the_reason(digi
     onnx_copy.unlink()
     with pytest.raises(BackendUnavailable, match="digits.onnx, is not beside it"):
         open_session(plan)
+    import os
+
+    os.mkfifo(onnx_copy)  # a read would hang
+    with pytest.raises(BackendUnavailable, match="digits.onnx, is not a regular file"):
+        open_session(plan)
+    manifest = json.loads(manifest_path(plan).read_text())
+    for elsewhere in ("../digits.onnx", str(onnx_copy), "a" * 300 + ".onnx", ".", ".."):
+        manifest_path(plan).write_text(json.dumps({**manifest, "source": {**manifest["source"], "onnx": elsewhere}}))
+        with pytest.raises(BackendUnavailable, match="its manifest names the ONNX it was built from as .*, not a "
+                                                     "file beside it, so it cannot run instead"):
+            open_session(plan)  # only a file beside the plan stands in for it, not one a manifest points to
+    manifest_path(plan).unlink()
+    os.mkfifo(manifest_path(plan))
+    with pytest.raises(ArtifactError, match=r"digits.plan.json: is not a regular file"):
+        open_session(plan)
+    manifest_path(plan).unlink()
+    with open(manifest_path(plan), "wb") as f:
+        f.truncate(17 << 20)  # sparse: 17 MB, not read whole
+    with pytest.raises(ArtifactError, match=r"digits.plan.json: 17 MB is not a manifest of ours"):
+        open_session(plan)
 
 
 @pytest.mark.no_gpu
@@ -666,6 +686,15 @@ def test_a_real_rtx_plan_without_a_gpu_falls_back_to_its_onnx_and_refuses_tamper
     assert "d.fp16.plan cannot run here" in caplog.text
     with pytest.raises(BackendUnavailable, match="NVIDIA GPU"):
         open_session(plan, backend="tensorrt")
+    gate = tmp_path / "d.fp16.parity.json"  # a variant whose gate on the CPU did not pass is not run instead
+    for said in ("fail", "not run"):
+        gate.write_text(json.dumps({"verdict": said, "precision": "fp16", "backend": "onnxruntime (cpu, fp16)"}))
+        with pytest.raises(BackendUnavailable, match=f"NVIDIA GPU.*; the ONNX it was built from, d.fp16.onnx, did "
+                                                     f"not pass its gate on the CPU \\(its gate said '{said}'\\)"):
+            open_session(plan)
+    gate.unlink()  # no gate beside it (a file of the user's own): it stands in, as the plan was built from it
+    with open_session(plan) as s:
+        assert s.info.path == onnx
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # the ONNX changed since the build: no fallback
     with pytest.raises(BackendUnavailable, match="d.fp16.onnx, has changed since the build"):
         open_session(plan)

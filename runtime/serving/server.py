@@ -100,10 +100,6 @@ class Server:
         self.say = say or (lambda m: None)
         self.session = open_session(artifact, backend=options.backend, device=options.device, exact=options.exact,
                                     **server_session_options(artifact))
-        if self.session.chosen:
-            self.say(f"running {self.session.chosen} (--exact serves the file given)")
-        elif self.session.passed_over:  # other CPU paths lie beside the file: why none of them runs
-            self.say(f"running {self.session.passed_over}")
         info = self.session.info
         if info.input_name == IMAGES_INPUT:  # one name for two inputs: a request could not say which it sends
             self.session.close()
@@ -115,6 +111,10 @@ class Server:
             raise ConfigError(f"--max-batch {options.max_batch} is outside the {what} "
                               f"{info.batch_min}..{info.batch_max}")
         max_batch = options.max_batch or min(DEFAULT_MAX_BATCH, info.batch_max)
+        if self.session.chosen:  # said once the options are known to fit the file
+            self.say(f"running {self.session.chosen} (--exact serves the file given)")
+        elif self.session.passed_over:  # other CPU paths lie beside the file: why none of them runs
+            self.say(f"running {self.session.passed_over}")
         try:
             prepared = self.session.prepare(max_batch)  # within the file's range (checked above)
         except BatchSizeRefused as e:  # the CPU path chosen for this machine: the file given still serves
