@@ -190,8 +190,10 @@ def _open(backend: str, path: Path, device: str, options: dict, sha=None) -> Ses
 
 
 def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
-    """The ONNX an engine was built from when it is beside the plan and unchanged since, else
-    (None, why it cannot stand in for the plan; None when the plan names no ONNX)."""
+    """The ONNX an engine was built from when it is beside the plan (its manifest names a file name),
+    unchanged since, and, for a variant, not failed by a gate report beside it
+    (`cpu_choice.variant_gate_refuses`); else (None, why it cannot stand in for the plan; None when
+    the plan names no ONNX)."""
     from crossvit.errors import CrossViTError
     from crossvit.files import check_input_file, first_line, sha256_file
 
@@ -248,8 +250,9 @@ def open_session(artifact: str | Path, backend: str = "auto", device: str = "aut
       ONNX Runtime int8-cpu...); `exact=True` runs the file given, in ONNX Runtime;
     - another .onnx runs in the backend its precision is made for (int8-ov: OpenVINO);
     - an engine that cannot run here (no GPU or TensorRT, or built for another GPU or TensorRT
-      version) falls back to the ONNX it was built from, when that file is beside it and
-      unchanged (and from there, as above, to its gated CPU variant).
+      version) falls back to the ONNX it was built from, when that file is beside it, unchanged,
+      and (a variant) not failed by a gate report beside it (and from there, as above, to its
+      gated CPU variant).
     The choice is logged and kept in `session.chosen` (None when the file given runs).
     """
     if not isinstance(artifact, (str, os.PathLike)):
