@@ -204,14 +204,15 @@ def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
     if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
         return None, None
     name = source["onnx"]
-    if Path(name).name != name or name in (".", "..") or "\0" in name or len(name) > 255:
+    if Path(name).name != name or name in (".", "..") or "\0" in name or \
+            len(name.encode("utf-8", "surrogateescape")) > 255:  # longer than a file name can be
         return None, f"its manifest names the ONNX it was built from as {name[:80]!r}, not a file beside it"
     onnx = plan.parent / name
     try:
         check_input_file(onnx, ArtifactError)
         changed = sha256_file(onnx) != source.get("sha256")
     except (ArtifactError, OSError) as e:
-        missing = not onnx.exists() and not onnx.is_symlink()
+        missing = str(e).endswith(": no such file") or isinstance(e, FileNotFoundError)
         return None, (f"the ONNX it was built from, {name}, is not beside it" if missing else
                       f"the ONNX it was built from, {name}, {str(e).replace(f'{onnx}: ', '')[:120]}")
     if changed:
