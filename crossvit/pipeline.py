@@ -418,7 +418,7 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
 
     from crossvit.errors import InputError
     from crossvit.export.parity import ParityReport
-    from crossvit.files import check_input_file
+    from crossvit.files import check_input_file, check_output_path
     from crossvit.runtime.cpu_choice import MAX_JSON_BYTES, candidates_for, choice_path, gate_report_path
 
     say = progress or (lambda m: None)
@@ -428,7 +428,7 @@ def retune(loaded, out_dir: str | Path, *, bench_batch: int = 8, bench_runs: int
     fp32 = out / f"{name}.fp32.onnx"
     if not fp32.is_file():
         raise InputError(f"--retune: {fp32} is missing: run `crossvit deploy -o {out}` for this model first")
-    _check_writable(out, choice_path(fp32).name)  # before minutes of timing, not after
+    check_output_path(choice_path(fp32))  # before minutes of timing, not after
     result = DeployResult(out_dir=out)
     reports, cpu_gates = {}, {}
     for c in candidates_for(fp32):
@@ -520,24 +520,6 @@ def regate_stage(fp32: Path, loaded, images, gates: dict, result: DeployResult, 
         out[c] = report
         say(f"{c.label}: {report.verdict}" + (f" ({report.not_run})" if report.not_run else ""))
     return out
-
-
-def _check_writable(folder: Path, name: str) -> None:
-    """One line now when `name` cannot be written into `folder` (read-only, immutable, not ours)."""
-    import os
-    import tempfile
-
-    from crossvit.errors import InputError
-    from crossvit.files import TEMP_TAG
-
-    target = folder / name
-    if target.exists() and not target.is_file():
-        raise InputError(f"{target}: cannot write it (it is not a file: move it away), so nothing is measured")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{TEMP_TAG}-{os.getpid()}-"):
-            pass
-    except OSError as e:
-        raise InputError(f"{target}: cannot write it ({e.strerror or e}), so nothing is measured") from None
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

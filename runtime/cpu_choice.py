@@ -175,12 +175,9 @@ def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
     report_path = gate_report_path(fp32.parent, candidate)
     if not report_path.exists():
         return f"no gate report beside it ({report_path.name})"
-    report = _read_json(report_path)
-    if report is None:
-        return f"its gate report {report_path.name} is not one of ours"
-    wrong = _report_problem(report, candidate)
+    report, wrong = _read_report(report_path, candidate)
     if wrong:
-        return wrong if wrong.startswith("its gate") else f"its gate report {report_path.name} {wrong}"
+        return wrong
     try:
         if path != fp32:
             info = read_artifact(path)
@@ -194,6 +191,18 @@ def gate_problem(fp32: Path, candidate: Candidate, sha=None) -> str | None:
     except (CrossViTError, OSError) as e:
         return f"it cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     return None
+
+
+def _read_report(report_path: Path, candidate: Candidate) -> tuple[dict | None, str | None]:
+    """The gate report at `report_path` and, where it does not vouch for `candidate` (bytes apart:
+    `_report_problem`), why, in a few words."""
+    report = _read_json(report_path)
+    if report is None:
+        return None, f"its gate report {report_path.name} is not one of ours"
+    wrong = _report_problem(report, candidate)
+    if wrong and not wrong.startswith("its gate"):
+        wrong = f"its gate report {report_path.name} {wrong}"
+    return report, wrong
 
 
 _HINT = re.compile(r"\b(fp32|bf16|f16) hint\b")
@@ -239,15 +248,12 @@ def variant_gate_refuses(path: Path, precision: str, sha=None) -> str | None:
     candidate = Candidate(path.name, PRECISION_TABLE[precision].runtime if precision in PRECISION_TABLE
                           else "onnxruntime", precision)
     report_path = gate_report_path(path.parent, candidate)
-    if not report_path.exists() and not report_path.is_symlink():
+    if not os.path.lexists(report_path):
         return None
-    report = _read_json(report_path)
-    wrong = "is not one of ours" if report is None else _report_problem(report, candidate)
+    report, wrong = _read_report(report_path, candidate)
     if wrong is None and report.get("artifact_sha256") != (sha or FileHashes())(path):
-        wrong = "is about other bytes"
-    if wrong is None:
-        return None
-    return wrong if wrong.startswith("its gate") else f"its gate report {report_path.name} {wrong}"
+        wrong = f"its gate report {report_path.name} is about other bytes"
+    return wrong
 
 
 def gate_passed(fp32: Path, candidate: Candidate, sha=None) -> bool:
@@ -435,10 +441,10 @@ def decide_cpu_path(fp32: Path, sha=None) -> tuple[Candidate | None, str | None]
         elif measured != here:
             why = (f"{choice_path(fp32).name} was measured on another CPU ({describe_fingerprint(measured)}; "
                    f"this one: {describe_fingerprint(here)})")
-        elif gate_problem(fp32, chosen, sha):
-            why = f"its choice, {chosen.label}, no longer has a passing gate beside it ({gate_problem(fp32, chosen, sha)})"
-        elif _unavailable(chosen, flags):
-            why = f"its choice, {chosen.label}, cannot run here ({_unavailable(chosen, flags)})"
+        elif problem := gate_problem(fp32, chosen, sha):
+            why = f"its choice, {chosen.label}, no longer has a passing gate beside it ({problem})"
+        elif problem := _unavailable(chosen, flags):
+            why = f"its choice, {chosen.label}, cannot run here ({problem})"
         else:
             ratio = record.get("speedup") or {}
             said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items())

@@ -195,7 +195,9 @@ def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
     (`cpu_choice.variant_gate_refuses`); else (None, why it cannot stand in for the plan; None when
     the plan names no ONNX)."""
     from crossvit.errors import CrossViTError
-    from crossvit.files import check_input_file, first_line, sha256_file
+    from crossvit.files import check_input_file, first_line
+
+    from .cpu_choice import FileHashes, variant_gate_refuses
 
     try:
         source = read_artifact(plan).raw.get("source") or {}
@@ -208,22 +210,22 @@ def _fallback_onnx(plan: Path) -> tuple[Path | None, str | None]:
             len(name.encode("utf-8", "surrogateescape")) > 255:  # longer than a file name can be
         return None, f"its manifest names the ONNX it was built from as {name[:80]!r}, not a file beside it"
     onnx = plan.parent / name
+    if not os.path.lexists(onnx):
+        return None, f"the ONNX it was built from, {name}, is not beside it"
+    sha = FileHashes()  # the variant's gate below is checked against the same hash
     try:
         check_input_file(onnx, ArtifactError)
-        changed = sha256_file(onnx) != source.get("sha256")
+        changed = sha(onnx) != source.get("sha256")
     except (ArtifactError, OSError) as e:
-        missing = str(e).endswith(": no such file") or isinstance(e, FileNotFoundError)
-        return None, (f"the ONNX it was built from, {name}, is not beside it" if missing else
-                      f"the ONNX it was built from, {name}, {str(e).replace(f'{onnx}: ', '')[:120]}")
+        return None, f"the ONNX it was built from, {name}, {str(e).replace(f'{onnx}: ', '')[:120]}"
     if changed:
         return None, f"the ONNX it was built from, {name}, has changed since the build"
-    from .cpu_choice import variant_gate_refuses
 
     try:
         precision = read_artifact(onnx).precision
     except CrossViTError as e:
         return None, f"the ONNX it was built from, {name}, cannot be read ({first_line(e)})"
-    refused = variant_gate_refuses(onnx, precision) if precision != "fp32" else None
+    refused = variant_gate_refuses(onnx, precision, sha) if precision != "fp32" else None
     if refused:  # the reference file needs no gate; a variant whose gate here did not pass is not run
         return None, f"the ONNX it was built from, {name}, did not pass its gate on the CPU ({refused})"
     return onnx, None

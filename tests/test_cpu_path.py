@@ -712,14 +712,15 @@ def test_retune_leaves_out_what_it_cannot_read_and_refuses_a_folder_it_cannot_wr
     folder.mkdir()
     choice_path(_copy(deployed, folder)).unlink()
     choice_path(folder / fp32.name).mkdir()
-    one_line_error(cli("deploy", "--retune", "-o", folder), "cannot write it (it is not a file: move it away)")
+    one_line_error(cli("deploy", "--retune", "-o", folder), f"{choice_path(folder / fp32.name)}: is a directory")
     locked = tmp_path / "locked"
     locked.mkdir()
     _copy(deployed, locked)
     if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not possible here (root writes into a read-only folder)")
     try:
-        one_line_error(cli("deploy", "--retune", "-o", locked), f"{choice_path(locked / fp32.name)}: cannot write it")
+        one_line_error(cli("deploy", "--retune", "-o", locked), f"{choice_path(locked / fp32.name)}: cannot write "
+                                                                "there (Operation not permitted)")
     finally:
         subprocess.run(["chattr", "-i", str(locked)])
 
