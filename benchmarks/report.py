@@ -28,6 +28,7 @@ class Row:
     timed_s: float = 0.0  # their recorded times summed (what --min-time counts)
     no_ratio: str = ""  # why vs_eager is None: this row's or the baseline's turns disagree (noisy)
     timer: str = "wall"  # "wall": the host's clock around each call; "cuda-events": the device's (GPU PyTorch rows)
+    turns_ms: list[float] = field(default_factory=list)  # each turn's median, in turn order (vs_eager pairs them)
 
 
 @dataclass
@@ -76,7 +77,8 @@ def write_csv(results: Result | list[Result], path: Path) -> None:
     from crossvit.files import atomic_write
 
     results = [results] if isinstance(results, Result) else results
-    rows = [{"model": res.model, **asdict(r)} for res in results for r in res.rows]
+    rows = [{"model": res.model, **asdict(r), "turns_ms": " ".join(f"{t:.6g}" for t in r.turns_ms)}
+            for res in results for r in res.rows]  # a CSV cell holds the turns space-separated
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()

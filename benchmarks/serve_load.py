@@ -15,7 +15,8 @@ Two measurements, each against `crossvit serve` started as its own process on lo
    p50 difference, and the server's own split of a request into queue and compute time.
 Every phase is bounded by `--seconds`. Results go to DIR/serve.json with the machine description.
 By default the model is exported to fp32 ONNX in a temporary folder; `--artifact` serves a file
-you have, e.g. the output of `crossvit deploy`, whose gated int8-cpu variant the server runs.
+you have, e.g. the output of `crossvit deploy`, whose recorded CPU path for this machine the server
+runs (the server's `running ...` line names it).
 
 `--rates 100,200,400` adds the open-loop measurement (MLPerf server scenario): requests arrive at
 exponential intervals at each given rate regardless of answers, against our server or any Open
@@ -301,8 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--clients", type=int_at_least(1), default=16)
     p.add_argument("--artifact", type=Path, default=None,
-                   help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose gated int8-cpu variant the "
-                        "server then runs, as users get it) instead of exporting --model to fp32 ONNX")
+                   help="serve this .onnx or .plan (e.g. from `crossvit deploy`, whose recorded CPU path for this "
+                        "machine the server then runs, as users get it) instead of exporting --model to fp32 ONNX")
     p.add_argument("--seconds", type=positive_number, default=10.0,
                    help="seconds per batching configuration (split into --rounds turns), for the latency "
                         "phase, and per offered rate")

@@ -377,7 +377,7 @@ def add_rows(result: Result, lat: dict[tuple[str, str], Latency], b: int, base_k
                                p99_ms=l.p99_ms, images_per_s=l.throughput, gflops=gflops,
                                vs_eager=vs, of_peak=gflops / peak if peak else None,
                                spread=l.spread or 0.0, runs=l.runs, timed_s=l.timed_s, no_ratio=why,
-                               timer=(timers or {}).get(key, "wall"), note=note))
+                               timer=(timers or {}).get(key, "wall"), note=note, turns_ms=list(l.turns_ms or ())))
 
 
 def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> list[tuple[Path, str, dict]]:

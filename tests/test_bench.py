@@ -26,6 +26,8 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
         assert ("noisy: turns disagree" in r["note"]) == (r["spread"] > 0.25)
         if r["backend"] == "torch eager (cpu)":  # the baseline against itself, turn by turn
             assert r["vs_eager"] == 1.0
+        # each turn's median, as deploy's summary has them: the ratio's turn-by-turn pairs can be read back
+        assert len(r["turns_ms"]) >= 2 and min(r["turns_ms"]) <= r["p50_ms"] * 1.0001 and all(t > 0 for t in r["turns_ms"])
     assert {"torch fp32", "onnxruntime fp32", "onnxruntime int8"} <= set(data["gemm_gflops"])
     assert all(r["of_peak"] is not None for r in rows if r["precision"] in ("fp32", "int8-cpu"))
     assert data["accuracy"]["crossvit_digits.fp32.onnx"]["verdict"] == "pass"
@@ -38,7 +40,9 @@ def test_bench_builds_variants_times_every_backend_and_writes_json_and_csv(tmp_p
         assert images["top1_agreement_images"] >= 0.99 and images["accuracy_reference"] >= 97
         assert abs(images["accuracy"] - images["accuracy_reference"]) <= 1.0
     assert data["machine"]["onnxruntime"] and "bench" in data["command"]
-    assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == len(rows)
+    table = list(csv.DictReader(open(tmp_path / "b.csv")))
+    assert len(table) == len(rows)
+    assert [float(t) for t in table[0]["turns_ms"].split()] == pytest.approx(rows[0]["turns_ms"], rel=1e-5)
     assert "GFLOP per image" in proc.stdout and "of peak" in proc.stdout
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
