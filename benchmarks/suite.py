@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
     """`crossvit serve ONNX` in its own process on loopback ports, and the real tritonclient
     HTTP (binary) and gRPC clients: {(backend, precision): fn(x)} for the suite's rows, or {} with
     the reason said when the serving extras are missing."""
-    from crossvit.benchmarks.serve_load import _client, _infer, _serve
+    from crossvit.benchmarks.serve_load import _client, _serve
     from crossvit.runtime.artifact import read_artifact
 
     try:
@@ -213,8 +214,22 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
         mod, client = _client(kind.lower(), address)
         stack.callback(client.close)
         fns[(f"served {kind} ({onnx.stem})", precision)] = (
-            lambda mod, client: lambda x: _infer(mod, client, "bench", x))(mod, client)
+            lambda mod, client, kind: lambda x: _served_call(mod, client, kind, x))(mod, client, kind)
     return fns
+
+
+def _served_call(mod, client, kind: str, x: np.ndarray):
+    """One request; a server that failed it or stopped answering (killed, crashed) is one line, not a
+    client's traceback."""
+    from crossvit.benchmarks.serve_load import _infer
+    from crossvit.errors import CrossViTError
+    from crossvit.files import first_line
+
+    try:
+        return _infer(mod, client, "bench", x)
+    except Exception as e:
+        raise CrossViTError(f"--served: a request over {kind} failed while timing; did the server stop? "
+                            f"({type(e).__name__}: {first_line(e) or 'no detail'})") from None
 
 
 def run(model: torch.nn.Module, name: str, artifacts: list[Path], *, batch_sizes: list[int], runs: int,
@@ -380,6 +395,39 @@ def add_rows(result: Result, lat: dict[tuple[str, str], Latency], b: int, base_k
                                timer=(timers or {}).get(key, "wall"), note=note, turns_ms=list(l.turns_ms or ())))
 
 
+def _same_file(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _openvino_only(path: Path) -> bool:
+    from crossvit.contract import PRECISION_TABLE
+    from crossvit.runtime.artifact import read_artifact
+
+    info = read_artifact(path)
+    spec = PRECISION_TABLE.get(info.precision)
+    return info.kind == "onnx" and spec is not None and spec.runtime == "openvino"
+
+
+def _openvino_missing(device: str, chosen: set | None) -> str:
+    """Why OpenVINO rows are not timed in this run, or "" where they are."""
+    from crossvit.errors import BackendUnavailable
+    from crossvit.runtime.openvino import core
+
+    if chosen is not None and "openvino" not in chosen:
+        return f"--backends {','.join(sorted(chosen))} leaves out openvino"
+    if device != "cpu":
+        return f"OpenVINO runs on the CPU, not {device}"
+    try:
+        core()
+    except BackendUnavailable as e:
+        return str(e)
+    return ""
+
+
 def session_rows(artifacts: list[Path], device: str, openvino: bool = True) -> list[tuple[Path, str, dict]]:
     """(file, backend, session options) for each row the artifacts give: a .plan in TensorRT, an
     .onnx in the backend its precision is made for (int8-ov: OpenVINO; the rest ONNX Runtime) and,
@@ -527,7 +575,7 @@ def main(args, say: Callable[[str], None]) -> int:
     """`crossvit bench`: see the module docstring."""
     from crossvit.arguments import printable
     from crossvit.contract import to_json
-    from crossvit.errors import ConfigError
+    from crossvit.errors import ConfigError, UsageError
     from crossvit.export.onnx import BatchRange, export_onnx
     from crossvit.export.parity import check_parity
     from crossvit.files import atomic_write, check_output_path, temporary_folder
@@ -538,10 +586,21 @@ def main(args, say: Callable[[str], None]) -> int:
     if args.plot is not None:
         _pyplot()  # a missing matplotlib or an unknown image format is said now, not after the run
         plot_format(args.plot)
-    for out in (args.json, args.csv, args.plot):
+    outputs = {}
+    for flag, out in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if out is not None:
             check_output_path(out, inputs=(*args.artifacts, args.checkpoint))
+            same = next((f for f, o in outputs.items() if _same_file(o, out)), None)
+            if same:
+                raise UsageError(f"{same} and {flag} name the same file ({printable(str(out))}): give each its own")
+            outputs[flag] = out
     artifacts = [Path(a) for a in args.artifacts]
+    stems = {}
+    for a in artifacts:  # a row is named by its file's stem
+        if a.stem in stems and not _same_file(stems[a.stem], a):
+            raise ConfigError(f"{printable(str(stems[a.stem]))} and {printable(str(a))} have the same name: their "
+                              f"rows would be one; copy one to another name")
+        stems.setdefault(a.stem, a)
     infos = [read_artifact(a) for a in artifacts]
     if args.checkpoint is None and infos and not args.model and not infos[0].model.get("name"):
         raise ConfigError(f"{artifacts[0].name} names no registered model: give --model NAME or --checkpoint "
@@ -587,6 +646,15 @@ def main(args, say: Callable[[str], None]) -> int:
             if served is None:
                 raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
         timed = [a for a in artifacts if chosen is None or set(kinds.get(read_artifact(a).kind, ())) & chosen]
+        for a in artifacts:
+            if a not in timed:
+                drop(f"no row for {a.name}: --backends {','.join(args.backends)} leaves out "
+                     f"{' and '.join(kinds.get(read_artifact(a).kind, ('its backend',)))}")
+        for a in timed:  # a file only OpenVINO runs (int8-ov), where OpenVINO does not run
+            if _openvino_only(a):
+                why = _openvino_missing(device, chosen)
+                if why:
+                    drop(f"no row for {a.name}: an {read_artifact(a).precision} file runs in OpenVINO, and {why}")
         result = run(loaded.model, name, timed, batch_sizes=batch_sizes, runs=args.runs,
                      max_seconds=args.max_seconds, compile=compile, device=device, served=served, progress=say,
                      torch_rows=torch_rows, min_seconds=args.min_time,

@@ -218,7 +218,7 @@ def cmd_check(args) -> int:
              f"{' (' + printable(origin['name']) + ')' if origin.get('name') else ''}")
     thresholds = gate_thresholds(info.precision, info.random_weights or reference.info.random_weights).tightened(
         max_abs=args.max_abs, rel_l2=args.rel_l2, top1_agreement=args.min_top1)
-    report = check_parity(args.artifact, reference, images=args.images, batch_sizes=_batch_sizes(args.batch_sizes),
+    report = check_parity(args.artifact, reference, images=args.images, batch_sizes=args.batch_sizes,
                           thresholds=thresholds, seed=args.seed, progress=_say)
     print(report.table())
     if args.json:
@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.json", type=Path, help="config, for a foreign reference")
     p.add_argument("--images", type=Path, metavar="DIR",
                    help="real images (with labels.csv for accuracy); default: the shipped held-out set")
-    p.add_argument("--batch-sizes", metavar="1,2,7,MAX", help="random-input batch sizes (default 1,2,7,max)")
+    p.add_argument("--batch-sizes", type=_batch_list, metavar="1,2,7,MAX",
+                   help="random-input batch sizes (default 1,2,7,max)")
     p.add_argument("--json", type=Path, metavar="REPORT.json", help="write the report as JSON")
     p.add_argument("--seed", type=seed, default=None, help="seed for the random inputs (default: fresh)")
     p.add_argument("--max-abs", type=float, help="tighten the max abs error limit")

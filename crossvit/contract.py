@@ -77,6 +77,10 @@ class Thresholds:
                 continue
             if not math.isfinite(value):  # NaN compares false with everything: it would switch the gate off
                 raise UsageError(f"{_flag(name)} {value}: a threshold must be a finite number")
+            if value < 0 or (name in ("top1_agreement", "cosine") and value > 1):
+                raise UsageError(f"{_flag(name)} {value}: no result can meet it (a "
+                                  + ("fraction from 0 to 1)" if name in ("top1_agreement", "cosine")
+                                     else "limit of 0 or more)"))
             default = getattr(self, name)
             looser = default is not None and (value < default if name in ("top1_agreement", "cosine")
                                               else value > default)

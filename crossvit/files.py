@@ -144,10 +144,36 @@ def check_output_path(path: str | Path, *, suffix: str | None = None, inputs: tu
             if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
                 raise OutputError(f"{path}: is an input of this command; give another output name")
         _check_name_length(path)
+        if path.is_file() and _locked(path):
+            raise OutputError(f"{path}: cannot write it (it is immutable or append-only: chattr -i / -a)")
     except OSError as e:  # a symlink loop, a name too long for the file system
         raise OutputError(f"{path}: cannot write there ({e.strerror or first_line(e)})") from None
     _check_writable(path.parent, path)
     return path
+
+
+_FS_IOC_GETFLAGS = 0x80086601  # Linux: a file's attribute flags (lsattr)
+_LOCKED_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL, FS_APPEND_FL: not replaced by a rename over it
+
+
+def _locked(path: Path) -> bool:
+    """An existing file the final rename cannot replace (Linux's immutable or append-only attribute);
+    False where the flags cannot be read (another OS or file system)."""
+    try:
+        import array
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (ImportError, OSError):
+        return False
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        return bool(flags[0] & _LOCKED_FLAGS)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def check_output_dir(path: str | Path) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from crossvit import __version__
 from crossvit.contract import get_precision
-from crossvit.errors import ArtifactError, ConfigError, ExportError, OutputError
+from crossvit.errors import ArtifactError, ConfigError, ExportError, OutputError, UsageError
 from crossvit.files import TEMP_TAG, atomic_write, check_input_file, check_output_dir, first_line, temp_dir
 from crossvit.runtime.artifact import ArtifactInfo, read_artifact
 
@@ -89,7 +89,7 @@ def parse_batch_list(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise ConfigError(f"--preferred-batch must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--preferred-batch must be comma-separated integers, got {text!r}") from None
 
 
 def _inspect_onnx(info: ArtifactInfo) -> tuple[tuple[str, ...], list[str], bool]:
@@ -134,16 +134,16 @@ def plan_model(info: ArtifactInfo, *, name: str | None = None, instances: int = 
     """Check the options against the artifact; everything a repository needs, nothing written."""
     name = info.model_name if name is None else name
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"--model-name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
+        raise UsageError(f"--model-name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
                           "not starting with a dot")
     if len(name) > MAX_NAME_CHARS:
-        raise ConfigError(f"--model-name is {len(name)} characters long; a model name may have at most "
+        raise UsageError(f"--model-name is {len(name)} characters long; a model name may have at most "
                           f"{MAX_NAME_CHARS}")
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= MAX_INSTANCES:
-        raise ConfigError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
+        raise UsageError(f"--instances must be an integer in 1..{MAX_INSTANCES}, got {instances!r}")
     if (isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int)
             or not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US):
-        raise ConfigError(f"--max-queue-delay-us must be an integer in 0..{MAX_QUEUE_DELAY_US} (one minute), "
+        raise UsageError(f"--max-queue-delay-us must be an integer in 0..{MAX_QUEUE_DELAY_US} (one minute), "
                           f"got {max_queue_delay_us!r}")
     what = "plan's profile" if info.kind == "engine" else "ONNX's batch range"
     if info.kind not in PLATFORMS:

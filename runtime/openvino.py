@@ -164,6 +164,8 @@ class OpenVinoSession(Session):
         if hint not in allowed:
             raise ArtifactError(f"{info.path.name}: a {info.precision} file runs with the "
                                 f"{' or '.join(allowed)} hint, not {hint}")
+        if hint == "bf16":
+            core()  # no usable OpenVINO is said as such, not as a CPU without bf16
         if hint == "bf16" and "BF16" not in cpu_capabilities():
             raise BackendUnavailable("this CPU has no bf16 arithmetic (OpenVINO lists "
                                      f"{', '.join(cpu_capabilities()) or 'nothing'}): the bf16 hint needs "

@@ -14,10 +14,14 @@
 # cpu_xeon_amx (amx_int8 present), cpu_epyc (avx512_vnni) or cpu_avx2; WORK_DIR (the deploy's
 # output, kept) defaults to /tmp/cpu_class_run.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0;; -*) echo "cpu_class_run: unknown option $1 (--help)" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 CROSSVIT=${CROSSVIT:-.venv/bin/crossvit}
 MODEL=${MODEL:-crossvit_15_240}
 [ -x "$CROSSVIT" ] || { echo "cpu_class_run: $CROSSVIT not found: run \`make .venv/.installed-run\` first" >&2; exit 2; }
+# the OpenVINO paths are what this run is for: without them it would measure only ONNX Runtime's
+"$(dirname "$CROSSVIT")/python" -c 'import openvino, nncf' 2>/dev/null || {
+    echo "cpu_class_run: OpenVINO or NNCF cannot be imported here: run \`make .venv/.installed-run\` (the openvino extra)" >&2; exit 2; }
 
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n')
 has() { grep -qx "$1" <<<"$flags"; }
@@ -38,8 +42,10 @@ header() {  # the machine, its load and the commit, as the first lines of a log
 run() {  # LOG COMMAND...: the header, then the command's output, timed
     local log=$1; shift
     echo "cpu_class_run: $* > $log" >&2
-    { header "$@"; { time "$@"; } 2>&1; } > "$log" 2>&1
+    local rc=0
+    { header "$@"; { time "$@"; } 2>&1; } > "$log" 2>&1 || rc=$?
     grep -vE '^(real|user|sys)[[:space:]]|^$' "$log" | tail -n 1 >&2
+    [ "$rc" -eq 0 ] || { echo "cpu_class_run: that step failed (exit $rc); its whole output is in $log" >&2; exit "$rc"; }
 }
 
 run "$results/deploy.log" "$CROSSVIT" deploy --model $MODEL --batch 1:16 \

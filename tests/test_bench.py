@@ -99,6 +99,22 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli, one_line_error):
     for name in ("b.txt", "b.pgf"):  # pgf needs LaTeX: it would fail after the run
         one_line_error(cli("bench", "--plot", tmp_path / name), "a plot is written as .png, .svg, .pdf", code=2)
         assert not (tmp_path / name).exists()
+    # --json and --csv on one file: the CSV replaced the JSON, and both were said written
+    one_line_error(cli("bench", "--json", tmp_path / "same", "--csv", tmp_path / "same"),
+                   "--json and --csv name the same file", code=2)
+    # two files of one name gave one row (rows are named by the file), before any file is read
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m.fp32.onnx").write_text("not read")
+    one_line_error(cli("bench", tmp_path / "a" / "m.fp32.onnx", tmp_path / "b" / "m.fp32.onnx"), "have the same name")
+    # an output file the final rename cannot replace is said before the run, not after it
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
+        try:
+            one_line_error(cli("bench", "--json", locked), "immutable or append-only")
+        finally:
+            subprocess.run(["chattr", "-i", str(locked)])
 
 
 def test_gpu_acceptance_refuses_bad_arguments_in_one_line_before_any_step(tmp_path, capsys):
@@ -137,6 +153,21 @@ def test_bench_rows_say_what_was_dropped_and_how_a_batch_outside_the_files_range
     assert [r["batch"] for r in ort] == [1, 2]
     assert "runs as 2 calls" in ort[1]["note"] and "runs as" not in ort[0]["note"]
     assert "python" in data["command"] or "crossvit" in data["command"]
+    # a file --backends leaves out, or an int8-ov file where OpenVINO is left out, is a note, not silence
+    assert cli("export", "-o", tmp_path / "d1.int8-ov.onnx", "--precision", "int8-ov", "--batch", "1:2").returncode in (0, 3)
+    given = [tmp_path / "d1.onnx", *([tmp_path / "d1.int8-ov.onnx"] if (tmp_path / "d1.int8-ov.onnx").exists() else [])]
+    proc = cli("bench", *given, "--backends", "tensorrt", "--batch-sizes", "1", "--runs", "3", "--max-seconds", "1",
+               "--no-accuracy", "--json", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = json.loads((tmp_path / "t.json").read_text())["notes"]
+    assert "no row for d1.onnx: --backends tensorrt leaves out onnxruntime and openvino" in notes, notes
+    if len(given) == 2:
+        proc = cli("bench", *given, "--backends", "onnxruntime", "--batch-sizes", "1", "--runs", "3",
+                   "--max-seconds", "1", "--no-accuracy", "--json", tmp_path / "o.json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        notes = json.loads((tmp_path / "o.json").read_text())["notes"]
+        assert ("no row for d1.int8-ov.onnx: an int8-ov file runs in OpenVINO, and --backends onnxruntime leaves "
+                "out openvino") in notes, notes
     proc = cli("bench", "--precisions", "fp32,bf16", "--batch-sizes", "1", "--runs", "3", "--max-seconds", "2",
                "--no-accuracy", "--json", tmp_path / "c.json")
     assert proc.returncode == 0, proc.stderr[-2000:]

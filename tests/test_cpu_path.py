@@ -215,12 +215,16 @@ def test_without_openvino_the_candidates_that_exist_are_the_ones_used(deployed, 
             "from crossvit.runtime.session import open_session\n"
             f"c, why = choose_cpu_path(__import__('pathlib').Path({str(fp32)!r}))\n"
             "print(c.backend, c.precision); print(why)\n"
-            f"s = open_session({str(fp32)!r}); print(s.backend, s.info.precision)\n")
+            f"s = open_session({str(fp32)!r}); print(s.backend, s.info.precision)\n"
+            # asked for by name with the bf16 hint: the missing OpenVINO is the reason, not this CPU
+            f"try: open_session({str(fp32)!r}, backend='openvino', hint='bf16')\n"
+            "except Exception as e: print(type(e).__name__, e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "onnxruntime int8-cpu" and "cannot run here (the openvino backend needs OpenVINO: pip " in lines[1]
     assert lines[2] == "onnxruntime int8-cpu"
+    assert lines[3].startswith("BackendUnavailable the openvino backend needs OpenVINO: pip "), lines[3]
 
 
 @pytest.mark.parametrize("module, why", [

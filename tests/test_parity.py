@@ -117,6 +117,9 @@ def test_check_cli_exit_codes_table_and_json(small_artifacts, corrupted, tmp_pat
     nan = check(corrupted, "--reference", ckpt, "--batch-sizes", "2", "--max-abs", "nan", "--min-top1", "nan")
     one_line_error(nan, "--max-abs nan: a threshold must be a finite number", code=2)  # NaN would pass it
     one_line_error(check(onnx_path, "--reference", ckpt, "--min-top1", "0.5"), "--min-top1 0.5 is looser", code=2)
+    # limits no result can meet are refused too, not run into a certain FAIL
+    one_line_error(check(onnx_path, "--reference", ckpt, "--rel-l2", "-1"), "--rel-l2 -1.0: no result can meet it", code=2)
+    one_line_error(check(onnx_path, "--reference", ckpt, "--min-top1", "2"), "--min-top1 2.0: no result can meet it", code=2)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -138,7 +141,8 @@ def test_check_cli_bad_input(small_artifacts, tmp_path, args, words, check, one_
     extra = [a.format(tmp=tmp_path) for a in args]
     if "--reference" not in extra:
         extra += ["--reference", str(ckpt)]
-    one_line_error(check(onnx_path, *extra), words, code=2 if "--seed" in args else 1)
+    # a malformed value is refused as argparse refuses one (2); a file or folder that does not fit, 1
+    one_line_error(check(onnx_path, *extra), words, code=2 if {"--seed", "--batch-sizes"} & set(args) else 1)
 
 
 def test_check_without_reference_uses_the_embedded_model_or_asks_for_the_checkpoint(small_artifacts, tmp_path, check):

@@ -43,3 +43,27 @@ def test_openvino_profile_adds_up_the_calls_and_the_linear_layers(digits_onnx):
     assert listed == sorted(listed, reverse=True) and 0 < sum(listed) <= total + 0.01
     fc_ms = float(lines[-1].split("layers: ")[1].split(" ms")[0])
     assert 0 < fc_ms <= total + 0.01 and float(lines[-1].split(" for ")[1].split(" GFLOP")[0]) > 0
+
+
+def test_cpu_class_run_says_what_failed_and_refuses_to_run_without_openvino(tmp_path):
+    """The script another CPU class's session runs for half an hour: a failing step's own line and
+    its log are said (it was only in the log), a run without OpenVINO (the paths it measures) is
+    refused before any step, and --help is usage, not a results folder."""
+    import os
+
+    script = str(REPO / "scripts" / "cpu_class_run.sh")
+    env = {**os.environ, "CROSSVIT": str(REPO / ".venv" / "bin" / "crossvit")}
+    if not os.access(env["CROSSVIT"], os.X_OK):
+        env["CROSSVIT"] = str(os.path.join(os.path.dirname(sys.executable), "crossvit"))
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert usage.returncode == 0 and "RESULTS_DIR" in usage.stdout and not (REPO / "--help").exists()
+    (tmp_path / "fake" / "openvino").mkdir(parents=True)
+    (tmp_path / "fake" / "openvino" / "__init__.py").write_text("raise ImportError('no openvino here')\n")
+    proc = subprocess.run(["bash", script, str(tmp_path / "r1"), str(tmp_path / "w1")], capture_output=True,
+                          text=True, env={**env, "PYTHONPATH": str(tmp_path / "fake")}, timeout=120)
+    assert proc.returncode == 2 and "OpenVINO or NNCF cannot be imported here" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r1" / "deploy.log").exists()
+    proc = subprocess.run(["bash", script, str(tmp_path / "r2"), str(tmp_path / "w2")], capture_output=True,
+                          text=True, env={**env, "MODEL": "nosuch"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "unknown model name 'nosuch'" in proc.stderr and "that step failed (exit 1)" in proc.stderr, proc.stderr

@@ -356,7 +356,14 @@ def test_model_name_option_is_serves_and_name_still_works(small_onnx, tmp_path, 
 
 def test_a_bad_model_name_is_refused_in_one_line(small_onnx, tmp_path, cli, one_line_error):
     one_line_error(cli("triton-repo", small_onnx, "-o", tmp_path / "repo", "--model-name", "a b"),
-                   "--model-name 'a b': a Triton model name here is letters")
+                   "--model-name 'a b': a Triton model name here is letters", code=2)
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--instances", "0"), ("--max-queue-delay-us", "-5"),
+                                           ("--preferred-batch", "x")])
+def test_a_malformed_option_value_exits_2_as_argparse_refusals_do(small_onnx, tmp_path, cli, one_line_error, option, value):
+    one_line_error(cli("triton-repo", small_onnx, "-o", tmp_path / "repo", option, value), option, code=2)
     assert not (tmp_path / "repo").exists()
 
 
