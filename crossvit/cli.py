@@ -111,6 +111,9 @@ def cmd_info(args) -> int:
     if path is not None and path.suffix.lower() in (".onnx", ".plan", ".engine"):
         from crossvit.runtime.artifact import read_artifact
 
+        if args.config is not None:  # it would be silently ignored
+            raise UsageError(f"--config is for a foreign checkpoint; {printable(path.name)} describes itself")
+
         info = read_artifact(path)
         d = {"kind": info.kind, "precision": info.precision, "batch": [info.batch_min, info.batch_max],
              "input": [info.input_name, list(info.input_shape)], "output": info.output_name,

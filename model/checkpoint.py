@@ -23,7 +23,7 @@ from torch import nn
 from crossvit import __version__
 from crossvit.contract import (CHECKPOINT_FORMAT, MAX_PARAMETERS, METADATA_KEY, decode_metadata, encode_metadata,
                                new_metadata, validate_preprocessing)
-from crossvit.errors import CheckpointError, ConfigError
+from crossvit.errors import CheckpointError, ConfigError, UsageError
 from crossvit.files import atomic_write, check_input_file, first_line, sha256_file
 
 from .registry import (MODELS, Architecture, get_architecture, get_spec, guess_architecture,
@@ -357,6 +357,9 @@ def load_checkpoint(path: str | Path, *, name: str | None = None, config: dict |
     path = Path(path)
     weights, meta = read_weights(path)
     if meta is not None:
+        if config is not None:  # it would be silently ignored: the checkpoint's own config is the one built
+            raise UsageError(f"--config is for a foreign checkpoint; {path.name} describes itself (its config is "
+                             "in its metadata)")
         info = ModelInfo.from_dict(meta)
         if name is not None and get_spec(name).architecture != info.architecture:
             raise CheckpointError(f"{path} holds a {info.architecture} CrossViT, not a "

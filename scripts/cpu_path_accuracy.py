@@ -58,5 +58,30 @@ def main(out_json: str, images: str, *names: str) -> None:
                                        "from, same process", "results": results}, indent=2) + "\n")
 
 
+def cli(argv=None) -> int:
+    import argparse
+
+    from crossvit.errors import CrossViTError
+    from crossvit.files import check_output_path
+    from crossvit.runtime.images import list_images
+    from crossvit.model import get_spec
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_json", metavar="OUT.json")
+    p.add_argument("images", metavar="IMAGES_DIR")
+    p.add_argument("names", metavar="MODEL", nargs="+", help="registered model names")
+    args = p.parse_args(argv)
+    try:  # everything that can be wrong with the arguments, before any model is exported
+        check_output_path(args.out_json)
+        list_images(args.images)
+        for name in args.names:
+            get_spec(name)
+        main(args.out_json, args.images, *args.names)
+    except CrossViTError as e:
+        print(f"cpu_path_accuracy: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    sys.exit(cli())

@@ -18,16 +18,28 @@ import sys
 
 import numpy as np
 
+from crossvit.arguments import int_at_least
+from crossvit.errors import CrossViTError
+from crossvit.runtime.artifact import read_artifact
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("onnx")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int_at_least(1), default=1)
     p.add_argument("--hint", choices=("f32", "bf16"), default="f32")
     p.add_argument("--dynamic", action="store_true", help="compile a dynamic-batch model, not one for --batch")
-    p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--calls", type=int_at_least(1), default=20)
+    p.add_argument("--top", type=int_at_least(1), default=20)
     args = p.parse_args(argv)
+    try:
+        info = read_artifact(args.onnx)  # a missing, corrupt or foreign file in one line, before OpenVINO reads it
+        if not info.batch_min <= args.batch <= info.batch_max:
+            raise CrossViTError(f"--batch {args.batch} is outside the file's batch range "
+                                f"{info.batch_min}..{info.batch_max}")
+    except CrossViTError as e:
+        print(f"openvino_profile: error: {e}", file=sys.stderr)
+        return 1
     try:
         import openvino as ov
     except ImportError:

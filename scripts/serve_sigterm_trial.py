@@ -47,75 +47,89 @@ async def trial(artifact: str, clients: int, seconds: float, protocol: str = "gr
     hp = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "crossvit", "serve", artifact, "--http-port", str(hp),
                              "--grpc-port", str(gp)], stderr=subprocess.PIPE, text=True)
-    line = ""
-    while "serving" not in line:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit(f"the server exited ({proc.wait()}) before serving")
-    name = line.split("'")[1]
-    x = np.random.default_rng(0).standard_normal((1, *info.input_shape), dtype=np.float32)
-    outcomes: collections.Counter = collections.Counter()
-    broken_at: list[float] = []  # CANCELLED (gRPC), a reset or closed connection (HTTP)
-    stop = False
+    try:  # the server never outlives this script, however it ends
+        line, said = "", []
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            said += [line.strip()] if line.strip() else []
+            if not line:
+                raise SystemExit(f"serve_sigterm_trial: the server exited ({proc.wait()}) before serving"
+                                 + (f": {said[-1]}" if said else ""))
+        name = line.split("'")[1]
+        x = np.random.default_rng(0).standard_normal((1, *info.input_shape), dtype=np.float32)
+        outcomes: collections.Counter = collections.Counter()
+        broken_at: list[float] = []  # CANCELLED (gRPC), a reset or closed connection (HTTP)
+        stop = False
 
-    async def grpc_client() -> None:
-        c = grpcclient.InferenceServerClient(f"127.0.0.1:{gp}")
-        try:
-            while not stop:
-                inp = grpcclient.InferInput(info.input_name, list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                try:
-                    await c.infer(name, [inp])
-                    outcomes["answered"] += 1
-                except InferenceServerException as e:
-                    status = str(e.status()).replace("StatusCode.", "")
-                    outcomes[status] += 1
-                    if status == "CANCELLED":
-                        broken_at.append(time.monotonic())
-                    if status == "UNAVAILABLE":
+        async def grpc_client() -> None:
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{gp}")
+            try:
+                while not stop:
+                    inp = grpcclient.InferInput(info.input_name, list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x)
+                    try:
+                        await c.infer(name, [inp])
+                        outcomes["answered"] += 1
+                    except InferenceServerException as e:
+                        status = str(e.status()).replace("StatusCode.", "")
+                        outcomes[status] += 1
+                        if status == "CANCELLED":
+                            broken_at.append(time.monotonic())
+                        if status == "UNAVAILABLE":
+                            await asyncio.sleep(0.01)
+            finally:
+                await c.close()
+
+        async def http_client() -> None:
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{hp}")
+            try:
+                while not stop:
+                    inp = httpclient.InferInput(info.input_name, list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x, binary_data=True)
+                    try:
+                        await c.infer(name, [inp])
+                        outcomes["answered"] += 1
+                    except InferenceServerException as e:
+                        code = str(e.status() or "no status")
+                        outcomes[f"HTTP {code}"] += 1
                         await asyncio.sleep(0.01)
-        finally:
-            await c.close()
+                    except aiohttp.ClientConnectorError:
+                        outcomes["refused"] += 1  # not listening any more: the server has stopped
+                        return
+                    except (aiohttp.ClientError, OSError) as e:
+                        outcomes[f"broken ({type(e).__name__}: {str(e)[:60]})"] += 1
+                        broken_at.append(time.monotonic())
+            finally:
+                await c.close()
 
-    async def http_client() -> None:
-        c = httpclient.InferenceServerClient(f"127.0.0.1:{hp}")
-        try:
-            while not stop:
-                inp = httpclient.InferInput(info.input_name, list(x.shape), "FP32")
-                inp.set_data_from_numpy(x, binary_data=True)
-                try:
-                    await c.infer(name, [inp])
-                    outcomes["answered"] += 1
-                except InferenceServerException as e:
-                    code = str(e.status() or "no status")
-                    outcomes[f"HTTP {code}"] += 1
-                    await asyncio.sleep(0.01)
-                except aiohttp.ClientConnectorError:
-                    outcomes["refused"] += 1  # not listening any more: the server has stopped
-                    return
-                except (aiohttp.ClientError, OSError) as e:
-                    outcomes[f"broken ({type(e).__name__}: {str(e)[:60]})"] += 1
-                    broken_at.append(time.monotonic())
-        finally:
-            await c.close()
+        client = grpc_client if protocol == "grpc" else http_client
+        tasks = [asyncio.create_task(client()) for _ in range(clients)]
+        await asyncio.sleep(seconds)
+        before = outcomes["answered"]
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        while proc.poll() is None and time.monotonic() - sent < 60:
+            await asyncio.sleep(0.005)
+        exited = time.monotonic()
+        await asyncio.sleep(0.5)
+        stop = True
+        await asyncio.wait(tasks, timeout=10)
+        rel = sorted(t - sent for t in broken_at)
+        stopped = next((l.strip() for l in proc.stderr.read().splitlines() if "stopped (" in l), "")
+        return {"exit_code": proc.returncode, "answered_before_signal": before, **outcomes, "server_said": stopped,
+                "failed_s_after_signal": [round(rel[0], 3), round(rel[-1], 3)] if rel else None,
+                "exit_s_after_signal": round(exited - sent, 3)}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
-    client = grpc_client if protocol == "grpc" else http_client
-    tasks = [asyncio.create_task(client()) for _ in range(clients)]
-    await asyncio.sleep(seconds)
-    before = outcomes["answered"]
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    while proc.poll() is None and time.monotonic() - sent < 60:
-        await asyncio.sleep(0.005)
-    exited = time.monotonic()
-    await asyncio.sleep(0.5)
-    stop = True
-    await asyncio.wait(tasks, timeout=10)
-    rel = sorted(t - sent for t in broken_at)
-    stopped = next((l.strip() for l in proc.stderr.read().splitlines() if "stopped (" in l), "")
-    return {"exit_code": proc.returncode, "answered_before_signal": before, **outcomes, "server_said": stopped,
-            "failed_s_after_signal": [round(rel[0], 3), round(rel[-1], 3)] if rel else None,
-            "exit_s_after_signal": round(exited - sent, 3)}
+
+def _terminated(*_) -> None:
+    raise KeyboardInterrupt("terminated")
 
 
 def main(argv=None) -> int:
@@ -141,8 +155,15 @@ def main(argv=None) -> int:
     except Exception as e:  # ArtifactError and the like
         print(f"serve_sigterm_trial: error: {e}", file=sys.stderr)
         return 1
-    for i in range(args.runs):
-        print(f"run {i + 1}:", asyncio.run(trial(args.artifact, args.clients, args.seconds, args.protocol)), flush=True)
+    # SIGTERM unwinds like Ctrl-C, so the trial's `finally` stops its server
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for i in range(args.runs):
+            print(f"run {i + 1}:", asyncio.run(trial(args.artifact, args.clients, args.seconds, args.protocol)),
+                  flush=True)
+    except KeyboardInterrupt as e:
+        print(f"serve_sigterm_trial: {e or 'interrupted'}; its server was stopped", file=sys.stderr)
+        return 143 if str(e) == "terminated" else 130
     return 0
 
 

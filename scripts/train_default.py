@@ -44,6 +44,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from crossvit.arguments import int_at_least  # noqa: E402
+from crossvit.errors import CrossViTError  # noqa: E402
+from crossvit.files import check_output_dir, check_output_path, first_line  # noqa: E402
 from crossvit.model import CrossViT, load_checkpoint, save_checkpoint  # noqa: E402
 from crossvit.model.registry import get_spec  # noqa: E402
 
@@ -144,13 +147,19 @@ def read_heldout(folder: Path, class_names: list[str]) -> tuple[torch.Tensor, to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--epochs", type=int_at_least(1), default=EPOCHS)
     parser.add_argument("--out", type=Path, default=ASSETS / f"{NAME}.safetensors")
     parser.add_argument("--heldout-dir", type=Path, default=ASSETS / "heldout")
     args = parser.parse_args(argv)
-
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:  # both outputs can be written, before any is: a run must not leave one updated and not the other
+        check_output_path(args.out)
+        check_output_dir(args.heldout_dir)
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except (CrossViTError, ImportError) as e:
+        print(f"train_default: error: {first_line(e) if isinstance(e, CrossViTError) else f'needs scikit-learn ({e})'}",
+              file=sys.stderr)
+        return 1
 
     t0 = time.perf_counter()
     torch.set_num_threads(2)

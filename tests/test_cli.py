@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_png
+from conftest import REPO, random_png
 from crossvit.model import load_checkpoint
 
 
@@ -64,6 +64,11 @@ def test_a_config_without_its_checkpoint_is_a_usage_error_not_ignored(tmp_path, 
     proc = cli("export", "--model", "crossvit_digits", "--config", tmp_path / "cfg.json", "-o", tmp_path / "x.onnx")
     one_line_error(proc, "give that checkpoint too", code=2)
     assert not (tmp_path / "x.onnx").exists()
+    # nor beside a checkpoint that describes itself, or an ONNX file: `info` printed as if it had been read
+    ours = REPO / "crossvit" / "assets" / "crossvit_digits.safetensors"
+    one_line_error(cli("info", ours, "--config", tmp_path / "cfg.json"), "describes itself", code=2)
+    assert cli("export", "-o", tmp_path / "d.onnx").returncode == 0
+    one_line_error(cli("info", tmp_path / "d.onnx", "--config", tmp_path / "cfg.json"), "describes itself", code=2)
 
 
 def test_no_subcommand_prints_help(cli):
