@@ -24,29 +24,53 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossvit.arguments import int_at_least
 from crossvit.assets import heldout_images
 from crossvit.benchmarks.machine import machine_description
+from crossvit.errors import CrossViTError
 from crossvit.export.onnx import BatchRange, export_onnx
 from crossvit.export.parity import compare
 from crossvit.export.precision import convert_precision
-from crossvit.model import load_model
+from crossvit.files import check_output_path
+from crossvit.model import get_spec, load_model
 from crossvit.runtime.images import list_images, load_image_set
 from crossvit.runtime.session import open_session
 from crossvit.runtime.timing import measure_interleaved
+
+
+MAX_BATCH = 16  # the batch range the trial exports
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or not all(1 <= b <= MAX_BATCH for b in sizes):
+        raise argparse.ArgumentTypeError(f"each batch size must be 1..{MAX_BATCH}, got {text!r}")
+    return sizes
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("model", nargs="?", default="crossvit_15_240")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--runs", type=int, default=24)
+    p.add_argument("--batch-sizes", type=_sizes, default=[1, 8], metavar="1,8",
+                   help=f"batch sizes to time, each 1..{MAX_BATCH} (the file's batch range)")
+    p.add_argument("--runs", type=int_at_least(1), default=24)
     args = p.parse_args(argv)
+    try:  # what can be wrong with the arguments, before the export and NNCF's minutes
+        check_output_path(args.out)
+        get_spec(args.model)
+    except CrossViTError as e:
+        print(f"openvino_past_defaults: error: {e}", file=sys.stderr)
+        return 1
     try:
         import nncf
         import openvino as ov
     except ImportError as e:
-        print(f"error: this trial needs {e.name}: pip install openvino nncf", file=sys.stderr)
+        print(f"openvino_past_defaults: error: this trial needs OpenVINO and NNCF ({e}): pip install openvino nncf",
+              file=sys.stderr)
         return 2
     logging.getLogger().setLevel(logging.ERROR)
     loaded = load_model(name=args.model)
@@ -54,7 +78,7 @@ def main(argv=None) -> int:
     core = ov.Core()
     bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(loaded, Path(tmp) / f"{args.model}.fp32.onnx", batch=BatchRange(1, 16)).path
+        fp32 = export_onnx(loaded, Path(tmp) / f"{args.model}.fp32.onnx", batch=BatchRange(1, MAX_BATCH)).path
         with open_session(fp32, exact=True) as s:
             held, _, _ = load_image_set(list_images(heldout_images()), s.preprocessor)
         images, calibration = held[:48], held[48:80]
@@ -94,7 +118,7 @@ def main(argv=None) -> int:
     out = {"model": args.model, "machine": machine, "openvino": ov.__version__, "nncf": nncf.__version__,
            "command": " ".join(sys.argv), "accuracy_against": "the PyTorch model, 48 held-out images and 16 random inputs",
            "accuracy": {}, "timings": {}}
-    for b in (int(v) for v in args.batch_sizes.split(",")):
+    for b in args.batch_sizes:
         fns = {"PyTorch eager fp32": eager}
         for key, (m, config) in tries.items():
             fns[key] = compiled(m, config)
