@@ -189,7 +189,7 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
     """`crossvit serve ONNX` in its own process on loopback ports, and the real tritonclient
     HTTP (binary) and gRPC clients: {(backend, precision): fn(x)} for the suite's rows, or {} with
     the reason said when the serving extras are missing."""
-    from crossvit.benchmarks.serve_load import _client, _serve
+    from crossvit.benchmarks.serve_load import _client, _infer, _serve
     from crossvit.runtime.artifact import read_artifact
 
     try:
@@ -214,20 +214,19 @@ def _served(stack: contextlib.ExitStack, onnx: Path, max_batch: int, say: Callab
         mod, client = _client(kind.lower(), address)
         stack.callback(client.close)
         fns[(f"served {kind} ({onnx.stem})", precision)] = (
-            lambda mod, client, kind: lambda x: _served_call(mod, client, kind, x))(mod, client, kind)
+            lambda mod, client, kind: lambda x: _served_call(_infer, mod, client, kind, x))(mod, client, kind)
     return fns
 
 
-def _served_call(mod, client, kind: str, x: np.ndarray):
-    """One request; a server that failed it or stopped answering (killed, crashed) is one line, not a
-    client's traceback."""
-    from crossvit.benchmarks.serve_load import _infer
-    from crossvit.errors import CrossViTError
-    from crossvit.files import first_line
-
+def _served_call(infer, mod, client, kind: str, x: np.ndarray):
+    """One timed request (`serve_load._infer`, nothing imported here: this is the timed call); a server
+    that failed it or stopped answering (killed, crashed) is one line, not a client's traceback."""
     try:
-        return _infer(mod, client, "bench", x)
+        return infer(mod, client, "bench", x)
     except Exception as e:
+        from crossvit.errors import CrossViTError
+        from crossvit.files import first_line
+
         raise CrossViTError(f"--served: a request over {kind} failed while timing; did the server stop? "
                             f"({type(e).__name__}: {first_line(e) or 'no detail'})") from None
 
