@@ -10,11 +10,12 @@
 #
 # MODEL (environment) picks another registered model than crossvit_15_240 (a quick try of this
 # script: MODEL=crossvit_tiny_240). RESULTS_DIR defaults to
-# benchmarks/results/<class>_<cores>core/cpu_choice_run, where <class> is
-# cpu_xeon_amx (amx_int8 present), cpu_epyc (avx512_vnni) or cpu_avx2; WORK_DIR (the deploy's
-# output, kept) defaults to /tmp/cpu_class_run.
+# benchmarks/results/<class>_<cores>core/cpu_choice_run, where <class> is cpu_<vendor> (AVX-512
+# VNNI), cpu_<vendor>_amx (amx_int8) or cpu_<vendor>_avx2 (neither), <vendor> epyc for AMD, xeon
+# for Intel; WORK_DIR (the deploy's output, kept) defaults to /tmp/cpu_class_run. Last, it writes
+# table.md: the README's "Where each CPU class stands" rows (scripts/cpu_class_table.py).
 set -euo pipefail
-case "${1:-}" in -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0;; -*) echo "cpu_class_run: unknown option $1 (--help)" >&2; exit 2;; esac
+case "${1:-}" in -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0;; -*) echo "cpu_class_run: unknown option $1 (--help)" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 CROSSVIT=${CROSSVIT:-.venv/bin/crossvit}
 MODEL=${MODEL:-crossvit_15_240}
@@ -25,7 +26,9 @@ MODEL=${MODEL:-crossvit_15_240}
 
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n')
 has() { grep -qx "$1" <<<"$flags"; }
-if has amx_int8; then class=cpu_xeon_amx; elif has avx512_vnni; then class=cpu_epyc; else class=cpu_avx2; fi
+case "$(grep -m1 '^vendor_id' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')" in
+    AuthenticAMD) vendor=epyc;; GenuineIntel) vendor=xeon;; *) vendor=other;; esac
+if has amx_int8; then class=cpu_${vendor}_amx; elif has avx512_vnni; then class=cpu_$vendor; else class=cpu_${vendor}_avx2; fi
 results=${1:-benchmarks/results/${class}_$(nproc)core/cpu_choice_run}
 work=${2:-/tmp/cpu_class_run}
 mkdir -p "$results"
@@ -71,5 +74,6 @@ for name, hint in (("int8-ov", "fp32"), ("int8-ov", "bf16"), ("fp32", "fp32"), (
     except Exception as e:
         print(f"{name} file, {hint} hint: {type(e).__name__}: {e}")
 ' "$work/$MODEL"
-echo "cpu_class_run: results in $results; the choices:" >&2
+"$(dirname "$CROSSVIT")/python" scripts/cpu_class_table.py "$results" > "$results/table.md"
+echo "cpu_class_run: results in $results (the README's rows: table.md); the choices:" >&2
 grep -h '^CPU path for' "$results"/deploy.log "$results"/retune_*.log >&2 || true

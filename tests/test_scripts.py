@@ -67,3 +67,27 @@ def test_cpu_class_run_says_what_failed_and_refuses_to_run_without_openvino(tmp_
                           text=True, env={**env, "MODEL": "nosuch"}, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "unknown model name 'nosuch'" in proc.stderr and "that step failed (exit 1)" in proc.stderr, proc.stderr
+
+
+def test_cpu_class_table_is_what_the_readme_shows():
+    """The README's AVX-512 EPYC rows of "Where each CPU class stands" are the script's output on the
+    committed run, so the table cannot drift from its files; the measured order is printed beside
+    the flag rule's."""
+    results = REPO / "benchmarks" / "results" / "cpu_epyc_2core" / "cpu_choice_run"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "cpu_class_table.py"), str(results),
+                           "--machine", "2-core AMD EPYC, AVX-512 VNNI/BF16, no AMX"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [l for l in proc.stdout.splitlines() if l.startswith("| ") and not l.startswith("| machine")]
+    assert len(rows) == 6 and "(chosen in deploy, retune a)" in rows[0], proc.stdout
+    readme = (REPO / "README.md").read_text().splitlines()
+    for row in rows:
+        assert row in readme, row
+    assert "measured order (median p50 at batch 1 times batch 8, gated paths): OV_INT8_BF16, " in proc.stdout
+    assert "RULES for this CPU (avx512_vnni): OV_INT8_BF16, " in proc.stdout
+
+
+def test_cpu_class_table_refuses_a_folder_without_a_record(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "cpu_class_table.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "expected one NAME.cpu.json" in proc.stderr and "Traceback" not in proc.stderr
