@@ -38,6 +38,9 @@ class Row:
     latency_b1: dict | None = None  # CPU paths: also timed at batch 1 (the choice weighs both)
     speedup_b1: float | None = None
     no_ratio: str = ""  # why a speedup is None although it was timed: noisy turns (its or the baseline's)
+    # where a speedup is None but the row was timed in eager's turns: the lowest and highest of its
+    # turn-by-turn ratios, by batch ("1", "8"): what was measured, though no single ratio holds
+    ratio_range: dict = field(default_factory=dict)
     build_seconds: float | None = None  # engines: how long the TensorRT build took
     note: str = ""
     candidate: object = None  # CPU paths: the runtime.cpu_choice.Candidate this row timed
@@ -298,7 +301,12 @@ def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, f
     ratios to PyTorch eager (`latency.ratio`, keyed by `BASELINE`: turn by turn, none where the
     turns' ratios disagree), and the row says so, and why, in its note and `no_ratio`; a row whose
     turns disagreed (noisy) says that too. `keys` maps id(row) to its timing key; `failed` holds why a key could not run."""
-    from crossvit.benchmarks.latency import BASELINE, ratio
+    from crossvit.benchmarks.latency import BASELINE, ratio, turn_ratios
+
+    def spanned(b: int, base_lat, this) -> None:  # no single ratio: keep the turns' range
+        q = turn_ratios(base_lat, this)
+        if q is not None:
+            row.ratio_range[str(b)] = [float(q.min()), float(q.max())]
 
     base, base1 = lat[BASELINE], lat1.get(BASELINE)
     for row in rows:
@@ -308,12 +316,16 @@ def fill_latency(rows: list[Row], keys: dict[int, str], lat: dict, lat1: dict, f
             row.latency = lat[key].to_dict()
             row.speedup, no = ratio(base, lat[key])
             why += [f"batch {batch}: {no}"] if no else []
+            if row.speedup is None:
+                spanned(batch, base, lat[key])
         elif key in failed:
             row.note = failed[key]
         if key in lat1 and base1:
             row.latency_b1 = lat1[key].to_dict()
             row.speedup_b1, no = ratio(base1, lat1[key])
             why += [f"batch 1: {no}"] if no else []
+            if row.speedup_b1 is None:
+                spanned(1, base1, lat1[key])
         row.no_ratio = "; ".join(dict.fromkeys(why))
         noisy = dict.fromkeys(f"{t.spread:.0%} at batch {b}" for b, t in ((1, lat1.get(key)), (batch, lat.get(key)))
                               if t is not None and t.noisy)
@@ -346,9 +358,19 @@ def noisy_choice(noisy: list[str], folder: Path) -> str:
             f"{SPREAD_WARNING:.0%}): run `crossvit deploy --retune -o {folder}` on a quiet machine")
 
 
+def said_ratio(value: float | None, span: list | None, batch: int) -> str:
+    """A CPU path's ratio to PyTorch eager at `batch` in words: the ratio turn by turn; where its
+    turns' ratios disagreed, their range (what was measured; no single figure holds)."""
+    if value:
+        return f"{value:.2f}x PyTorch eager at batch {batch}"
+    if span:
+        return (f"{span[0]:.2f}-{span[1]:.2f}x PyTorch eager at batch {batch} turn by turn (noisy turns: "
+                "no single ratio)")
+    return f"no ratio to PyTorch eager at batch {batch} (noisy turns)"
+
+
 def choice_line(fp32: Path, best: Row, batch: int, cpu: str, record: str) -> str:
-    ratios = " and ".join(f"{v:.2f}x PyTorch eager at batch {b}" if v else
-                          f"no ratio to PyTorch eager at batch {b} (noisy turns)"
+    ratios = " and ".join(said_ratio(v, best.ratio_range.get(str(b)), b)
                           for b, v in ((1, best.speedup_b1), (batch, best.speedup)))
     return f"CPU path for {fp32.name}: {best.candidate.label}, {ratios} on {cpu} (recorded in {record})"
 
@@ -383,6 +405,7 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         "format": CHOICE_FORMAT, "source": {"onnx": fp32.name, "sha256": sha256_file(fp32)},
         "fingerprint": fingerprint, "chosen": best.candidate.to_dict(),
         "speedup": {"1": best.speedup_b1, str(batch): best.speedup},
+        **({"speedup_range": best.ratio_range} if best.ratio_range else {}),
         "how": (f"the gated CPU path with the highest product of its ratios to PyTorch eager at batch 1 and {batch}, "
                 "turn by turn (every gated path had both)" if by_ratios else
                 f"the gated CPU path with the lowest product of its median latencies at batch 1 and {batch} (not "
@@ -391,7 +414,8 @@ def choice_stage(fp32: Path, rows: list[Row], batch: int, result: DeployResult, 
         **({"noisy": noisy} if noisy else {}),
         "candidates": [{**r.candidate.to_dict(), "gate": r.parity,
                         "latency": {"1": r.latency_b1, str(batch): r.latency},
-                        "speedup": {"1": r.speedup_b1, str(batch): r.speedup}}
+                        "speedup": {"1": r.speedup_b1, str(batch): r.speedup},
+                        **({"speedup_range": r.ratio_range} if r.ratio_range else {})}
                        for r in rows if getattr(r, "candidate", None) is not None],
         "machine": machine_description()}
     text = to_json(record, indent=2)

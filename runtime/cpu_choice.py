@@ -350,8 +350,12 @@ def read_choice(fp32: Path) -> tuple[dict | None, str | None]:
     if candidate not in candidates_for(fp32):  # a file elsewhere, or one no CPU path runs (a TensorRT variant)
         return None, (f"{path.name} names {str(candidate.file)[:80]!r} ({str(candidate.backend)[:20]}, "
                       f"{str(candidate.precision)[:20]}), not one of the CPU paths beside {fp32.name}")
+    spans = record.get("speedup_range")  # where no single ratio held: its turns' lowest and highest
     if speedup is not None and not (isinstance(speedup, dict) and all(
-            v is None or (type(v) in (int, float) and 0 < v < 1e4) for v in speedup.values())):
+            v is None or (type(v) in (int, float) and 0 < v < 1e4) for v in speedup.values())) or \
+            spans is not None and not (isinstance(spans, dict) and all(
+                isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) and 0 < x < 1e4 for x in v)
+                and v[0] <= v[1] for v in spans.values())):
         return None, f"{path.name} gives its speed-ups in a form crossvit does not write"
     return {**record, "chosen": candidate}, None
 
@@ -446,9 +450,10 @@ def decide_cpu_path(fp32: Path, sha=None) -> tuple[Candidate | None, str | None]
         elif problem := _unavailable(chosen, flags):
             why = f"its choice, {chosen.label}, cannot run here ({problem})"
         else:
-            ratio = record.get("speedup") or {}
-            said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" for b, v in sorted(ratio.items())
-                             if isinstance(v, (int, float)) and v)
+            ratio, spans = record.get("speedup") or {}, record.get("speedup_range") or {}
+            said = ", ".join(f"{v:.2f}x PyTorch eager at batch {b}" if isinstance(v, (int, float)) and v else
+                             f"{spans[b][0]:.2f}-{spans[b][1]:.2f}x PyTorch eager at batch {b} turn by turn"
+                             for b, v in sorted(ratio.items()) if isinstance(v, (int, float)) and v or b in spans)
             noisy = (", on noisy timings (`crossvit deploy --retune` on a quiet machine measures again)"
                      if record.get("noisy") else "")
             return chosen, (f"measured fastest of the gated CPU paths on this CPU{' (' + said + ')' if said else ''}"

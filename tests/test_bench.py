@@ -549,6 +549,12 @@ def test_deploy_gives_no_ratio_from_noisy_turns_and_its_cpu_choice_says_so(tmp_p
     moving = {BASELINE: _latency(8.8, 0.2, 8, turns=(8.0, 9.6) * 3), "c": _latency(4.4, 0.2, 8, turns=(4.8, 4.0) * 3)}
     fill_latency([apart], {id(apart): "c"}, moving, {}, {}, batch=8)
     assert apart.speedup is None and apart.note.startswith("no ratio (batch 8: its ratio to the baseline moved")
+    # what was measured is still said where a choice names it: the turns' ratios, lowest to highest
+    assert apart.ratio_range.keys() == {"8"} and [round(v, 3) for v in apart.ratio_range["8"]] == [1.667, 2.4]
+    assert noisy.ratio_range == {} and torch_row.ratio_range == {}  # no turns to pair / a ratio given
+    apart.candidate, apart.speedup_b1 = Candidate("m.fp32.onnx", "onnxruntime", "fp32"), 1.5
+    assert ("1.50x PyTorch eager at batch 1 and 1.67-2.40x PyTorch eager at batch 8 turn by turn (noisy turns: "
+            "no single ratio)") in choice_line(tmp_path / "m.fp32.onnx", apart, 8, "this CPU", "m.cpu.json")
 
     # the choice: the noisy candidate is fastest by its medians; it is chosen, and that is said
     for row, c in ((quiet, Candidate("m.fp32.onnx", "onnxruntime", "fp32")),

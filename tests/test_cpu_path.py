@@ -275,12 +275,22 @@ def test_a_choice_record_or_gate_report_that_is_not_ours_gives_way_to_the_rule_w
                         ({"speedup": [1.5]}, "gives its speed-ups in a form crossvit does not write"),
                         ({"speedup": {"1": 10 ** 400}}, "gives its speed-ups in a form"),
                         ({"speedup": {"1": float("nan")}}, "gives its speed-ups in a form"),
+                        ({"speedup_range": {"8": [2.0]}}, "gives its speed-ups in a form"),
+                        ({"speedup_range": {"8": [3.0, 2.0]}}, "gives its speed-ups in a form"),
+                        ({"speedup_range": {"8": [0, 2.0]}}, "gives its speed-ups in a form"),
+                        ({"speedup_range": ["1.5-2"]}, "gives its speed-ups in a form"),
                         ({"format": 2}, f"{name} is not a choice record crossvit can read")):
         choice_path(fp32).write_text(json.dumps({**record, **change}))
         candidate, said = decide_cpu_path(fp32)
         assert said.startswith("the rule for this CPU's flags") and why in said, (change, said)
     choice_path(fp32).write_text(json.dumps(record)[:-5])
     assert f"{name} is not a choice record crossvit can read" in decide_cpu_path(fp32)[1]
+    # a batch whose turns' ratios disagreed is said by their range, as deploy's line says it
+    choice_path(fp32).write_text(json.dumps({**record, "speedup": {"1": 2.5, "8": None},
+                                             "speedup_range": {"8": [1.5, 2.25]}}))
+    candidate, said = decide_cpu_path(fp32)
+    assert said.startswith("measured fastest of the gated CPU paths on this CPU (2.50x PyTorch eager at batch 1, "
+                           "1.50-2.25x PyTorch eager at batch 8 turn by turn)"), said
 
     choice_path(fp32).write_text(json.dumps({**record, "chosen": hinted.to_dict()}))
     bf16_report, plain_report = gate_report_path(tmp_path, hinted), gate_report_path(tmp_path, int8_ov)
