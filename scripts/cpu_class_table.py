@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         product = 1.0
         for b in BATCHES:
             p50 = [e["latency"][b]["p50_ms"] for e in entries[k].values()
-                   if e.get("gate") == "pass" and b in (e.get("latency") or {})]
+                   if e.get("gate") == "pass" and isinstance((e.get("latency") or {}).get(b), dict)]
             product *= statistics.median(p50) if p50 else float("inf")
         return product
 
