@@ -73,8 +73,8 @@ def ratio(base: Latency, this: Latency) -> tuple[float | None, str]:
         else:
             moved, limit, how = (q.max() - q.min()) / q.min(), SPREAD_WARNING, "range"
         if moved > limit:
-            return None, (f"its ratio to the baseline moved from turn to turn ({how} {moved:.0%} of it, "
-                          f"over {limit:.0%})")
+            return None, (f"its ratio to the baseline moved from turn to turn ({q.min():.2f}-{q.max():.2f}x; "
+                          f"{how} {moved:.0%} of it, over {limit:.0%})")
         return middle, ""
     noisy = [f"its turns disagree by {this.spread:.0%}"] if this.noisy else []
     if base.noisy:

@@ -478,10 +478,12 @@ def test_ratios_are_taken_turn_by_turn():
     assert ratio(base, one_off)[0] == pytest.approx(3.0)  # one turn out of six moves no median
     apart = _latency(30.0, 0.7, turns=(51.0, 30.0, 51.0, 30.0, 51.0, 30.0))  # stretches that miss the baseline's
     value, why = ratio(base, apart)
-    assert value is None and why.startswith("its ratio to the baseline moved from turn to turn (interquartile range")
+    # base 90 / 153 / 153 / 90 / 90 / 153 over 51 / 30 / 51 / 30 / 51 / 30: 1.76x to 5.10x, said with the rule it broke
+    assert value is None and why.startswith("its ratio to the baseline moved from turn to turn (1.76-5.10x; "
+                                            "interquartile range"), why
     three = _latency(30.0, 0.3, turns=(30.0, 33.0, 40.0))  # three turns: the range rule, 33 % over 25 %
     value, why = ratio(_latency(90.0, 0.0, turns=(90.0, 90.0, 90.0)), three)
-    assert value is None and "(range 33% of it, over 25%)" in why
+    assert value is None and "(2.25-3.00x; range 33% of it, over 25%)" in why
     assert ratio(_latency(90.0, 0.0, turns=(90.0, 90.0, 90.0)), _latency(30.0, 0.1, turns=(30.0, 31.0, 32.0)))[0] \
         == pytest.approx(90.0 / 31.0)
     assert ratio(base, _latency(30.0, 0.0, turns=(30.0, 30.0, 30.0)))[0] is None  # not timed in the same turns:
