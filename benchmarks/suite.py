@@ -402,11 +402,10 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _openvino_only(path: Path) -> bool:
+def _openvino_only(info) -> bool:
+    """An ONNX file only OpenVINO runs (int8-ov), from its `read_artifact` description."""
     from crossvit.contract import PRECISION_TABLE
-    from crossvit.runtime.artifact import read_artifact
 
-    info = read_artifact(path)
     spec = PRECISION_TABLE.get(info.precision)
     return info.kind == "onnx" and spec is not None and spec.runtime == "openvino"
 
@@ -600,7 +599,14 @@ def main(args, say: Callable[[str], None]) -> int:
             raise ConfigError(f"{printable(str(stems[a.stem]))} and {printable(str(a))} have the same name: their "
                               f"rows would be one; copy one to another name")
         stems.setdefault(a.stem, a)
-    infos = [read_artifact(a) for a in artifacts]
+    described: dict[Path, object] = {}
+
+    def info_of(a: Path):  # read_artifact parses the whole ONNX (0.2-0.5 s for crossvit_15_240): once a file
+        if a not in described:
+            described[a] = read_artifact(a)
+        return described[a]
+
+    infos = [info_of(a) for a in artifacts]
     if args.checkpoint is None and infos and not args.model and not infos[0].model.get("name"):
         raise ConfigError(f"{artifacts[0].name} names no registered model: give --model NAME or --checkpoint "
                           "for the PyTorch baseline")
@@ -644,16 +650,16 @@ def main(args, say: Callable[[str], None]) -> int:
             served = next((a for a in artifacts if a.suffix == ".onnx"), None)
             if served is None:
                 raise ConfigError("--served needs an .onnx artifact (or none, to build one)")
-        timed = [a for a in artifacts if chosen is None or set(kinds.get(read_artifact(a).kind, ())) & chosen]
+        timed = [a for a in artifacts if chosen is None or set(kinds.get(info_of(a).kind, ())) & chosen]
         for a in artifacts:
             if a not in timed:
                 drop(f"no row for {a.name}: --backends {','.join(args.backends)} leaves out "
-                     f"{' and '.join(kinds.get(read_artifact(a).kind, ('its backend',)))}")
+                     f"{' and '.join(kinds.get(info_of(a).kind, ('its backend',)))}")
         for a in timed:  # a file only OpenVINO runs (int8-ov), where OpenVINO does not run
-            if _openvino_only(a):
+            if _openvino_only(info_of(a)):
                 why = _openvino_missing(device, chosen)
                 if why:
-                    drop(f"no row for {a.name}: an {read_artifact(a).precision} file runs in OpenVINO, and {why}")
+                    drop(f"no row for {a.name}: an {info_of(a).precision} file runs in OpenVINO, and {why}")
         result = run(loaded.model, name, timed, batch_sizes=batch_sizes, runs=args.runs,
                      max_seconds=args.max_seconds, compile=compile, device=device, served=served, progress=say,
                      torch_rows=torch_rows, min_seconds=args.min_time,
